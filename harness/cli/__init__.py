@@ -1,0 +1,103 @@
+"""The `harness` command: a thin click layer over the pipeline-stage modules.
+
+Each area registers its commands from its own module (data, generate, msdm, kandinsky, score, paraphrase), so the
+command modules stay small and the stages stay importable without click.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from harness import __version__
+from harness.errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="harness")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Submission harness for ImageCLEFmed MEDVQA-GI 2024 text-to-image.
+
+    \b
+    Typical workflow:
+      harness data check DATA_DIR
+      harness split DATA_DIR --out split.json
+      harness train msdm-vae --split split.json --data DATA_DIR --preset tiny
+      harness train msdm-unet --split split.json --data DATA_DIR --vae runs/<vae-run>
+      harness generate runs/<unet-run> --prompts test-prompts.txt
+      harness score runs/<unet-run>
+      harness package runs/<unet-run> --prompts test-prompts.txt --team myteam
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    if verbose:
+        os.environ["HARNESS_VERBOSE"] = "1"
+
+
+@cli.group(context_settings=CONTEXT)
+def train() -> None:
+    """Train a model family (each writes a new run under runs/)."""
+
+
+@cli.group(context_settings=CONTEXT)
+def sweep() -> None:
+    """Train -> generate -> score over a grid of LoRA ranks."""
+
+
+@cli.group(context_settings=CONTEXT)
+def models() -> None:
+    """Inspect model architectures (parameter tables built without allocating weights)."""
+
+
+def _register_all() -> None:
+    # Each module exposes `register(cli, train, sweep, models)`. Imported here, not at the top of the stage modules,
+    # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
+    import importlib
+
+    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase"):
+        try:
+            mod = importlib.import_module(f"harness.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"harness.cli.{name}":
+                continue  # area not installed in this build
+            raise
+        mod.register(cli, train=train, sweep=sweep, models=models)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one red line and exit code 2."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except UserError as e:
+        _fail(str(e), e)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+def _fail(message: str, exc: BaseException) -> None:
+    from rich.console import Console
+
+    if os.environ.get("HARNESS_VERBOSE"):
+        traceback.print_exception(exc)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    sys.exit(2)

@@ -1,0 +1,284 @@
+"""`harness generate RUN --prompts FILE`: the model-agnostic generation driver.
+
+One image per prompt line. Image i (1-based index among non-empty prompt lines) is written to
+`<images_dir>/<i:05d>.png` from a seed derived only from (base seed, i), so the same index gives the same image
+whatever the batch size, the number of processes, or how often the run was interrupted and resumed.
+
+Model families plug in through `Generator` (below) and a loader registered in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from harness.errors import UserError
+from harness.io import atomic_path, dumps_json, remove_stale_temps, sha256_file, write_text
+from harness.runs import Run
+
+MANIFEST = "manifest.csv"
+GENERATION_JSON = "generation.json"
+MANIFEST_FIELDS = ["index", "prompt", "filename", "seed", "model"]
+
+
+def image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """Per-image seed from (base seed, 1-based index): stable across runs, batch sizes and processes."""
+    digest = hashlib.sha256(f"harness-image-seed:{base_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Generator(ABC):
+    """What a model family implements so `harness generate` can drive it.
+
+    Contract:
+      * `generate(prompts, seeds)` returns one uint8 RGB array (H, W, 3) per prompt, in order;
+      * image k depends only on (prompts[k], seeds[k]) and the model, never on the rest of the batch
+        (draw every random tensor of sample k from a `torch.Generator` seeded with seeds[k]);
+      * encodings of repeated prompts should be computed once and reused (a 5,000-line test file has 260 unique).
+    """
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Model identity for the manifest: family, base model ids, adapters, sampler settings."""
+
+    def model_key(self) -> str:
+        """Short stable tag of `info()`, written in every manifest row."""
+        return hashlib.sha256(dumps_json(self.info()).encode()).hexdigest()[:12]
+
+
+# family name -> "module:function"; the function is `load(run: Run, overrides: dict) -> Generator`.
+# Imported lazily so a family's heavy dependencies are only loaded when it is used.
+FAMILIES: dict[str, str] = {
+    "test-pattern": "harness.generate:load_test_pattern",
+    "msdm-unet": "harness.train_msdm:load_generator",
+    "kandinsky-prior": "harness.train_kandinsky:load_generator",
+    "kandinsky-decoder": "harness.train_kandinsky:load_generator",
+}
+
+
+def load_generator(run: Run, overrides: dict[str, Any] | None = None) -> Generator:
+    family = run.family
+    if family not in FAMILIES:
+        raise UserError(
+            f"family {family!r} cannot generate images (generating families: {', '.join(sorted(FAMILIES))})",
+            run.config_path,
+        )
+    module, func = FAMILIES[family].split(":")
+    loader: Callable[[Run, dict], Generator] = getattr(importlib.import_module(module), func)
+    return loader(run, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trivial generator used by tests (and by quickstart before a model is trained): a seeded colour field.
+
+
+class TestPatternGenerator(Generator):
+    """Deterministic noise-textured colour fields; the colour depends on the prompt, the texture on the seed."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            rng = np.random.default_rng(seed)
+            colour = np.frombuffer(hashlib.sha256(prompt.encode()).digest()[:3], dtype=np.uint8).astype(np.int16)
+            noise = rng.integers(-40, 41, size=(self.size, self.size, 3), dtype=np.int16)
+            out.append(np.clip(colour + noise, 0, 255).astype(np.uint8))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"family": "test-pattern", "size": self.size}
+
+
+def load_test_pattern(run: Run, overrides: dict[str, Any]) -> Generator:
+    return TestPatternGenerator(size=int(run.config().get("size", 64)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing and checking images.
+
+
+def encode_png(img: np.ndarray, meta: dict[str, str]) -> bytes:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"generator returned {img.dtype} {img.shape}; expected uint8 (H, W, 3)")
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_itxt(k, v)
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=4)
+    return buf.getvalue()
+
+
+def _png_meta(index: int, prompt: str, seed: int, model: str) -> dict[str, str]:
+    return {"harness:index": str(index), "harness:prompt": prompt, "harness:seed": str(seed), "harness:model": model}
+
+
+def existing_image_ok(path: Path, meta: dict[str, str]) -> bool:
+    """True when `path` fully decodes as RGB PNG and carries exactly the metadata we would write."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB" or im.format != "PNG":
+                return False
+            text = getattr(im, "text", {}) or {}
+    except Exception:
+        return False
+    return all(text.get(k) == v for k, v in meta.items())
+
+
+@dataclass
+class GenerateReport:
+    images_dir: Path
+    total: int
+    generated: int
+    skipped: int
+    manifest: Path
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_manifest(images_dir: Path, prompts: Sequence[str], base_seed: int, model_key: str) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_FIELDS)
+    for i, p in enumerate(prompts, start=1):
+        w.writerow([i, p, image_name(i), image_seed(base_seed, i), model_key])
+    return write_text(images_dir / MANIFEST, buf.getvalue())
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and list(rows[0].keys()) != MANIFEST_FIELDS:
+        raise UserError(f"unexpected manifest columns {list(rows[0].keys())}", path)
+    return rows
+
+
+def distributed_shard() -> tuple[int, int]:
+    """(rank, world size) when launched by `accelerate launch` / torchrun, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def generate_images(
+    generator: Generator,
+    prompts: Sequence[str],
+    images_dir: Path,
+    *,
+    base_seed: int = 0,
+    batch_size: int = 8,
+    prompts_sha256: str = "",
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> GenerateReport:
+    """Generate one image per prompt into `images_dir`, resuming where a previous (killed) run stopped.
+
+    Memory stays flat in N: each batch is written and dropped before the next one is made.
+    """
+    import time
+
+    if not prompts:
+        raise UserError("no prompts to generate")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    rank, world = shard or distributed_shard()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    model_key = generator.model_key()
+
+    gen_meta = {
+        "prompts_sha256": prompts_sha256,
+        "n_prompts": len(prompts),
+        "base_seed": base_seed,
+        "model": generator.info(),
+        "model_key": model_key,
+    }
+    gen_json = images_dir / GENERATION_JSON
+    if gen_json.exists() and not overwrite:
+        import json
+
+        old = json.loads(gen_json.read_text(encoding="utf-8"))
+        if old != json.loads(dumps_json(gen_meta)):
+            raise UserError(
+                "holds images from a different prompt file, seed or model; pass --overwrite to replace them "
+                "or --out to write elsewhere",
+                images_dir,
+            )
+    if rank == 0:
+        remove_stale_temps(images_dir)
+        write_text(gen_json, dumps_json(gen_meta))
+        # The manifest is a pure function of (prompts, seed, model), so it is written first and in one piece.
+        write_manifest(images_dir, prompts, base_seed, model_key)
+
+    todo: list[int] = []
+    skipped = 0
+    for i in range(1 + rank, len(prompts) + 1, world):
+        meta = _png_meta(i, prompts[i - 1], image_seed(base_seed, i), model_key)
+        if not overwrite and existing_image_ok(images_dir / image_name(i), meta):
+            skipped += 1
+        else:
+            todo.append(i)
+
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        batch_prompts = [prompts[i - 1] for i in batch]
+        seeds = [image_seed(base_seed, i) for i in batch]
+        images = generator.generate(batch_prompts, seeds)
+        if len(images) != len(batch):
+            raise RuntimeError(f"generator returned {len(images)} images for {len(batch)} prompts")
+        for i, p, s, img in zip(batch, batch_prompts, seeds, images):
+            data = encode_png(np.asarray(img), _png_meta(i, p, s, model_key))
+            with atomic_path(images_dir / image_name(i)) as tmp:
+                tmp.write_bytes(data)
+        if on_batch:
+            on_batch(len(batch))
+    return GenerateReport(
+        images_dir=images_dir,
+        total=len(prompts),
+        generated=len(todo),
+        skipped=skipped,
+        manifest=images_dir / MANIFEST,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def check_images_dir(images_dir: Path, prompts: Sequence[str]) -> list[str]:
+    """Problems that stop `images_dir` from being exactly one valid image per prompt (empty list = complete)."""
+    problems = []
+    manifest = images_dir / MANIFEST
+    if not manifest.is_file():
+        return [f"{manifest}: missing (run `harness generate` first)"]
+    rows = read_manifest(manifest)
+    if len(rows) != len(prompts):
+        problems.append(f"{manifest}: {len(rows)} rows for {len(prompts)} prompts")
+    for row, prompt in zip(rows, prompts):
+        if row["prompt"] != prompt:
+            problems.append(f"{manifest}: row {row['index']} prompt differs from the prompt file")
+            break
+    for row in rows:
+        meta = _png_meta(int(row["index"]), row["prompt"], int(row["seed"]), row["model"])
+        if not existing_image_ok(images_dir / row["filename"], meta):
+            problems.append(f"{images_dir / row['filename']}: missing or incomplete")
+    return problems
+
+
+def prompts_hash(path: Path) -> str:
+    return sha256_file(path)
