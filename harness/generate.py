@@ -92,6 +92,8 @@ def load_generator(run: Run, overrides: dict[str, Any] | None = None) -> Generat
 class TestPatternGenerator(Generator):
     """Deterministic noise-textured colour fields; the colour depends on the prompt, the texture on the seed."""
 
+    __test__ = False  # not a pytest class, despite the name
+
     def __init__(self, size: int = 64):
         self.size = size
 

@@ -1,0 +1,113 @@
+"""The generation driver: per-index seeds, batch-size invariance, resume after partial output, sharding."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from harness.errors import UserError
+from harness.generate import (
+    TestPatternGenerator,
+    check_images_dir,
+    generate_images,
+    image_name,
+    image_seed,
+)
+from harness.runs import create_run
+
+PROMPTS = [
+    "Generate an image containing a polyp.",
+    "Generate an image with no polyps.",
+    "Generate an image containing a polyp.",  # repeated prompt, different index -> different image
+    "Generate an image with an an instrument located in the upper-left.",
+    "Generate an image from a gastroscopy procedure.",
+    "Generate an image with 2 findings.",
+    "Generate an image containing text.",
+]
+
+
+def _bytes(d, n=len(PROMPTS)):
+    return [(d / image_name(i)).read_bytes() for i in range(1, n + 1)]
+
+
+def test_image_seed_is_stable_and_distinct():
+    assert image_seed(0, 1) == image_seed(0, 1)
+    seeds = {image_seed(0, i) for i in range(1, 5001)}
+    assert len(seeds) == 5000
+    assert image_seed(0, 1) != image_seed(1, 1)
+
+
+def test_batch_size_does_not_change_images(tmp_path):
+    gen = TestPatternGenerator(size=32)
+    a = generate_images(gen, PROMPTS, tmp_path / "a", batch_size=1)
+    b = generate_images(gen, PROMPTS, tmp_path / "b", batch_size=3)
+    assert a.generated == b.generated == len(PROMPTS)
+    assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
+    # the repeated prompt at index 1 and 3 gets different seeds, hence different images
+    assert (tmp_path / "a" / image_name(1)).read_bytes() != (tmp_path / "a" / image_name(3)).read_bytes()
+    rows = list(csv.DictReader(open(tmp_path / "a" / "manifest.csv", encoding="utf-8")))
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["filename"] for r in rows] == [image_name(i) for i in range(1, 8)]
+    assert check_images_dir(tmp_path / "a", PROMPTS) == []
+
+
+def test_resume_regenerates_only_missing_or_broken(tmp_path):
+    gen = TestPatternGenerator(size=32)
+    d = tmp_path / "imgs"
+    generate_images(gen, PROMPTS, d, batch_size=4)
+    reference = _bytes(d)
+    (d / image_name(2)).unlink()                                           # killed before this one
+    (d / image_name(5)).write_bytes(reference[4][: len(reference[4]) // 2])  # truncated by an old writer
+    (d / ".00006.png.tmp-abc").write_bytes(b"partial")                       # temp left by SIGKILL
+    report = generate_images(gen, PROMPTS, d, batch_size=4)
+    assert report.generated == 2 and report.skipped == len(PROMPTS) - 2
+    assert _bytes(d) == reference
+    assert not list(d.glob(".*tmp-*"))
+
+
+def test_other_prompt_file_is_refused_without_overwrite(tmp_path):
+    gen = TestPatternGenerator(size=32)
+    d = tmp_path / "imgs"
+    generate_images(gen, PROMPTS, d, prompts_sha256="aaa")
+    with pytest.raises(UserError, match="different prompt file"):
+        generate_images(gen, PROMPTS[:3], d, prompts_sha256="bbb")
+    with pytest.raises(UserError, match="different prompt file"):
+        generate_images(gen, PROMPTS, d, prompts_sha256="aaa", base_seed=1)
+    report = generate_images(gen, PROMPTS[:3], d, prompts_sha256="bbb", overwrite=True)
+    assert report.generated == 3
+
+
+def test_shards_are_disjoint_and_complete(tmp_path):
+    gen = TestPatternGenerator(size=32)
+    d = tmp_path / "imgs"
+    r0 = generate_images(gen, PROMPTS, d, shard=(0, 2), batch_size=2)
+    assert check_images_dir(d, PROMPTS)  # half missing
+    r1 = generate_images(gen, PROMPTS, d, shard=(1, 2), batch_size=2)
+    assert r0.generated + r1.generated == len(PROMPTS)
+    assert check_images_dir(d, PROMPTS) == []
+    generate_images(gen, PROMPTS, tmp_path / "single")
+    assert _bytes(d) == _bytes(tmp_path / "single")
+
+
+def test_bad_generator_output_is_caught(tmp_path):
+    import numpy as np
+
+    class Grey(TestPatternGenerator):
+        def generate(self, prompts, seeds):
+            return [np.zeros((8, 8), dtype=np.uint8) for _ in prompts]
+
+    with pytest.raises(ValueError, match="expected uint8"):
+        generate_images(Grey(), PROMPTS, tmp_path / "g")
+    assert not list((tmp_path / "g").glob("*.png"))
+
+
+def test_generate_cli_end_to_end(tmp_path, run_cli):
+    run = create_run("test-pattern", {"size": 32}, tag="t")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--batch-size", "3")
+    assert code == 0, err
+    assert check_images_dir(run.images_dir, PROMPTS) == []
+    code, _, err = run_cli("generate", run.dir, "--prompts", prompts)  # resume: nothing to do
+    assert code == 0 and "0 generated" in err.replace("\n", " ")
