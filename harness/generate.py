@@ -94,12 +94,17 @@ class TestPatternGenerator(Generator):
 
     __test__ = False  # not a pytest class, despite the name
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 64, delay_s: float = 0.0):
         self.size = size
+        self.delay_s = delay_s  # simulated model time, so tests can kill a run mid-way
+
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        import time
+
         out = []
         for prompt, seed in zip(prompts, seeds):
+            time.sleep(self.delay_s)
             rng = np.random.default_rng(seed)
             colour = np.frombuffer(hashlib.sha256(prompt.encode()).digest()[:3], dtype=np.uint8).astype(np.int16)
             noise = rng.integers(-40, 41, size=(self.size, self.size, 3), dtype=np.int16)
@@ -111,7 +116,8 @@ class TestPatternGenerator(Generator):
 
 
 def load_test_pattern(run: Run, overrides: dict[str, Any]) -> Generator:
-    return TestPatternGenerator(size=int(run.config().get("size", 64)))
+    cfg = run.config()
+    return TestPatternGenerator(size=int(cfg.get("size", 64)), delay_s=float(cfg.get("delay_s", 0.0)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ def generate_images(
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> GenerateReport:
     """Generate one image per prompt into `images_dir`, resuming where a previous (killed) run stopped.
 
@@ -228,6 +235,8 @@ def generate_images(
         write_text(gen_json, dumps_json(gen_meta))
         # The manifest is a pure function of (prompts, seed, model), so it is written first and in one piece.
         write_manifest(images_dir, prompts, base_seed, model_key)
+    if barrier is not None:
+        barrier()  # other ranks start writing only after rank 0 has cleaned stale temps and written the manifest
 
     todo: list[int] = []
     skipped = 0

@@ -43,7 +43,8 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
     """
-    from harness.generate import distributed_shard, generate_images, load_generator
+    from harness.errors import UserError
+    from harness.generate import check_images_dir, distributed_shard, generate_images, load_generator
     from harness.progress import console, progress
     from harness.prompts import read_prompt_file
     from harness.runs import open_run
@@ -58,23 +59,28 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
     gen = load_generator(run, overrides)
     images_dir = Path(out_dir) if out_dir else run.images_dir
     share = len(range(1 + rank, len(pf.prompts) + 1, world))
+    barrier = None
+    if world > 1:
+        from accelerate import PartialState
+
+        barrier = PartialState().wait_for_everyone
     with progress() as bar:
         task = bar.add_task(f"generate[{rank}/{world}]" if world > 1 else "generate", total=share)
         report = generate_images(
             gen, pf.prompts, images_dir, base_seed=seed, batch_size=batch_size, prompts_sha256=pf.sha256,
-            overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n),
+            overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n), barrier=barrier,
         )
         bar.update(task, completed=share)
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+    shard_note = f" on rank {rank}/{world}" if world > 1 else ""
+    console.print(f"{report.generated} generated, {report.skipped} already there{shard_note} ({report.seconds:.1f}s)")
+    if barrier is not None:
+        barrier()
     if rank == 0:
-        run.log(f"generate: {report.generated} new, {report.skipped} kept, prompts sha256 {pf.sha256}, seed {seed}")
-        console.print(
-            f"[green]{report.total} prompts[/] -> {images_dir} "
-            f"({report.generated} generated, {report.skipped} already there, {report.seconds:.1f}s)"
-        )
+        problems = check_images_dir(images_dir, pf.prompts)
+        if problems:
+            raise UserError(f"generation incomplete: {problems[0]} ({len(problems)} problem(s))", images_dir)
+        run.log(f"generate: {report.total} images complete, prompts sha256 {pf.sha256}, seed {seed}, world {world}")
+        console.print(f"[green]{report.total} prompts -> {images_dir}: complete[/]")
 
 
 def _default_device() -> str:
@@ -91,6 +97,8 @@ def _relaunch_distributed(n: int) -> None:
     """Re-run this exact command under `accelerate launch` with n processes (CPU: gloo; GPU: one per device)."""
     import torch
 
+    from harness.errors import UserError
+
     args = [a for a in sys.argv[1:]]
     cleaned, skip = [], False
     for a in args:
@@ -105,7 +113,11 @@ def _relaunch_distributed(n: int) -> None:
         cleaned.append(a)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--multi_gpu"] if torch.cuda.device_count() >= n else ["--cpu"]
+    # The torchrun launcher: one process per GPU with NCCL, or n CPU processes with gloo when there is no GPU
+    # (accelerate's `--cpu` flag would start a single process).
+    cmd += ["--multi_gpu"]
+    if 0 < torch.cuda.device_count() < n:
+        raise UserError(f"--num-processes {n} but only {torch.cuda.device_count()} GPU(s) are visible")
     cmd += ["-m", "harness", *cleaned]
     code = subprocess.call(cmd)
     if code:
