@@ -1,0 +1,262 @@
+"""(image, caption) items for training, over one side of a split.
+
+Preprocessing - `fit="pad"` (default): resize so the LONGER side is `resolution` (aspect kept, bicubic), then pad
+to a square with black. The dev images come in 253 sizes (396-1920 px wide, aspect 0.75-1.8) and already have black
+borders around the circular field of view, so black padding only widens a border the model must learn anyway,
+whereas a centre crop would cut off up to a third of the wider images - including the regions that location
+prompts name ("an instrument located in the center-left"). `fit="crop"` (shorter side to `resolution`, then centre
+crop) is offered for comparison with pipelines that crop.
+
+Augmentation: optional brightness/contrast jitter (MSDM uses 0.4), and NO horizontal flip by default: the prompts
+name left/right locations, so a flip would teach the model to ignore them. `hflip=True` exists for experiments.
+
+Captions - `captions="sample"` (default): one item per image per epoch, its caption drawn uniformly from that
+image's caption rows, so every image is seen equally often regardless of how many captions it has (7-14), and the
+same image is not repeated in one epoch. `captions="all"`: one item per caption row (an image with 14 captions is
+seen 14 times per epoch). The seed paper trained on the 20,241 (caption, image) pairs, i.e. "all"; "sample" is the
+default here because it balances images and keeps epochs 10x shorter at the same data coverage per step.
+
+Paraphrases (`paraphrase_strategy`, needs a paraphrase map original -> [paraphrases]):
+- "none": originals only;
+- "add": each image's caption pool is its originals plus all their paraphrases (the seed paper's best setting);
+- "replace:P": the drawn caption is swapped, with probability P, for one of its own paraphrases;
+- "replace-all": every caption is replaced by one of its paraphrases; captions with no paraphrase keep the
+  original (counted in `stats()["captions_without_paraphrase"]`).
+Then `caption_dropout` replaces the caption by "" with that probability (classifier-free guidance training).
+
+Every random choice of item i in epoch e comes from a generator seeded by (seed, e, i), so an item does not depend
+on worker count, batch order or on what was drawn before - resuming at any step reproduces the same data. Call
+`set_epoch(e)` before creating the epoch's DataLoader iterator (workers receive a copy of the dataset when the
+iterator starts; with `persistent_workers=True` they would keep the old epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from harness.errors import UserError
+from harness.images import open_rgb, to_rgb
+
+Fit = Literal["pad", "crop"]
+CaptionMode = Literal["sample", "all"]
+
+
+@dataclass(frozen=True)
+class ParaphraseStrategy:
+    kind: Literal["none", "add", "replace", "replace-all"]
+    p: float = 0.0  # for "replace"
+
+    @staticmethod
+    def parse(text: str) -> "ParaphraseStrategy":
+        """'none' | 'add' | 'replace:P' (0 < P <= 1) | 'replace-all'."""
+        t = (text or "none").strip()
+        if t in ("none", "add", "replace-all"):
+            return ParaphraseStrategy(t)  # type: ignore[arg-type]
+        if t.startswith("replace:"):
+            try:
+                p = float(t.split(":", 1)[1])
+            except ValueError:
+                p = -1.0
+            if 0.0 < p <= 1.0:
+                return ParaphraseStrategy("replace", p)
+            raise UserError(f"paraphrase strategy {text!r}: P in 'replace:P' must be a number in (0, 1]")
+        raise UserError(f"unknown paraphrase strategy {text!r}; expected none, add, replace:P (e.g. replace:0.5) "
+                        "or replace-all")
+
+    def __str__(self) -> str:
+        return f"replace:{self.p:g}" if self.kind == "replace" else self.kind
+
+
+@dataclass
+class DatasetConfig:
+    resolution: int = 256
+    fit: Fit = "pad"
+    jitter: float = 0.0  # brightness and contrast factors drawn uniformly from [1 - jitter, 1 + jitter]
+    hflip: bool = False
+    captions: CaptionMode = "sample"
+    caption_dropout: float = 0.0
+    paraphrase_strategy: str = "none"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.resolution < 8 or self.resolution > 4096:
+            raise UserError(f"DatasetConfig.resolution must be in [8, 4096], got {self.resolution}")
+        if self.fit not in ("pad", "crop"):
+            raise UserError(f"DatasetConfig.fit must be 'pad' or 'crop', got {self.fit!r}")
+        if self.captions not in ("sample", "all"):
+            raise UserError(f"DatasetConfig.captions must be 'sample' or 'all', got {self.captions!r}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise UserError(f"DatasetConfig.jitter must be in [0, 1), got {self.jitter}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UserError(f"DatasetConfig.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        ParaphraseStrategy.parse(self.paraphrase_strategy)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+def preprocess_image(img: Image.Image, resolution: int, fit: str = "pad") -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [3, R, R] in [-1, 1] (see module docstring for pad vs crop)."""
+    return _to_tensor(_fit(img, resolution, fit))
+
+
+def _fit(img: Image.Image, resolution: int, fit: str) -> Image.Image:
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    w, h = img.size
+    if fit == "pad":
+        s = resolution / max(w, h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
+        canvas = Image.new("RGB", (resolution, resolution), (0, 0, 0))
+        canvas.paste(resized, ((resolution - nw) // 2, (resolution - nh) // 2))
+        return canvas
+    if fit == "crop":
+        s = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        return resized.crop((left, top, left + resolution, top + resolution))
+    raise UserError(f"fit must be 'pad' or 'crop', got {fit!r}")
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one item: a pure function of (seed, epoch, index) via numpy's SeedSequence."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, index])
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items {"pixels": [3,R,R] float32 in [-1,1], "caption": str, "image_id": str}; see the module docstring."""
+
+    def __init__(self, devset, image_ids: list[str], cfg: DatasetConfig | None = None,
+                 paraphrases: dict[str, list[str]] | None = None):
+        self.devset = devset
+        self.cfg = cfg or DatasetConfig()
+        self.cfg.validate()
+        self.strategy = ParaphraseStrategy.parse(self.cfg.paraphrase_strategy)
+        if self.strategy.kind != "none" and not paraphrases:
+            raise UserError(f"paraphrase strategy {self.strategy} needs a paraphrase file (--paraphrases)")
+        self.paraphrases = {k: list(v) for k, v in (paraphrases or {}).items() if v}
+        self.image_ids = list(image_ids)
+        if not self.image_ids:
+            raise UserError("no images on this side of the split")
+        by_image = devset.captions_by_image()
+        missing = [i for i in self.image_ids if i not in by_image]
+        if missing:
+            raise UserError(f"{len(missing)} image id(s) have no caption in {devset.csv_path}, e.g. {missing[0]!r}")
+        # Caption pool per image. "add" folds the paraphrases in; the other strategies draw from the originals and
+        # swap afterwards, so P and "replace-all" act per drawn caption.
+        self.pools: list[list[str]] = []
+        for img in self.image_ids:
+            originals = by_image[img]
+            if self.strategy.kind == "add":
+                pool = list(originals) + [p for c in originals for p in self.paraphrases.get(c, [])]
+            else:
+                pool = list(originals)
+            self.pools.append(pool)
+        # "all": one item per (image, caption) pair, image-major, in CSV order.
+        self.pairs: list[tuple[int, int]] = [(i, k) for i, pool in enumerate(self.pools) for k in range(len(pool))]
+        originals_used = {c for img in self.image_ids for c in by_image[img]}
+        self._n_unique = len(originals_used)
+        self._without = sorted(c for c in originals_used if c not in self.paraphrases)
+        self._n_rows = sum(len(by_image[i]) for i in self.image_ids)
+        self.epoch = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.image_ids) if self.cfg.captions == "sample" else len(self.pairs)
+
+    def stats(self) -> dict:
+        return {
+            "n_images": len(self.image_ids),
+            "n_items": len(self),
+            "n_caption_rows": self._n_rows,
+            "unique_captions": self._n_unique,
+            "captions": self.cfg.captions,
+            "paraphrase_strategy": str(self.strategy),
+            # unique original captions of this side that have no paraphrase (they stay original under replace-all)
+            "captions_without_paraphrase": len(self._without) if self.strategy.kind != "none" else None,
+        }
+
+    # -- items ---------------------------------------------------------------------------------------------------
+    def caption_for(self, index: int, rng: np.random.Generator) -> tuple[int, str]:
+        """(image position, caption) of item `index`, drawing from `rng` in a fixed order."""
+        if self.cfg.captions == "sample":
+            i = index
+            pool = self.pools[i]
+            caption = pool[int(rng.integers(len(pool)))]
+        else:
+            i, k = self.pairs[index]
+            caption = self.pools[i][k]
+        u_replace = rng.random()  # always drawn, so later draws do not shift with the strategy
+        alts = self.paraphrases.get(caption)
+        if alts and (self.strategy.kind == "replace-all" or (self.strategy.kind == "replace"
+                                                             and u_replace < self.strategy.p)):
+            caption = alts[int(rng.integers(len(alts)))]
+        if rng.random() < self.cfg.caption_dropout:
+            caption = ""
+        return i, caption
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = item_rng(self.cfg.seed, self.epoch, index)
+        i, caption = self.caption_for(index, rng)
+        image_id = self.image_ids[i]
+        img = open_rgb(self.devset.image_path(image_id))
+        if self.cfg.jitter > 0:
+            # Before padding, so the padding stays exactly black.
+            b, c = rng.uniform(1 - self.cfg.jitter, 1 + self.cfg.jitter, size=2)
+            img = ImageEnhance.Contrast(ImageEnhance.Brightness(img).enhance(float(b))).enhance(float(c))
+        flip = self.cfg.hflip and rng.random() < 0.5
+        img = _fit(img, self.cfg.resolution, self.cfg.fit)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return {"pixels": _to_tensor(img), "caption": caption, "image_id": image_id}
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Default collate: stacked pixels, caption and id lists."""
+    return {"pixels": torch.stack([it["pixels"] for it in items]), "caption": [it["caption"] for it in items],
+            "image_id": [it["image_id"] for it in items]}
+
+
+def load_training_data(data_dir: str | Path, split_path: str | Path, side: str, cfg: DatasetConfig | None = None,
+                       paraphrases: dict[str, list[str]] | None = None) -> tuple[CaptionedImages, dict]:
+    """The dataset of one split side, after checking the split belongs to this prompt-gt.csv; plus the data hashes
+    a run records (csv_sha256, split_sha256, side, n_images)."""
+    from harness.data import load_devset
+    from harness.split import check_split_matches, load_split
+
+    devset = load_devset(data_dir)
+    split = load_split(split_path)
+    check_split_matches(split, devset)
+    ids = split.side(side)
+    ds = CaptionedImages(devset, ids, cfg, paraphrases)
+    missing = [i for i in ids if not devset.image_path(i).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the {side} side are missing, e.g. {missing[0]!r}",
+                        devset.images_dir)
+    hashes = {
+        "csv_sha256": devset.csv_sha256,
+        "split_sha256": split.sha256,
+        "side": side,
+        "n_images": len(ids),
+        "n_items": len(ds),
+        "split_seed": split.seed,
+    }
+    return ds, hashes

@@ -1,0 +1,171 @@
+"""Prompt files: one prompt per line, the format of the challenge's test file.
+
+Reading rules (the submission's image k must belong to the test file's prompt k, so these are strict):
+- UTF-8 (an optional BOM is dropped and noted); anything else is a UserError naming file, line and byte offset;
+- only the line ending (LF or CRLF) is stripped - everything else, leading/trailing spaces included, is verbatim;
+- blank lines (empty or whitespace only) are not prompts; they are reported;
+- prompt index = 1-based position among the non-blank lines (image 00001.png is prompt 1).
+
+The test file itself (`ImageCLEFmed-MEDVQA-GI-2024-Testing-Propmpts.txt`: 5,000 lines over 260 unique prompts, all
+of them dev captions) is not public; `synthesize_test_prompts` makes a stand-in with the same shape.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from harness.errors import UserError
+from harness.io import sha256_bytes
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class PromptFile:
+    path: Path
+    prompts: list[str]  # prompt k (1-based) is prompts[k - 1]
+    blank_lines: list[int]  # 1-based file line numbers of blank lines
+    sha256: str  # of the file's bytes: generation and packaging record it
+    line_numbers: list[int] = field(default_factory=list)  # file line of each prompt
+    bom: bool = False
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("prompt file not found", path)
+    data = path.read_bytes()
+    sha = sha256_bytes(data)
+    bom = data.startswith(BOM)
+    body = data[len(BOM):] if bom else data
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = e.start + (len(BOM) if bom else 0)
+        line = body[: e.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 (byte 0x{body[e.start]:02x} at byte offset {offset}); save the prompt file as "
+                        "UTF-8", path, line) from None
+    # Split on "\n" only (str.splitlines would also split on \x0b, \x1c, U+2028 ... inside a prompt).
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    prompts: list[str] = []
+    numbers: list[int] = []
+    blanks: list[int] = []
+    for i, line in enumerate(lines, start=1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if not line.strip():
+            blanks.append(i)
+            continue
+        prompts.append(line)
+        numbers.append(i)
+    if not prompts:
+        what = "empty file" if not data else f"no prompts ({len(blanks)} blank lines)"
+        raise UserError(f"{what}; expected one prompt per line", path)
+    return PromptFile(path=path, prompts=prompts, blank_lines=blanks, sha256=sha, line_numbers=numbers, bom=bom)
+
+
+def shipped_dev_captions() -> list[str]:
+    """The 483 unique dev captions shipped with the package (harness/sample/dev_unique_captions.txt)."""
+    ref = resources.files("harness.sample").joinpath("dev_unique_captions.txt")
+    with resources.as_file(ref) as p:
+        return read_prompt_file(p).prompts
+
+
+def dev_captions(data_dir: str | Path | None) -> tuple[list[str], str]:
+    """All caption rows of DIR (with repetition), or the shipped unique list; plus a label saying which."""
+    if data_dir is None:
+        return shipped_dev_captions(), "shipped list of 483 dev captions"
+    from harness.data import load_devset
+
+    ds = load_devset(data_dir)
+    return [r.prompt for r in ds.rows], f"{ds.csv_path} ({len(ds.rows)} rows)"
+
+
+@dataclass
+class PromptReport:
+    path: str
+    sha256: str
+    count: int
+    unique: int
+    blank_lines: list[int]
+    longest: dict  # index, chars, words, prompt
+    bom: bool
+    reference: str
+    not_in_dev: list[dict]  # index, prompt, closest dev caption (or None)
+    whitespace_edges: list[int]  # prompt indices with leading/trailing whitespace (kept verbatim; usually a mistake)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def check_prompts(pf: PromptFile, captions: list[str], reference: str = "") -> PromptReport:
+    """Facts about a prompt file and which prompts never occur in the dev captions (with the closest caption, to
+    spot a near miss like a changed typo)."""
+    known = set(captions)
+    unique_known = sorted(known)
+    longest_i = max(range(len(pf.prompts)), key=lambda i: (len(pf.prompts[i]), -i))
+    missing: list[dict] = []
+    closest_cache: dict[str, str | None] = {}
+    for i, p in enumerate(pf.prompts, start=1):
+        if p in known:
+            continue
+        if p not in closest_cache:
+            m = difflib.get_close_matches(p, unique_known, n=1, cutoff=0.8)
+            closest_cache[p] = m[0] if m else None
+        missing.append({"index": i, "prompt": p, "closest": closest_cache[p]})
+    return PromptReport(
+        path=str(pf.path),
+        sha256=pf.sha256,
+        count=len(pf.prompts),
+        unique=len(set(pf.prompts)),
+        blank_lines=pf.blank_lines,
+        longest={"index": longest_i + 1, "chars": len(pf.prompts[longest_i]),
+                 "words": len(pf.prompts[longest_i].split()), "prompt": pf.prompts[longest_i]},
+        bom=pf.bom,
+        reference=reference,
+        not_in_dev=missing,
+        whitespace_edges=[i for i, p in enumerate(pf.prompts, start=1) if p != p.strip()],
+    )
+
+
+def synthesize_test_prompts(captions: list[str], n: int = 5000, n_unique: int = 260, seed: int = 0) -> list[str]:
+    """A stand-in for the unpublished test file: `n` lines over `n_unique` distinct captions.
+
+    Like the real file, every prompt is a dev caption. Captions are chosen (without replacement) and the extra lines
+    drawn with probability proportional to how often each caption occurs in `captions` - pass all dev rows to get
+    the dev frequencies, or a unique list for uniform weights. Every chosen caption occurs at least once; line
+    order is shuffled. Deterministic in (captions, n, n_unique, seed).
+    """
+    freq = Counter(captions)
+    pool = sorted(freq)  # sorted: the result must not depend on the order rows were read in
+    if n_unique < 1 or n < 1:
+        raise UserError(f"need n >= 1 and n_unique >= 1 (got n={n}, n_unique={n_unique})")
+    if n_unique > len(pool):
+        raise UserError(f"--unique {n_unique} is more than the {len(pool)} distinct captions available")
+    if n < n_unique:
+        raise UserError(f"--n {n} lines cannot hold {n_unique} distinct prompts")
+    rng = random.Random(seed)
+    # Weighted sampling without replacement (Efraimidis-Spirakis keys u^(1/w)).
+    keyed = sorted(pool, key=lambda c: rng.random() ** (1.0 / freq[c]), reverse=True)
+    chosen = sorted(keyed[:n_unique])
+    extra = rng.choices(chosen, weights=[freq[c] for c in chosen], k=n - n_unique)
+    lines = chosen + extra
+    rng.shuffle(lines)
+    return lines
+
+
+def format_prompt_file(prompts: list[str]) -> str:
+    """One prompt per line, LF line ends, final newline; refuses prompts that would not survive a round trip."""
+    for i, p in enumerate(prompts, start=1):
+        if "\n" in p or "\r" in p or not p.strip():
+            raise UserError(f"prompt {i} is empty or contains a line break: {p!r}")
+    return "".join(p + "\n" for p in prompts)

@@ -1,0 +1,207 @@
+"""CaptionedImages: preprocessing geometry, exact per-(seed, epoch, index) randomness, caption modes, paraphrases."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.config import from_dict
+from harness.data import load_devset
+from harness.dataset import (
+    CaptionedImages,
+    DatasetConfig,
+    ParaphraseStrategy,
+    collate_items,
+    item_rng,
+    load_training_data,
+    preprocess_image,
+)
+from harness.errors import UserError
+from harness.split import write_split
+
+
+@pytest.fixture
+def devset(sample_dir):
+    return load_devset(sample_dir)
+
+
+def _ds(devset, n=12, paraphrases=None, **cfg):
+    return CaptionedImages(devset, devset.images()[:n], DatasetConfig(resolution=32, **cfg), paraphrases)
+
+
+def test_pad_keeps_the_whole_frame_and_pads_black():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    x = preprocess_image(img, 16, "pad")
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.all(x[:, :4] == -1) and torch.all(x[:, 12:] == -1)  # 40x20 -> 16x8, centred: 4 black rows each side
+    assert torch.allclose(x[:, 4:12], torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 8, 16))
+
+
+def test_crop_fills_the_square():
+    img = Image.new("RGB", (40, 20), (0, 255, 0))
+    x = preprocess_image(img, 16, "crop")
+    assert x.shape == (3, 16, 16) and torch.all(x[1] == 1) and torch.all(x[0] == -1)
+
+
+def test_locations_survive_preprocessing():
+    """A bright patch in the upper-left stays upper-left (the prompts name locations; nothing flips by default)."""
+    a = np.zeros((60, 100, 3), np.uint8)
+    a[5:20, 5:25] = 255
+    x = preprocess_image(Image.fromarray(a), 32, "pad")
+    bright = (x.mean(0) > 0).nonzero().float().mean(0)
+    assert bright[0] < 16 and bright[1] < 16
+
+
+def test_items_are_pure_functions_of_seed_epoch_index(devset):
+    cfg = dict(jitter=0.3, caption_dropout=0.2, hflip=True)
+    a, b = _ds(devset, **cfg), _ds(devset, **cfg)
+    order_a = [a[i] for i in range(len(a))]
+    order_b = [b[i] for i in reversed(range(len(b)))][::-1]  # access order does not matter
+    for x, y in zip(order_a, order_b):
+        assert x["caption"] == y["caption"] and x["image_id"] == y["image_id"]
+        assert torch.equal(x["pixels"], y["pixels"])
+    a.set_epoch(1)
+    assert [a[i]["caption"] for i in range(len(a))] != [x["caption"] for x in order_a]
+    c = _ds(devset, seed=1, **cfg)
+    assert [c[i]["caption"] for i in range(len(c))] != [x["caption"] for x in order_a]
+
+
+def test_sample_mode_draws_uniformly_from_the_image_captions(devset):
+    ds = _ds(devset, n=1)
+    caps = devset.captions_by_image()[ds.image_ids[0]]
+    seen = Counter()
+    for epoch in range(400):
+        ds.set_epoch(epoch)
+        seen[ds.caption_for(0, item_rng(0, epoch, 0))[1]] += 1
+    assert set(seen) == set(caps)
+    assert max(seen.values()) < 3 * min(seen.values())
+    assert len(ds) == 1
+
+
+def test_all_mode_is_one_item_per_row(devset):
+    ds = _ds(devset, n=3, captions="all")
+    by = devset.captions_by_image()
+    rows = [(i, c) for i in ds.image_ids for c in by[i]]
+    assert len(ds) == len(rows)
+    assert [(ds.image_ids[i], ds.pools[i][k]) for i, k in ds.pairs] == rows
+    assert ds[len(ds) - 1]["caption"] == rows[-1][1]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def _paraphrases(devset, ids, skip_every=3):
+    by = devset.captions_by_image()
+    caps = sorted({c for i in ids for c in by[i]})
+    return {c: [f"P1 {c}", f"P2 {c}"] for k, c in enumerate(caps) if k % skip_every}, caps
+
+
+def test_paraphrase_strategies(devset):
+    ids = devset.images()[:6]
+    para, caps = _paraphrases(devset, ids)
+    cfg = dict(resolution=32, captions="all")
+
+    add = CaptionedImages(devset, ids, DatasetConfig(**cfg, paraphrase_strategy="add"), para)
+    got = {add.pools[i][k] for i, k in add.pairs}
+    assert set(caps) <= got and {p for c in caps for p in para.get(c, [])} <= got
+
+    ra = CaptionedImages(devset, ids, DatasetConfig(**cfg, paraphrase_strategy="replace-all"), para)
+    out = [ra.caption_for(i, np.random.default_rng(i))[1] for i in range(len(ra))]
+    assert all(o.startswith("P") or o not in para for o in out)  # originals only where no paraphrase exists
+    assert ra.stats()["captions_without_paraphrase"] == len([c for c in caps if c not in para]) > 0
+
+    half = CaptionedImages(devset, ids, DatasetConfig(**cfg, paraphrase_strategy="replace:0.5"), para)
+    has_para = [i for i, (j, k) in enumerate(half.pairs) if half.pools[j][k] in para]
+    swapped = [half.caption_for(i, np.random.default_rng(100 + i))[1].startswith("P") for i in has_para]
+    assert 0.3 < sum(swapped) / len(swapped) < 0.7
+
+
+@pytest.mark.parametrize("text", ["replace", "replace:0", "replace:1.5", "replace:x", "sometimes", "add:0.5"])
+def test_bad_strategy_strings(text):
+    with pytest.raises(UserError, match="paraphrase strategy"):
+        ParaphraseStrategy.parse(text)
+
+
+def test_strategy_needs_paraphrases(devset):
+    with pytest.raises(UserError, match="needs a paraphrase file"):
+        CaptionedImages(devset, devset.images()[:2], DatasetConfig(paraphrase_strategy="add"), None)
+    assert str(ParaphraseStrategy.parse("replace:0.25")) == "replace:0.25"
+
+
+def test_caption_dropout(devset):
+    ds = _ds(devset, n=48, caption_dropout=1.0)
+    assert all(ds[i]["caption"] == "" for i in range(4))
+    ds = CaptionedImages(devset, devset.images(), DatasetConfig(resolution=32, captions="all", caption_dropout=0.2))
+    n = sum(ds.caption_for(i, np.random.default_rng(i))[1] == "" for i in range(len(ds)))
+    assert 0.12 < n / len(ds) < 0.28
+
+
+def test_jitter_changes_content_but_not_the_padding(devset):
+    plain, jit = _ds(devset), _ds(devset, jitter=0.4)
+    differs = padded = 0
+    for i in range(6):
+        a, b = plain[i]["pixels"], jit[i]["pixels"]
+        differs += not torch.equal(a, b)
+        w, h = Image.open(devset.image_path(plain.image_ids[i])).size
+        nh, nw = round(h * 32 / max(w, h)), round(w * 32 / max(w, h))
+        top, left = (32 - nh) // 2, (32 - nw) // 2
+        pad = torch.ones(32, 32, dtype=torch.bool)
+        pad[top:top + nh, left:left + nw] = False
+        padded += int(pad.any())
+        assert torch.all(b[:, pad] == -1)  # jitter happens before padding: the padding stays exactly black
+    assert differs >= 5 and padded >= 3
+
+
+def test_config_is_typed_and_validated():
+    cfg = from_dict(DatasetConfig, {"resolution": 64, "fit": "crop", "paraphrase_strategy": "replace:0.3"})
+    assert cfg.resolution == 64 and cfg.fit == "crop"
+    with pytest.raises(UserError, match="unknown key"):
+        from_dict(DatasetConfig, {"resolutoin": 64})
+    with pytest.raises(UserError, match="fit"):
+        from_dict(DatasetConfig, {"fit": "stretch"})
+    with pytest.raises(UserError, match="jitter"):
+        DatasetConfig(jitter=1.5)
+    with pytest.raises(UserError, match="paraphrase strategy"):
+        DatasetConfig(paraphrase_strategy="bogus")
+
+
+def test_load_training_data_and_loader(sample_dir, tmp_path):
+    split = tmp_path / "split.json"
+    write_split(sample_dir, split, val_images=8)
+    ds, hashes = load_training_data(sample_dir, split, "val", DatasetConfig(resolution=32))
+    assert len(ds) == 8 and hashes["side"] == "val" and hashes["n_images"] == 8
+    assert hashes["csv_sha256"] == load_devset(sample_dir).csv_sha256 and len(hashes["split_sha256"]) == 64
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_items)))
+    assert batch["pixels"].shape == (4, 3, 32, 32) and len(batch["caption"]) == 4
+    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+    tr, h = load_training_data(sample_dir, split, "train")
+    assert len(tr) == 40 and not set(tr.image_ids) & set(ds.image_ids)
+    with pytest.raises(UserError, match="'train' or 'val'"):
+        load_training_data(sample_dir, split, "test")
+
+
+def test_load_training_data_refuses_a_missing_image(sample_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sample_dir, root, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    split = tmp_path / "split.json"
+    write_split(root, split, val_images=8)
+    from harness.split import load_split
+
+    (root / "images" / load_split(split).val[0]).unlink()
+    with pytest.raises(UserError, match="missing"):
+        load_training_data(root, split, "val")
+
+
+def test_items_do_not_depend_on_worker_count(devset):
+    ds = _ds(devset, n=8, jitter=0.2, caption_dropout=0.3)
+    ds.set_epoch(3)
+    direct = [ds[i] for i in range(len(ds))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_items)
+    batched = [(c, p) for b in loader for c, p in zip(b["caption"], b["pixels"])]
+    assert [c for c, _ in batched] == [d["caption"] for d in direct]
+    assert all(torch.equal(p, d["pixels"]) for (_, p), d in zip(batched, direct))
