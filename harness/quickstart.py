@@ -45,8 +45,13 @@ def run_quickstart(workdir: Path, model: str = "msdm", seed: int = 0) -> dict:
     report = check_devset(data)
     if report.rows == 0:
         raise UserError("the shipped sample has no rows", data)
+    from harness.data import WARNING_KINDS
+
+    defects = [p for p in report.problems if p.kind not in WARNING_KINDS]
+    if defects:
+        raise UserError(f"the shipped sample has {len(defects)} defect(s); first: {defects[0].message}", data)
     steps.append(("data check", f"{report.rows} rows, {report.unique_prompts} prompts, {report.unique_images} images, "
-                  f"{len(report.problems)} problem(s) reported", time.perf_counter() - t))
+                  f"{len(report.problems)} caption contradiction warning(s)", time.perf_counter() - t))
 
     t = step("2/7 split")
     split_path = workdir / "split.json"
@@ -79,7 +84,7 @@ def run_quickstart(workdir: Path, model: str = "msdm", seed: int = 0) -> dict:
     steps.append(("generate", f"{rep.total} images -> {run.images_dir}", time.perf_counter() - t))
 
     t = step("5/7 score")
-    steps.append(("score", _score(run), time.perf_counter() - t))
+    steps.append(("score", _score(run, split_path, data), time.perf_counter() - t))
 
     t = step("6/7 package")
     zpath, _ = package_run(run.images_dir, pf.prompts, "quickstart", workdir / "submissions")
@@ -102,14 +107,13 @@ def run_quickstart(workdir: Path, model: str = "msdm", seed: int = 0) -> dict:
     return {"run": str(run.dir), "zip": str(zpath), "steps": steps}
 
 
-def _score(run) -> str:
-    """Score against the split's validation images when the scoring stage and its weights are available."""
-    try:
-        from harness.score import score_run
-    except ImportError:
-        return "skipped (scoring stage not installed)"
-    result = score_run(run)
-    return result.summary_line() if hasattr(result, "summary_line") else str(result)
+def _score(run, split_path: Path, data: Path) -> str:
+    """Score against the split's validation images. Offline without the Inception/VGG weights files every metric
+    is recorded as "not computed" (with where to put the files) rather than a number from an untrained network."""
+    from harness.score import ScoreConfig, score_run
+
+    result = score_run(run, ScoreConfig(split=split_path, data=data, device="cpu"))
+    return result.summary_line()
 
 
 def _train_tiny_msdm(data: Path, split_path: Path, seed: int):

@@ -1,0 +1,407 @@
+"""Feature extraction for scoring, done once per (image set, extractor, weights) and cached on disk.
+
+Why not let torch-fidelity run end to end:
+- its statistics cache is keyed by a *name* only, so a folder whose images changed silently reuses stale features;
+- `calculate_metrics` takes one `feature_extractor_weights_path` for all extractors of a call, so FID (Inception)
+  and precision/recall (VGG16) cannot both be given local weights in one call;
+- its DataLoader stacks samples, so it cannot take the dev set's 253 different image sizes.
+
+So the harness builds torch-fidelity's own extractor modules (`create_feature_extractor`, the exact modules and the
+exact in-network resize that `calculate_metrics` uses), feeds them uint8 3xHxW tensors at native size (batched by
+equal size, which is what torch-fidelity's stacking would do for a same-size folder), caches the features keyed by a
+content hash, and computes metrics from the cached features with torch-fidelity's feature->metric functions
+(harness/score.py).
+
+Cache key = sha256 of: image names + bytes (in order), extractor name, layers, weights sha256, preprocessing id,
+library version. Any changed, added, removed or renamed image gives a new key. Cache location:
+`$HARNESS_CACHE_DIR/features/` or `<runs root>/.cache/features/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from harness.errors import UserError
+from harness.io import atomic_path, dumps_json, sha256_bytes, sha256_file, write_json
+from harness.runs import runs_root
+
+FEATURES_FORMAT = 1
+
+# ----------------------------------------------------------------------------------------------------- locations
+
+
+def cache_root() -> Path:
+    """`$HARNESS_CACHE_DIR` or `<runs root>/.cache` (holds features/ and the weights-hash memo)."""
+    env = os.environ.get("HARNESS_CACHE_DIR")
+    return Path(env) if env else runs_root() / ".cache"
+
+
+def features_dir() -> Path:
+    return cache_root() / "features"
+
+
+def torch_hub_checkpoints() -> Path:
+    """Where torch.hub (and torch-fidelity) keep downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A published weights file. Its name embeds the first 8 hex digits of its sha256 (torch.hub convention)."""
+
+    extractor: str
+    filename: str
+    url: str
+    option: str  # the CLI option that points at a local copy
+
+    @property
+    def sha256_prefix(self) -> str:
+        return self.filename.rsplit("-", 1)[1].split(".")[0]
+
+
+WEIGHTS: dict[str, WeightsSpec] = {
+    "inception-v3-compat": WeightsSpec(
+        "inception-v3-compat", "weights-inception-2015-12-05-6726825d.pth",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        "--inception-weights"),
+    "vgg16": WeightsSpec(
+        "vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "--vgg-weights"),
+    # torchvision's ImageNet InceptionV3 (Google's weights): the stand-in for Keras' InceptionV3 in imageclef2024.
+    "imageclef2024": WeightsSpec(
+        "imageclef2024", "inception_v3_google-0cc3c7bd.pth",
+        "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", "--imageclef-weights"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    path: Path
+    sha256: str
+    verified: bool  # sha256 starts with the published prefix
+    source: str  # "explicit" | "torch-home" | "downloaded"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "verified": self.verified, "source": self.source}
+
+
+class MissingWeights(Exception):
+    """No weights file for an extractor: the metrics that need it are recorded as "not computed"."""
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HARNESS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def file_sha256_memo(path: Path) -> str:
+    """sha256 of a large file, memoised by (real path, size, mtime_ns): weights files are 100-550 MB and are hashed
+    on every `score`, which would otherwise dominate a re-score from cached features."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo_path = cache_root() / "sha256-memo.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    entry = memo.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    memo[str(path)] = {"stamp": stamp, "sha256": digest}
+    try:
+        write_json(memo_path, memo)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return digest
+
+
+def resolve_weights(extractor: str, explicit: Path | None = None, *, allow_download: bool = True,
+                    allow_unverified: bool = False) -> ResolvedWeights:
+    """Find and verify the weights of `extractor`.
+
+    Order: an explicit path (must exist), then `$TORCH_HOME/hub/checkpoints/<published name>`, then a download (when
+    allowed and not offline). A file whose sha256 does not start with the published prefix is refused unless
+    `allow_unverified` (tests with randomly initialised extractors); such results are labelled and kept off the
+    leaderboard. Raises MissingWeights (not an error: the metric becomes "not computed") when nothing is found.
+    """
+    spec = WEIGHTS[extractor]
+
+    def check(path: Path, source: str) -> ResolvedWeights:
+        digest = file_sha256_memo(path)
+        ok = digest.startswith(spec.sha256_prefix)
+        if not ok and not allow_unverified:
+            raise UserError(f"sha256 {digest[:12]}... does not match the published {spec.filename} (expected prefix "
+                            f"{spec.sha256_prefix}); refusing to score with unknown weights", path)
+        return ResolvedWeights(path=path.resolve(), sha256=digest, verified=ok, source=source)
+
+    if explicit is not None:
+        explicit = Path(explicit)
+        if not explicit.is_file():
+            raise UserError(f"weights file for {extractor} not found (given with {spec.option})", explicit)
+        return check(explicit, "explicit")
+    home = torch_hub_checkpoints() / spec.filename
+    if home.is_file():
+        return check(home, "torch-home")
+    where = (f"{spec.filename} not found: download it from {spec.url} and pass {spec.option} PATH, "
+             f"or put it at {home}")
+    if not allow_download or offline():
+        raise MissingWeights(where + " (offline: no download attempted)")
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(spec.url, str(home), hash_prefix=spec.sha256_prefix, progress=False)
+    except Exception as e:  # network errors come in many types; any of them means "not available"
+        raise MissingWeights(f"{where} (download failed: {e.__class__.__name__}: {e})") from None
+    return check(home, "downloaded")
+
+
+# ---------------------------------------------------------------------------------------------------- image sets
+
+
+@dataclass
+class ImageSet:
+    """An ordered list of image files and the hash of their names and bytes."""
+
+    label: str
+    paths: list[Path]
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise UserError(f"image set {self.label!r} is empty")
+        if not self.sha256:
+            h = hashlib.sha256()
+            for p in self.paths:
+                if not p.is_file():
+                    raise UserError("image file not found", p)
+                h.update(p.name.encode("utf-8") + b"\0" + sha256_file(p).encode("ascii"))
+            self.sha256 = h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# ---------------------------------------------------------------------------------------------------- extractors
+
+
+class Extractor(ABC):
+    """A frozen network that turns a batch of loaded samples into named feature tensors (float32, on CPU)."""
+
+    name: str
+    layers: tuple[str, ...]
+    preprocess_id: str  # part of the cache key: how files become network input
+    weights: ResolvedWeights
+
+    @abstractmethod
+    def load(self, path: Path) -> torch.Tensor:
+        """One sample, ready to be stacked with samples of the same shape."""
+
+    def shape_key(self, path: Path) -> Any:
+        """Samples with equal keys can share a batch (default: the image size from the header, no decoding)."""
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except Exception:
+            return None  # the decode in `load` raises the clear error
+
+    @abstractmethod
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def uint8_chw(path: Path) -> torch.Tensor:
+    """An image as torch-fidelity receives it: uint8 3xHxW at native size, read with harness.images.open_rgb (the
+    harness-wide reader; for RGBA files it composites on black where torch-fidelity's folder reader would drop
+    alpha - generated PNGs and the dev-set JPEGs are RGB, so the two agree on every image we score)."""
+    from harness.images import open_rgb
+
+    img = open_rgb(path)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class TorchFidelityExtractor(Extractor):
+    """torch-fidelity's own extractor module (`inception-v3-compat` or `vgg16`), built as `calculate_metrics` builds
+    it; the resize to 299/224 (TF1-compatible bilinear) happens inside the module, exactly as there."""
+
+    preprocess_id = "harness.images.open_rgb -> uint8 3xHxW native size -> torch-fidelity in-network resize"
+
+    def __init__(self, name: str, layers: Iterable[str], weights: ResolvedWeights, device: torch.device):
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.name, self.layers, self.weights, self.device = name, tuple(layers), weights, device
+        self.module = create_feature_extractor(name, list(self.layers), cuda=False,
+                                               feature_extractor_weights_path=str(weights.path), verbose=False)
+        self.module.to(device)
+
+    def load(self, path: Path) -> torch.Tensor:
+        return uint8_chw(path)
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.module(batch.to(self.device, non_blocking=True))
+        return {k: v.float().cpu() for k, v in self.module.convert_features_tuple_to_dict(out).items()}
+
+
+def write_random_weights(extractor: str, path: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised state dict for `extractor` (tests and offline benchmarks only).
+
+    Its sha256 never matches the published file, so it is only accepted with allow_unverified_weights and its
+    results are labelled and kept off the leaderboard. Convolutions get He-normal weights (torch's default init
+    makes InceptionV3's activations vanish to ~1e-8, which would make every metric degenerate).
+    """
+    import torchvision
+
+    g = torch.Generator().manual_seed(seed)
+    if extractor == "inception-v3-compat":
+        from unittest import mock
+
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        # The constructor insists on loading weights; skip that step to get the bare architecture.
+        with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}), \
+                mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+            model = FeatureExtractorInceptionV3(extractor, ["2048"])
+    elif extractor == "vgg16":
+        model = torchvision.models.vgg16(weights=None)
+    elif extractor == "imageclef2024":
+        model = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False,
+                                                init_weights=False)
+    else:
+        raise ValueError(f"unknown extractor {extractor!r}")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=2.0 / m.in_features ** 0.5, generator=g)
+            torch.nn.init.zeros_(m.bias)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return path
+
+
+def default_layer(extractor: str, metric: str) -> str:
+    """torch-fidelity's default feature layer of an extractor for a metric (e.g. vgg16/prc -> fc2_relu)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(metric)
+
+
+# --------------------------------------------------------------------------------------------- cached extraction
+
+
+@dataclass
+class CachedFeatures:
+    features: dict[str, torch.Tensor]
+    key: str
+    hit: bool
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_key(image_set: ImageSet, identity: dict[str, Any]) -> str:
+    material = {"format": FEATURES_FORMAT, "images_sha256": image_set.sha256, "n": len(image_set), **identity}
+    return sha256_bytes(dumps_json(material).encode("utf-8"))
+
+
+def cache_path(key: str) -> Path:
+    return features_dir() / key[:2] / f"{key}.pt"
+
+
+def load_cached(key: str) -> dict[str, Any] | None:
+    path = cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # unreadable entry (e.g. from another torch version): recompute and overwrite
+    if not isinstance(blob, dict) or blob.get("format") != FEATURES_FORMAT:
+        return None
+    return blob
+
+
+def extract_features(image_set: ImageSet, identity: dict[str, Any], make_extractor: Callable[[], Extractor], *,
+                     batch_size: int = 64, use_cache: bool = True, workers: int = 4,
+                     on_progress: Callable[[int], None] | None = None) -> CachedFeatures:
+    """Features of `image_set` from the cache, or computed (the extractor is only built on a miss) and cached."""
+    key = cache_key(image_set, identity)
+    path = cache_path(key)
+    if use_cache:
+        blob = load_cached(key)
+        if blob is not None and len(next(iter(blob["features"].values()))) == len(image_set):
+            if on_progress:
+                on_progress(len(image_set))
+            return CachedFeatures(blob["features"], key, True, path, blob.get("meta", {}))
+    extractor = make_extractor()
+    feats = run_extractor(extractor, image_set.paths, batch_size=batch_size, workers=workers, on_progress=on_progress)
+    meta = {"label": image_set.label, "images_sha256": image_set.sha256, "n": len(image_set), **identity,
+            "weights": extractor.weights.to_dict()}
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save({"format": FEATURES_FORMAT, "features": feats, "meta": meta}, tmp)
+    return CachedFeatures(feats, key, False, path, meta)
+
+
+def run_extractor(extractor: Extractor, paths: list[Path], *, batch_size: int = 64, workers: int = 4,
+                  on_progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Features for `paths` in their order. Samples are batched by equal shape (sorted by shape, then by index), so
+    a same-size folder is batched exactly as torch-fidelity's DataLoader would batch it."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    keys = [extractor.shape_key(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: (str(keys[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and keys[batches[-1][0]] == keys[i] and len(batches[-1]) < batch_size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    out: dict[str, list[torch.Tensor | None]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Decode the next batch while the network runs on the current one (PIL releases the GIL while decoding).
+        pending = pool.map(extractor.load, [paths[i] for i in batches[0]]) if batches else None
+        for b, idx in enumerate(batches):
+            samples = list(pending)
+            if b + 1 < len(batches):
+                pending = pool.map(extractor.load, [paths[i] for i in batches[b + 1]])
+            shapes = {tuple(s.shape) for s in samples}
+            if len(shapes) != 1:  # header size disagreed with decoded size: run one by one
+                feats = [extractor.forward(s.unsqueeze(0)) for s in samples]
+                res = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
+            else:
+                res = extractor.forward(torch.stack(samples))
+            for k, v in res.items():
+                slot = out.setdefault(k, [None] * len(paths))
+                for j, i in enumerate(idx):
+                    slot[i] = v[j]
+            if on_progress:
+                on_progress(len(idx))
+    return {k: torch.stack(v) for k, v in out.items()}  # type: ignore[arg-type]

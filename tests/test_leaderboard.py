@@ -1,0 +1,113 @@
+"""leaderboard.md: grouping of comparable rows, best marks, exclusions, plots, CLI (metrics.json built by hand)."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from harness.generate import TestPatternGenerator, generate_images
+from harness.io import write_json
+from harness.leaderboard import HEADER, collect, grouped, write_leaderboard
+from harness.runs import create_run, runs_root
+
+VAL = "a" * 64
+
+
+def ok(**kw):
+    return {"status": "ok", "weights_verified": True, **kw}
+
+
+def scored(run_id, *, real=("val:aaaaaaaa", VAL), n=(200, 5000), fid=None, isc=None, prc=None, fd=None,
+           summary=None, family="kandinsky-prior", unverified=False, images=False, not_computed=None):
+    run = create_run(family, {"summary": summary or {}}, run_id=run_id)
+    metrics = {}
+    if fid is not None:
+        metrics["fid"] = ok(value=fid, n_gen=n[1], n_real=n[0])
+    if isc is not None:
+        metrics["is"] = ok(mean=isc, std=0.1)
+    if prc is not None:
+        p, r = prc
+        metrics["prc"] = ok(precision=p, recall=r, f1=2 * p * r / (p + r), features="vgg16 fc2_relu")
+    if fd is not None:
+        metrics["imageclef2024"] = ok(fd=fd, is_mean=1.5)
+    for k, why in (not_computed or {}).items():
+        metrics[k] = {"status": "not computed", "reason": why}
+    gen_sha = "g" * 64
+    if images:
+        generate_images(TestPatternGenerator(32), [f"prompt number {i}" for i in range(5)], run.images_dir)
+    write_json(run.metrics_path, {
+        "format": "harness-metrics/1", "run_id": run_id, "family": family, "scored": "2026-11-22T10:00:00",
+        "real": {"label": real[0], "sha256": real[1], "n": n[0]}, "generated": {"n": n[1], "sha256": gen_sha},
+        "extractors": {"inception-v3-compat": {"weights": {"sha256": "6726825d" + "0" * 56}}},
+        "unverified_weights": unverified, "metrics": metrics, "warnings": []})
+    return run
+
+
+def test_empty_leaderboard_is_a_committable_header(tmp_path):
+    out, got = write_leaderboard(tmp_path / "leaderboard.md")
+    text = out.read_text()
+    assert text.startswith(HEADER) and "No scored runs yet" in text and got.rows == []
+
+
+def test_groups_best_marks_and_exclusions(tmp_path):
+    sweep = {"sweep": "prior-ranks", "alpha": 8, "targets": ["to_q", "to_v"], "dora": True, "steps": 1000,
+             "paraphrase_strategy": "add"}
+    scored("r-rank4", fid=80.0, isc=1.6, prc=(0.5, 0.3), fd=0.09, summary={**sweep, "rank": 4}, images=True)
+    scored("r-rank8", fid=70.0, isc=1.5, prc=(0.6, 0.2), fd=0.08, summary={**sweep, "rank": 8})
+    scored("r-small-n", fid=120.0, n=(200, 500))
+    scored("r-all-dev", fid=60.0, real=("all-dev (leaks training images)", "b" * 64), n=(2000, 5000))
+    scored("r-test-weights", fid=1.0, unverified=True)
+    scored("r-nothing", not_computed={"fid": "missing weights weights-inception-2015-12-05-6726825d.pth"})
+    bad = create_run("msdm-unet", {}, run_id="r-broken")
+    bad.metrics_path.write_text("{not json")
+
+    got = collect()
+    groups = grouped(got.rows)
+    assert [[r.run_id for r in g] for g in groups] == [["r-all-dev"], ["r-rank8", "r-rank4"], ["r-small-n"]]
+    assert any("r-test-weights" in s and "unverified" in s for s in got.skipped)
+    assert any("r-broken" in s for s in got.skipped)
+
+    out, _ = write_leaderboard(tmp_path / "leaderboard.md")
+    text = out.read_text()
+    lines = text.splitlines()
+    row8 = next(line for line in lines if "`r-rank8`" in line)
+    row4 = next(line for line in lines if "`r-rank4`" in line)
+    assert row8.startswith("| ★ |") and "**70.000**" in row8 and "**0.600**" in row8 and "**0.0800**" in row8
+    assert "**1.600**" in row4 and "**0.300**" in row4 and "**80.000**" not in row4  # best IS / recall is rank 4
+    assert "| 4 | 8 | to_q,to_v | DoRA | 1000 | add |" in row4
+    assert "200/5000" in row8 and "2026-11-22 10:00" in row8
+    small = next(line for line in lines if "`r-small-n`" in line)
+    assert "**" not in small  # alone in its group: nothing to beat
+    assert "## all-dev (leaks training images) · N_real 2000 · N_gen 5000" in text
+    assert "r-test-weights" in text.split("## Not listed")[1] and "| 1.000 |" not in text
+    assert "`r-nothing`: no metric computed" in text and "6726825d.pth" in text
+
+    # plots: one sweep figure, one sample grid (the only run with images), both linked and valid PNGs
+    sweep_png = tmp_path / "leaderboard_plots" / "sweep-prior-ranks.png"
+    assert "](leaderboard_plots/sweep-prior-ranks.png)" in text and sweep_png.is_file()
+    grids = list((tmp_path / "leaderboard_plots").glob("grid-r-rank4-*.png"))
+    assert len(grids) == 1 and f"[grid](leaderboard_plots/{grids[0].name})" in row4
+    for png in (sweep_png, grids[0]):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+    again, _ = write_leaderboard(tmp_path / "leaderboard.md")
+    assert again.read_text() == text  # deterministic: no timestamps of its own
+
+
+def test_unverified_rows_only_when_asked(tmp_path):
+    scored("r-test-weights", fid=1.0, unverified=True)
+    assert collect().rows == []
+    assert [r.run_id for r in collect(include_unverified=True).rows] == ["r-test-weights"]
+
+
+def test_cli_writes_markdown_and_prints_rich(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scored("r-one", fid=50.0, prc=(0.7, 0.4))
+    scored("r-two", fid=40.0, prc=(0.6, 0.5))
+    code, out, err = run_cli("leaderboard")
+    assert code == 0, err
+    assert "2 scored run(s)" in out and (tmp_path / "leaderboard.md").is_file()
+    code, out, err = run_cli("leaderboard", "--format", "rich")
+    assert code == 0 and "r-one" in out and "r-two" in out and "40.000" in out
+    code, out, _ = run_cli("leaderboard", "--out", tmp_path / "docs" / "lb.md", "--runs-dir", runs_root(), "--no-plots")
+    assert code == 0 and (tmp_path / "docs" / "lb.md").is_file() and not (tmp_path / "docs" / "leaderboard_plots").exists()
