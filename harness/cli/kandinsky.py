@@ -1,0 +1,265 @@
+"""`harness train kandinsky-prior|kandinsky-decoder`, `harness sweep kandinsky-prior|kandinsky-decoder`,
+`harness models info kandinsky`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from harness.cli.common import existing_dir, pop_loop_overrides, training_options
+
+FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
+
+
+def register(cli: click.Group, train: click.Group, sweep: click.Group, models: click.Group) -> None:
+    train.add_command(_train_command("prior"))
+    train.add_command(_train_command("decoder"))
+    sweep.add_command(_sweep_command("prior"))
+    sweep.add_command(_sweep_command("decoder"))
+    # `harness models info <family>` is a group shared with the other families (whoever registers first creates it).
+    info = models.commands.get("info")
+    if info is None:
+        info = click.Group("info", help="Parameter table of a model family (meta device: nothing is allocated).")
+        models.add_command(info)
+    info.add_command(models_kandinsky)
+
+
+def lora_options(component: str):
+    """LoRA, base-model and objective options of one component (unset = the typed config's default)."""
+    other = "decoder" if component == "prior" else "prior"
+    opts = [
+        click.option("--rank", type=int, default=None, help="LoRA rank r (default 4)."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)."),
+        click.option("--lora-targets", type=click.Choice(["paper", "paper+added-kv"]), default=None,
+                     help="paper: to_q,to_k,to_v,to_out.0 (reproduces the paper's counts); paper+added-kv also "
+                          "adds the decoder's add_k_proj,add_v_proj (the image-embedding path)."),
+        click.option("--dora", is_flag=True, default=None, help="Weight-decomposed LoRA (peft use_dora)."),
+        click.option("--rslora", is_flag=True, default=None, help="Rank-stabilised scaling alpha/sqrt(r)."),
+        click.option("--init-lora-weights", type=click.Choice(["true", "gaussian", "pissa", "olora"]), default=None,
+                     help="peft init_lora_weights (default true: B = 0, adapter starts as identity)."),
+        click.option("--prior", "prior", type=str, default=None,
+                     help="Prior pipeline: hub id or local folder (default kandinsky-community/kandinsky-2-2-prior)."),
+        click.option("--decoder", "decoder", type=str, default=None,
+                     help="Decoder pipeline: hub id or folder (default kandinsky-community/kandinsky-2-2-decoder)."),
+        click.option("--revision", type=str, default=None, help=f"Hub revision of the {component} (recorded)."),
+        click.option(f"--{other}-adapter", "pair_adapter", type=str, default=None,
+                     help=f"{other.capitalize()} adapter used by `harness generate`: a {FAMILY[other]} run, an "
+                          "adapter folder, or none (base model)."),
+        click.option("--snr-gamma", type=float, default=None, help="Min-SNR weighting gamma (e.g. 5); off by default."),
+        click.option("--cache/--no-cache", default=None,
+                     help="Read frozen-encoder outputs from the on-disk cache (default) or recompute every step."),
+        click.option("--cache-dir", type=existing_dir, default=None, help="Encoder cache folder."),
+        click.option("--resolution", type=int, default=None, help="Training image size (default 256)."),
+        click.option("--fit", type=click.Choice(["pad", "crop"]), default=None, help="Square images by pad or crop."),
+        click.option("--captions", type=click.Choice(["sample", "all"]), default=None,
+                     help="One item per image (sample) or per caption row (all)."),
+        click.option("--base-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="dtype of the frozen weights (LoRA stays fp32)."),
+        click.option("--warmup-steps", type=int, default=None, help="Linear LR warm-up steps."),
+    ]
+    if component == "prior":
+        opts.append(click.option("--caption-dropout", type=float, default=None,
+                                 help='Probability of training on "" instead of the caption (default 0.1).'))
+    else:
+        opts.append(click.option("--image-embed-dropout", type=float, default=None,
+                                 help="Probability of conditioning on the zero-image embedding (default 0)."))
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def build_config(component: str, kwargs: dict[str, Any]):
+    """defaults(component) <- --config file <- CLI options, then the typed config (unknown keys are errors)."""
+    from harness.config import to_dict
+    from harness.errors import UserError
+    from harness.io import read_json
+    from harness.train_kandinsky import config_from_dict, default_config
+
+    loop = pop_loop_overrides(kwargs)
+    d = to_dict(default_config(component))  # type: ignore[arg-type]
+    config_file = kwargs.pop("config_file", None)
+    if config_file:
+        file_cfg = read_json(config_file)
+        if not isinstance(file_cfg, dict):
+            raise UserError("config file must hold a JSON object", config_file)
+        if file_cfg.get("component", component) != component:
+            raise UserError(f"config is for the {file_cfg['component']}, not the {component}", config_file)
+        _merge(d, file_cfg)
+    over: dict[str, Any] = {"loop": {k: v for k, v in loop.items() if v is not None}, "lora": {}, "data": {}}
+    if kwargs.get("warmup_steps") is not None:
+        over["loop"]["warmup_steps"] = kwargs["warmup_steps"]
+    for opt, key in (("rank", "rank"), ("alpha", "alpha"), ("lora_targets", "targets"), ("dora", "dora"),
+                     ("rslora", "rslora"), ("init_lora_weights", "init_lora_weights")):
+        if kwargs.get(opt) is not None:
+            over["lora"][key] = kwargs[opt]
+    for opt in ("resolution", "fit", "captions", "caption_dropout", "paraphrase_strategy"):
+        if kwargs.get(opt) is not None:
+            over["data"][opt] = kwargs[opt]
+    if kwargs.get("seed") is not None:
+        over["data"]["seed"] = kwargs["seed"]
+    for opt in ("prior", "decoder", "snr_gamma", "cache", "image_embed_dropout", "base_dtype"):
+        if kwargs.get(opt) is not None:
+            over[opt] = kwargs[opt]
+    if kwargs.get("cache_dir") is not None:
+        over["cache_dir"] = str(kwargs["cache_dir"])
+    if kwargs.get("revision") is not None:
+        over[f"{component}_revision"] = kwargs["revision"]
+    if kwargs.get("pair_adapter") is not None:
+        over["decoder_adapter" if component == "prior" else "prior_adapter"] = kwargs["pair_adapter"]
+    for opt, key in (("data_dir", "data_dir"), ("split_path", "split_path"), ("paraphrases_path", "paraphrases_path")):
+        if kwargs.get(opt) is not None:
+            over[key] = str(kwargs[opt])
+    if loop.get("seed") is not None:
+        over["data"]["seed"] = loop["seed"]
+    _merge(d, over)
+    d["component"] = component
+    return config_from_dict(d, where=str(config_file) if config_file else "options")
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _train_command(component: str) -> click.Command:
+    example_extra = ("--caption-dropout 0.1 --decoder-adapter runs/kandinsky-decoder-r32-...") if component == "prior" \
+        else "--prior-adapter runs/kandinsky-prior-r128-..."
+
+    @click.command(name=FAMILY[component])
+    @training_options
+    @lora_options(component)
+    def cmd(**kwargs):
+        from harness.progress import console
+        from harness.runs import open_run
+        from harness.train_kandinsky import resume, train
+
+        resume_run = kwargs.pop("resume_run", None)
+        run_id = kwargs.pop("run_id", None)
+        if resume_run:
+            run = resume(open_run(resume_run), max_steps=kwargs.get("max_steps"))
+        else:
+            cfg = build_config(component, kwargs)
+            run = train(cfg, run_id=run_id)
+        stats = json.loads((run.dir / "train_stats.json").read_text(encoding="utf-8"))
+        console.print(f"[green]trained[/] {run.dir}: {stats['steps']} steps, loss {stats['final_loss']:.4f}"
+                      + (f", val {stats['val_loss']:.4f}" if stats.get("val_loss") is not None else "")
+                      + f"; adapter in {run.dir / 'final'}")
+
+    cmd.help = f"""Train a LoRA adapter on the Kandinsky 2.2 {component} (only the LoRA weights train).
+
+    {'unCLIP prior objective: x0 MSE on the normalised CLIP image embedding, squaredcos_cap_v2 noise.'
+     if component == 'prior' else 'Decoder objective: epsilon MSE on MoVQ latents, conditioned on the image embedding.'}
+    Frozen-encoder outputs are computed once into the encoder cache (--no-cache recomputes every step).
+    The adapter is written in diffusers format to RUN/final/pytorch_lora_weights.safetensors.
+
+    \b
+    Examples:
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --rank 32 --max-steps 5000 \\
+          --batch-size 16 --mixed-precision bf16 {example_extra}
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --{component} /models/k22 --rank 4
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --resume runs/{FAMILY[component]}-r32-...
+    """
+    return cmd
+
+
+def _sweep_command(component: str) -> click.Command:
+    other = "decoder" if component == "prior" else "prior"
+    pair = "runs/kandinsky-decoder-r32-..." if component == "prior" else "runs/kandinsky-prior-r128-..."
+
+    @click.command(name=FAMILY[component])
+    @click.option("--ranks", type=str, default="4,8,16,24,32,40,48,56,64,128", show_default=True,
+                  help="Comma-separated LoRA ranks.")
+    @click.option("--dry-run", is_flag=True, help="Print the plan (trainable parameters on the real architecture, "
+                                                  "optimizer memory) and exit; needs no data and no weights.")
+    @click.option("--sweep-dir", type=existing_dir, default=None,
+                  help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done ranks.")
+    @click.option("--n-prompts", type=int, default=0, show_default=True,
+                  help="Validation prompts to generate per rank (one caption per validation image; 0 = all).")
+    @click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Generation batch size.")
+    @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
+    @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
+    @training_options
+    @lora_options(component)
+    def cmd(ranks, dry_run, sweep_dir, n_prompts, gen_batch_size, device, score, **kwargs):
+        from rich.console import Console
+
+        from harness.errors import UserError
+        from harness.sweep import parse_ranks, plan_table, run_sweep
+
+        console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
+
+        rank_list = parse_ranks(ranks)
+        if dry_run:
+            alpha = kwargs.get("alpha")
+            console.print(plan_table(component, rank_list, alpha=alpha, targets=kwargs.get("lora_targets") or "paper",
+                                     dora=bool(kwargs.get("dora")), rslora=bool(kwargs.get("rslora"))))
+            return
+        for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
+            if kwargs.get(opt) is None:
+                raise UserError(f"{name} is required (except with --dry-run)")
+        if kwargs.pop("resume_run", None):
+            raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
+        kwargs.pop("run_id", None)
+        cfg = build_config(component, kwargs)
+        result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
+                           device=device, score=score)
+        console.print(result.table())
+        console.print(f"sweep record: {result.path}")
+        if result.failed():
+            raise UserError(f"{len(result.failed())} rank(s) failed: {', '.join(map(str, result.failed()))} "
+                            f"(errors in {result.path}); rerun the same command to retry them")
+
+    # --split/--data are not needed for --dry-run; the command checks them itself otherwise.
+    for p in cmd.params:
+        if p.name in ("split_path", "data_dir"):
+            p.required = False
+    cmd.help = f"""Rank-grid sweep of the {component} LoRA: per rank train -> generate the validation prompts -> score.
+
+    Each rank is recorded in sweep.json (run, status, metrics or the error); a crash in one rank is recorded and the
+    sweep goes on; rerunning the same command skips finished ranks and resumes a killed training.
+
+    \b
+    Examples:
+      harness sweep {FAMILY[component]} --ranks 4,8,16,32,64,128 --dry-run
+      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --ranks 4,8,16,24,32,40,48,56,64,128 \\
+          --{other}-adapter {pair} --max-steps 5000
+    """
+    return cmd
+
+
+@click.command(name="kandinsky")
+@click.option("--ranks", type=str, default="4,8,16,24,32,40,48,56,64,128", show_default=True)
+@click.option("--lora-targets", type=click.Choice(["paper", "paper+added-kv"]), default="paper", show_default=True)
+def models_kandinsky(ranks, lora_targets):
+    """Kandinsky 2.2 prior and decoder: parameters and LoRA counts on the real architectures (meta device: no
+    weights, no download, about a second).
+
+    \b
+    Example:
+      harness models info kandinsky --ranks 4,32,128 --lora-targets paper+added-kv
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.sweep import parse_ranks, plan_table
+    from models.kandinsky.counting import architecture_summary
+
+    console = Console(highlight=False)
+    t = Table(title="Kandinsky 2.2 architectures (from models/kandinsky/configs)")
+    for c in ("component", "parameters", "LoRA target layers (count x (in+out))"):
+        t.add_column(c, justify="right" if c == "parameters" else "left")
+    for comp in ("prior", "decoder"):
+        s = architecture_summary(comp)
+        t.add_row(comp, f"{s['parameters']:,}", ", ".join(f"{k} {n}x{w}" for k, (n, w) in s["targets"].items()))
+    console.print(t)
+    for comp in ("prior", "decoder"):
+        console.print(plan_table(comp, parse_ranks(ranks), targets=lora_targets))

@@ -1,0 +1,252 @@
+"""Rank-grid sweeps of Kandinsky LoRA: for each rank train -> generate the validation prompts -> score -> record.
+
+The seed paper's three-stage recipe, as commands:
+    harness train kandinsky-decoder --split S --data D --rank 32 ...                      # 1. decoder r=32
+    harness sweep kandinsky-prior --split S --data D --decoder-adapter runs/<decoder-r32> # 2. prior ranks
+    harness sweep kandinsky-decoder --split S --data D --prior-adapter runs/<best prior>  # 3. decoder ranks
+
+State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory, the
+stage reached, the metrics, or the error of a crash. A crash in one rank is recorded and the sweep goes on; running
+the same command again skips finished ranks, resumes a rank whose training was killed from its last checkpoint,
+and finishes generation/scoring where they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the
+base config>, so the same command finds its own record; a different base config in the same dir is refused.
+
+`--dry-run` needs no data and no weights: the trainable-parameter counts come from the real architectures built on
+the meta device (models/kandinsky/counting.py) and equal the paper's tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.config import to_dict
+from harness.errors import UserError
+from harness.io import dumps_json, read_json, write_json, write_text
+from harness.runs import Run, runs_root
+
+SWEEP_FORMAT = "harness-sweep/1"
+STAGES = ("train", "generate", "score")
+
+
+def parse_ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(r) for r in str(text).replace(" ", "").split(",") if r]
+    except ValueError:
+        raise UserError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if not ranks or any(r < 1 for r in ranks):
+        raise UserError(f"--ranks must list ranks >= 1, got {text!r}")
+    return list(dict.fromkeys(ranks))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def plan_rows(component: str, ranks: list[int], alpha: float | None = None, targets: str = "paper",
+              dora: bool = False, rslora: bool = False) -> list[dict[str, Any]]:
+    from models.kandinsky.counting import count_lora
+    from models.kandinsky.lora import LoraSpec
+
+    rows = []
+    for r in ranks:
+        try:
+            spec = LoraSpec(rank=r, alpha=alpha, targets=targets, dora=dora, rslora=rslora)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        c = count_lora(component, spec)
+        rows.append({"rank": r, "alpha": c.alpha, "targets": targets, "dora": dora, "trainable": c.trainable,
+                     "base": c.base, "optimizer_bytes": c.optimizer_bytes()})
+    return rows
+
+
+def plan_table(component: str, ranks: list[int], alpha: float | None = None, targets: str = "paper",
+               dora: bool = False, rslora: bool = False):
+    from rich.table import Table
+
+    rows = plan_rows(component, ranks, alpha, targets, dora, rslora)
+    t = Table(title=f"kandinsky-{component} LoRA sweep plan (real architecture, meta device; "
+                    f"base {rows[0]['base']:,} frozen parameters)")
+    for col in ("rank", "alpha", "targets", "trainable params", "% of base", "AdamW memory (fp32 w+g+m+v)"):
+        t.add_column(col, justify="left" if col == "targets" else "right")
+    for r in rows:
+        t.add_row(str(r["rank"]), f"{r['alpha']:g}", r["targets"] + (" +DoRA" if r["dora"] else ""),
+                  f"{r['trainable']:,}", f"{100 * r['trainable'] / r['base']:.2f}",
+                  _human_bytes(r["optimizer_bytes"]))
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def validation_prompts(data_dir: str, split_path: str, n: int = 0) -> list[str]:
+    """One caption per validation image (picked by a hash of the image name, so the choice is stable), sorted by
+    image; the first n (0 = all)."""
+    from harness.data import load_devset
+    from harness.split import load_split
+
+    devset = load_devset(Path(data_dir))
+    split = load_split(Path(split_path))
+    by_image = devset.captions_by_image()
+    prompts = []
+    for img in sorted(split.val):
+        caps = by_image[img]
+        pick = int.from_bytes(hashlib.sha256(f"val-prompt:{img}".encode()).digest()[:8], "little") % len(caps)
+        prompts.append(caps[pick])
+    if not prompts:
+        raise UserError("the split has no validation images to prompt with", split_path)
+    return prompts[:n] if n > 0 else prompts
+
+
+@dataclass
+class SweepResult:
+    path: Path
+    record: dict[str, Any]
+
+    def failed(self) -> list[int]:
+        return [int(r) for r, v in self.record["ranks"].items() if v.get("status") == "failed"]
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"{self.record['family']} sweep ({self.path.parent})")
+        for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+            t.add_column(col)
+        for r, v in sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0])):
+            what = v.get("metrics_summary") or v.get("error", "")
+            val = v.get("val_loss")
+            t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
+                      f"{v['trainable']:,}" if v.get("trainable") else "-",
+                      f"{val:.4f}" if isinstance(val, float) else "-", what)
+        return t
+
+
+def _config_hash(d: dict) -> str:
+    return hashlib.sha256(dumps_json(d).encode()).hexdigest()[:10]
+
+
+def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: int = 0, gen_batch_size: int = 8,
+              device: str | None = None, score: bool = True, gen_seed: int = 0) -> SweepResult:
+    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring."""
+    from harness.train_kandinsky import FAMILIES, resolve_adapter
+
+    base.validate()
+    family = FAMILIES[base.component]
+    other = "decoder" if base.component == "prior" else "prior"
+    resolve_adapter(base.decoder_adapter if other == "decoder" else base.prior_adapter, other)  # fail early
+    base_dict = to_dict(base)
+    base_dict["lora"]["rank"] = None  # the rank varies; everything else must match to continue a sweep
+    sweep_dir = Path(sweep_dir) if sweep_dir else runs_root() / "sweeps" / f"{family}-{_config_hash(base_dict)}"
+    path = sweep_dir / "sweep.json"
+    if path.is_file():
+        record = read_json(path)
+        if record.get("base_config") != base_dict:
+            raise UserError("this sweep dir holds a sweep with another base config; pass another --sweep-dir", path)
+    else:
+        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "ranks": {}}
+    prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
+    prompts_file = sweep_dir / "val-prompts.txt"
+    write_text(prompts_file, "".join(p + "\n" for p in prompts))
+    record["prompts"] = {"file": str(prompts_file), "n": len(prompts),
+                         "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
+    write_json(path, record)
+
+    from harness.progress import console
+
+    for r in ranks:
+        entry = record["ranks"].setdefault(str(r), {"status": "pending"})
+        if entry.get("status") == "done":
+            console.print(f"rank {r}: done earlier ({entry.get('run')}), skipped")
+            continue
+        try:
+            _run_rank(base, r, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
+            entry["status"] = "done"
+            entry.pop("error", None)
+        except KeyboardInterrupt:
+            entry["status"] = "interrupted"
+            write_json(path, record)
+            raise
+        except Exception as e:  # noqa: BLE001 - one rank's crash must not stop the others
+            entry["status"] = "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            entry["traceback"] = traceback.format_exc(limit=8)
+            console.print(f"[red]rank {r} failed:[/] {entry['error']}")
+        write_json(path, record)
+    return SweepResult(path, record)
+
+
+def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: list[str], gen_batch_size: int,
+              device: str | None, score: bool, gen_seed: int) -> None:
+    from harness.generate import generate_images, load_generator
+    from harness.runs import open_run
+    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, resume, train
+    from harness.trainer import latest_checkpoint
+    from models.kandinsky.counting import count_lora
+
+    cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank),
+                              loop=dataclasses.replace(base.loop), data=dataclasses.replace(base.data))
+    try:
+        entry["trainable"] = count_lora(cfg.component, cfg.lora).trainable  # of the real architecture
+    except Exception:  # noqa: BLE001 - the count is informative only
+        pass
+    run: Run | None = open_run(entry["run"]) if entry.get("run") and Path(entry["run"]).is_dir() else None
+
+    # 1. train (or resume a killed training)
+    if run is None or not (run.dir / ADAPTER_DIR / WEIGHT_NAME).is_file():
+        entry["stage"] = "train"
+        if run is not None and latest_checkpoint(run) is not None:
+            run = resume(run)
+        else:
+            run = train(cfg)
+        entry["run"] = str(run.dir)
+        write_json(path, record)
+    stats = read_json(run.dir / "train_stats.json") if (run.dir / "train_stats.json").is_file() else {}
+    entry["val_loss"], entry["train_loss"] = stats.get("val_loss"), stats.get("final_loss")
+    write_json(path, record)
+
+    # 2. generate (resumable by itself: finished images are kept; a resumed training is exact, so its images from
+    # before a kill still belong to the same model; a retraining from scratch is a new run with an empty images dir)
+    entry["stage"] = "generate"
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = load_generator(run, {"device": device})
+    prompts_sha = record["prompts"]["sha256"]
+    rep = generate_images(gen, prompts, run.images_dir, base_seed=gen_seed, batch_size=gen_batch_size,
+                          prompts_sha256=prompts_sha)
+    run.log(f"sweep generate: {rep.generated} new, {rep.skipped} kept, prompts sha256 {prompts_sha}")
+    entry["n_images"] = rep.total
+    write_json(path, record)
+
+    # 3. score + leaderboard, when those modules are installed
+    if score:
+        entry["stage"] = "score"
+        entry.update(_score(run, path.parent))
+        write_json(path, record)
+    entry.pop("stage", None)
+
+
+def _score(run: Run, sweep_dir: Path) -> dict[str, Any]:
+    try:
+        score_mod = importlib.import_module("harness.score")
+    except ModuleNotFoundError:
+        return {"metrics_summary": "not scored (harness.score not installed)"}
+    result = score_mod.score_run(run, score_mod.ScoreConfig())
+    out: dict[str, Any] = {"metrics": str(result.path), "metrics_summary": result.summary_line()}
+    try:
+        lb = importlib.import_module("harness.leaderboard")
+    except ModuleNotFoundError:
+        return out
+    board, _ = lb.write_leaderboard(out=sweep_dir / "leaderboard.md")  # every scored run under the runs root
+    out["leaderboard"] = str(board)
+    return out
