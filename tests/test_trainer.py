@@ -1,0 +1,190 @@
+"""The shared training loop on a toy task: exact resume, clipping of the trainable parameters, checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from harness.errors import UserError
+from harness.runs import create_run
+from harness.trainer import (FINAL_DIR, LoopConfig, ShardedBatches, TrainTask, checkpoint_dirs, latest_checkpoint,
+                             run_training, unwrap)
+
+
+class ToyTask(TrainTask):
+    """Noisy regression with dropout, so resume equality covers data order, loss noise and dropout masks.
+
+    `frozen` takes part in the loss but is not trained; `head` is trained (clipping must touch only `head`)."""
+
+    def __init__(self, n: int = 24, scale: float = 1.0):
+        torch.manual_seed(123)
+        self.frozen = nn.Linear(4, 16)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x.sum(1, keepdim=True) * scale)
+        self.ema = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.grad_norms: list[float] = []
+        self.exported = False
+
+    def trainable_parameters(self):
+        return list(self.head.parameters())
+
+    def modules(self):
+        return {"frozen": self.frozen, "head": self.head}
+
+    def train_dataset(self):
+        return torch.utils.data.TensorDataset(self.x, self.y)
+
+    def val_dataset(self):
+        return torch.utils.data.TensorDataset(self.x[:8], self.y[:8])
+
+    def loss(self, batch, generator):
+        x, y = batch
+        noise = torch.randn(x.shape, generator=generator).to(x.device) * 0.1
+        return ((self.head(self.frozen(x + noise)) - y) ** 2).mean()
+
+    def on_step_end(self, step):
+        self.grad_norms.append(float(torch.norm(torch.stack([p.grad.norm() for p in self.head.parameters()]))))
+        with torch.no_grad():
+            for k, v in unwrap(self.head).state_dict().items():
+                self.ema[k].mul_(0.9).add_(v, alpha=0.1)
+
+    def state_dict(self):
+        return {"ema": {k: v.clone() for k, v in self.ema.items()}}
+
+    def load_state_dict(self, state):
+        self.ema = {k: v.clone() for k, v in state["ema"].items()}
+
+    def export(self, out_dir):
+        torch.save(unwrap(self.head).state_dict(), out_dir / "head.pt")
+        self.exported = True
+
+
+def _cfg(**kw):
+    base = dict(seed=3, max_steps=8, batch_size=5, grad_accum=2, lr=3e-2, warmup_steps=3, max_grad_norm=1.0,
+                checkpoint_every=2, keep_last=2, val_every=4, val_batches=2, log_every=1)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def _params(task):
+    return torch.cat([p.detach().flatten() for p in task.head.parameters()])
+
+
+def test_resume_is_exact(tmp_path):
+    straight = ToyTask()
+    run_a = create_run("toy", {}, {"csv_sha256": "x"}, run_id="a")
+    stats = run_training(straight, _cfg(), run_a)
+    assert stats["steps"] == 8 and straight.exported
+
+    first = ToyTask()
+    run_b = create_run("toy", {}, {"csv_sha256": "x"}, run_id="b")
+    run_training(first, _cfg(max_steps=4), run_b)
+    resumed = ToyTask()  # a fresh process: new objects, weights from the checkpoint only
+    run_training(resumed, _cfg(), run_b, resume=True)
+
+    diff = (_params(straight) - _params(resumed)).abs().max().item()
+    assert diff <= 1e-6, diff
+    assert (_params(straight) - _params(ToyTask())).abs().max() > 1e-2  # it did train
+    for k in straight.ema:  # extra task state (EMA) went through the checkpoint too
+        assert torch.allclose(straight.ema[k], resumed.ema[k], atol=1e-6)
+    # the log of the resumed run equals the straight run's (lines after the checkpoint are not duplicated)
+    log_a = [json.loads(ln) for ln in (run_a.dir / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(ln) for ln in (run_b.dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        for key in ("loss", "val_loss"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], abs=1e-6)
+
+
+def test_checkpoints_keep_last_atomic_and_provenance(tmp_path):
+    task = ToyTask()
+    run = create_run("toy", {}, {"csv_sha256": "abc"}, run_id="c")
+    run_training(task, _cfg(), run)
+    names = [d.name for d in checkpoint_dirs(run)]
+    assert names == ["step-0000006", "step-0000008"]  # keep_last=2
+    assert not [p for p in run.checkpoints_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    ckpt = latest_checkpoint(run)
+    for f in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "task_state.pt", "rng.pt", "trainer_state.json"):
+        assert (ckpt / f).is_file(), f
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["micro_batches"] == 16 and state["seed"] == 3
+    assert state["data"] == {"csv_sha256": "abc"} and state["loop"]["batch_size"] == 5
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(ckpt / "trainable.safetensors")))
+    assert keys == {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"}  # trainable only, named
+    prov = json.loads((run.dir / FINAL_DIR / "provenance.json").read_text())
+    assert prov["seed"] == 3 and prov["data"] == {"csv_sha256": "abc"} and prov["step"] == 8
+    assert (run.dir / FINAL_DIR / "head.pt").is_file()
+    log = [json.loads(ln) for ln in (run.dir / "train_log.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(vals) == 2 and all(v > 0 for v in vals)  # steps 4 and 8
+    assert json.loads((run.dir / "train_stats.json").read_text())["steps"] == 8
+
+
+def test_clipping_applies_to_the_trainable_parameters(tmp_path):
+    task = ToyTask(scale=1000.0)  # huge targets -> huge gradients
+    frozen_before = task.frozen.weight.detach().clone()
+    run = create_run("toy", {}, {}, run_id="clip")
+    run_training(task, _cfg(max_steps=3, max_grad_norm=0.05, checkpoint_every=0), run)
+    log = [r for r in map(json.loads, (run.dir / "train_log.jsonl").read_text().splitlines()) if "val_loss" not in r]
+    assert len(log) == 3 and all(r["grad_norm"] > 10.0 for r in log)  # the norm before clipping, as logged
+    # what the optimizer saw: the trainable parameters' gradients, clipped to the limit
+    assert task.grad_norms == pytest.approx([0.05] * 3, rel=1e-4)
+    assert torch.equal(task.frozen.weight, frozen_before)
+
+    unclipped = ToyTask(scale=1000.0)
+    run_training(unclipped, _cfg(max_steps=3, max_grad_norm=0.0, checkpoint_every=0),
+                 create_run("toy", {}, {}, run_id="noclip"))
+    assert min(unclipped.grad_norms) > 10.0
+
+
+def test_resume_guards(tmp_path):
+    run = create_run("toy", {}, {}, run_id="g")
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        run_training(ToyTask(), _cfg(max_steps=2), run, resume=True)
+    run_training(ToyTask(), _cfg(max_steps=2), run)
+    with pytest.raises(UserError, match="--resume"):
+        run_training(ToyTask(), _cfg(max_steps=4), run)
+    with pytest.raises(UserError, match="batch_size"):
+        run_training(ToyTask(), _cfg(max_steps=4, batch_size=3), run, resume=True)
+    with pytest.raises(UserError, match="nothing to do"):
+        run_training(ToyTask(), _cfg(max_steps=2), run, resume=True)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    task = ToyTask()
+    before = _params(task).clone()
+    stats = run_training(task, _cfg(max_steps=2, mixed_precision="bf16", checkpoint_every=0),
+                         create_run("toy", {}, {}, run_id="bf16"))
+    assert stats["final_loss"] is not None and not torch.equal(before, _params(task))
+
+
+def test_sharded_batches_partition_each_epoch():
+    world = 3
+    plans = [ShardedBatches(20, 2, seed=5, rank=r, world=world) for r in range(world)]
+    assert plans[0].per_epoch == 3  # 20 // (2*3): the incomplete last global batch is dropped
+    for k in range(plans[0].per_epoch * 2):
+        shards = [p.indices(k) for p in plans]
+        flat = [i for s in shards for i in s]
+        assert len(flat) == len(set(flat)) == 6
+    epoch0 = [i for k in range(3) for p in plans for i in p.indices(k)]
+    assert len(set(epoch0)) == 18
+    assert plans[0].indices(0) != plans[0].indices(3)  # a new permutation next epoch
+    assert ShardedBatches(2, 4, seed=0).indices(0) != []  # fewer items than a batch: tiled, still full
+    assert len(ShardedBatches(2, 4, seed=0).indices(0)) == 4
+
+
+def test_loop_config_rejects_bad_values():
+    with pytest.raises(UserError, match="batch_size"):
+        LoopConfig(batch_size=0)
+    with pytest.raises(UserError, match="mixed_precision"):
+        LoopConfig(mixed_precision="fp8")
