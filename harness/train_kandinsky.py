@@ -269,9 +269,9 @@ def collate_features(items: list[dict]) -> dict:
 
 
 def _device_for_encoding() -> torch.device:
-    from accelerate import PartialState
+    from harness.distributed import state
 
-    return PartialState().device
+    return state().device
 
 
 class KandinskyTask(TrainTask):
@@ -483,7 +483,7 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
 
 def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: CaptionedImages | None,
                      prior_parts, decoder_parts, log) -> tuple[CachedItems, CachedItems | None, dict]:
-    from accelerate import PartialState
+    from harness.distributed import state as dist_state
 
     from harness.encoder_cache import TensorStore, default_cache_dir, image_key, text_key, unique
     from harness.images import open_rgb
@@ -510,8 +510,7 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
     captions = unique(c for d in datasets for c in needed_captions(d)) if cfg.component == "prior" else []
     text_keys = {c: text_key(text_fp, c) for c in captions}
 
-    state = PartialState()
-    with state.main_process_first():  # rank 0 fills, the others then find every entry (no duplicated work)
+    with dist_state().main_process_first():  # rank 0 fills, the others then find every entry (no duplicated work)
         with progress() as bar:
             if captions:
                 t = bar.add_task("cache text", total=len(captions))
@@ -585,6 +584,7 @@ def resolve_adapter(ref: str | None, component: Component) -> Path | None:
 
 def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = None) -> Run:
     """Train a new run end to end; returns the run (adapter in RUN/final)."""
+    from harness.distributed import state as dist_state
     from harness.trainer import create_run_on_main
 
     cfg.validate()
@@ -598,8 +598,9 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     config["sources"] = task.source_info
     run = create_run_on_main(lambda: create_run(FAMILIES[cfg.component], config, hashes,
                                                 tag=tag if tag is not None else f"r{cfg.lora.rank}", run_id=run_id))
-    for line in logs:
-        run.log(line)
+    if dist_state().is_main_process:
+        for line in logs:
+            run.log(line)
     run_training(task, cfg.loop, run)
     return run
 

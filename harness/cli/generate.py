@@ -22,7 +22,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
 @click.option("--prompts", "prompts_path", type=existing_file, required=True, help="Prompt file, one per line.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Prompts per forward pass. Keep it fixed when resuming for bit-identical images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i uses a seed derived from (seed, i).")
 @click.option("--out", "out_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
 @click.option("--overwrite", is_flag=True, help="Regenerate every image, replacing what is there.")
@@ -35,7 +36,9 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
-    started again. Image i depends only on (seed, i), not on batch size or process count.
+    started again. Image i depends only on (seed, i) and --batch-size: the same for any number of processes and any
+    number of kills (batches are fixed index blocks); another batch size may move a pixel by one grey level, as
+    floating-point sums run in another order.
 
     \b
     Examples:
@@ -58,12 +61,13 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
     overrides = {"steps": steps, "guidance": guidance, "device": device or _default_device()}
     gen = load_generator(run, overrides)
     images_dir = Path(out_dir) if out_dir else run.images_dir
-    share = len(range(1 + rank, len(pf.prompts) + 1, world))
+    n_blocks = -(-len(pf.prompts) // batch_size)
+    share = sum(min(batch_size, len(pf.prompts) - b * batch_size) for b in range(rank, n_blocks, world))
     barrier = None
     if world > 1:
-        from accelerate import PartialState
+        from harness.distributed import state
 
-        barrier = PartialState().wait_for_everyone
+        barrier = state().wait_for_everyone
     with progress() as bar:
         task = bar.add_task(f"generate[{rank}/{world}]" if world > 1 else "generate", total=share)
         report = generate_images(
@@ -84,10 +88,10 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
 
 
 def _default_device() -> str:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    from harness.distributed import launched, state
 
-        return str(PartialState().device)
+    if launched():
+        return str(state().device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,8 +173,8 @@ def validate(zip_path, prompts_path):
     prompts = read_prompts(prompts_path)
     report = validate_zip(zip_path, prompts)
     if not report.ok:
-        for p in iter_problems(report):
-            console.print(f"  [red]-[/] {p}", markup=True, highlight=False)
+        for p in iter_problems(report):  # the report goes to stdout; stderr gets the one error line
+            click.echo(f"  - {p}")
         raise UserError(f"{len(report.problems)} problem(s); first: {report.problems[0]}", zip_path)
     s = zip_summary(Path(zip_path))
     w, h = report.size or (0, 0)

@@ -149,6 +149,10 @@ def _train_command(component: str) -> click.Command:
         else:
             cfg = build_config(component, kwargs)
             run = train(cfg, run_id=run_id)
+        from harness.distributed import state
+
+        if not state().is_main_process:  # under `accelerate launch` rank 0 reports
+            return
         stats = json.loads((run.dir / "train_stats.json").read_text(encoding="utf-8"))
         console.print(f"[green]trained[/] {run.dir}: {stats['steps']} steps, loss {stats['final_loss']:.4f}"
                       + (f", val {stats['val_loss']:.4f}" if stats.get("val_loss") is not None else "")
