@@ -238,33 +238,45 @@ def generate_images(
     if barrier is not None:
         barrier()  # other ranks start writing only after rank 0 has cleaned stale temps and written the manifest
 
-    todo: list[int] = []
+    # Batches are fixed, aligned blocks of the index space: [1..B], [B+1..2B], ... and rank r takes blocks
+    # r, r+world, ... A block with any image missing is regenerated whole and only its missing images are written.
+    # So every image is always computed in the same batch: CPU/GPU kernels sum in an order that depends on the
+    # batch, and re-batching the leftovers of a killed run would change a pixel here and there.
+    n = len(prompts)
+    blocks = [list(range(s, min(s + batch_size, n + 1))) for s in range(1, n + 1, batch_size)][rank::world]
+    todo: list[tuple[list[int], list[int]]] = []
     skipped = 0
-    for i in range(1 + rank, len(prompts) + 1, world):
-        meta = _png_meta(i, prompts[i - 1], image_seed(base_seed, i), model_key)
-        if not overwrite and existing_image_ok(images_dir / image_name(i), meta):
-            skipped += 1
-        else:
-            todo.append(i)
+    for block in blocks:
+        missing = [
+            i for i in block
+            if overwrite or not existing_image_ok(images_dir / image_name(i),
+                                                  _png_meta(i, prompts[i - 1], image_seed(base_seed, i), model_key))
+        ]
+        skipped += len(block) - len(missing)
+        if missing:
+            todo.append((block, missing))
 
     t0 = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        batch_prompts = [prompts[i - 1] for i in batch]
-        seeds = [image_seed(base_seed, i) for i in batch]
-        images = generator.generate(batch_prompts, seeds)
-        if len(images) != len(batch):
-            raise RuntimeError(f"generator returned {len(images)} images for {len(batch)} prompts")
-        for i, p, s, img in zip(batch, batch_prompts, seeds, images):
+    generated = 0
+    for block, missing in todo:
+        block_prompts = [prompts[i - 1] for i in block]
+        seeds = [image_seed(base_seed, i) for i in block]
+        images = generator.generate(block_prompts, seeds)
+        if len(images) != len(block):
+            raise RuntimeError(f"generator returned {len(images)} images for {len(block)} prompts")
+        for i, p, s, img in zip(block, block_prompts, seeds, images):
+            if i not in missing:
+                continue
             data = encode_png(np.asarray(img), _png_meta(i, p, s, model_key))
             with atomic_path(images_dir / image_name(i)) as tmp:
                 tmp.write_bytes(data)
+        generated += len(missing)
         if on_batch:
-            on_batch(len(batch))
+            on_batch(len(block))
     return GenerateReport(
         images_dir=images_dir,
         total=len(prompts),
-        generated=len(todo),
+        generated=generated,
         skipped=skipped,
         manifest=images_dir / MANIFEST,
         seconds=time.perf_counter() - t0,

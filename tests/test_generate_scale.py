@@ -89,11 +89,12 @@ def test_two_processes_shard_without_overlap(tmp_path):
     prompts_path = _prompt_file(tmp_path, 60, unique=20)
     prompts = read_prompt_file(prompts_path).prompts
     run = create_run("test-pattern", {"size": 32}, run_id="two-proc")
-    res = subprocess.run(_cli("generate", run.dir, "--prompts", prompts_path, "--num-processes", "2"),
+    res = subprocess.run(_cli("generate", run.dir, "--prompts", prompts_path, "--num-processes", "2",
+                              "--batch-size", "10"),
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "rank 0/2" in res.stderr and "rank 1/2" in res.stderr and "complete" in res.stderr
-    assert "30 generated" in res.stderr  # each rank did exactly half
+    assert res.stderr.count("30 generated") == 2  # 6 blocks of 10: each rank did exactly half
     assert check_images_dir(run.images_dir, prompts) == []
     single = tmp_path / "single"
     generate_images(TestPatternGenerator(32), prompts, single, prompts_sha256=read_prompt_file(prompts_path).sha256)
