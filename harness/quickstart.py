@@ -71,7 +71,7 @@ def run_quickstart(workdir: Path, model: str = "msdm", seed: int = 0) -> dict:
 
     t = step("3/7 train")
     if model == "msdm":
-        run, detail = _train_tiny_msdm(data, split_path, seed)
+        run, detail = _train_tiny_msdm(data, split_path, workdir, seed)
     else:
         from harness.runs import create_run
 
@@ -116,5 +116,20 @@ def _score(run, split_path: Path, data: Path) -> str:
     return result.summary_line()
 
 
-def _train_tiny_msdm(data: Path, split_path: Path, seed: int):
-    raise UserError("the MSDM trainer is not available in this build; use --model test-pattern")
+def _train_tiny_msdm(data: Path, split_path: Path, workdir: Path, seed: int):
+    """Tiny VAE, then tiny UNet conditioned on a tiny CLIP text tower whose tokenizer is learned offline from the
+    sample's captions (the real CLIP ViT-L/14 cannot be downloaded here; `--text-encoder` takes it on a GPU box)."""
+    import json
+
+    from harness.data import load_devset
+    from harness.train_msdm import train_quickstart
+    from models.tiny_clip import save_tiny_clip_text
+
+    text_dir = workdir / "tiny-clip"
+    if not (text_dir / "text_encoder").is_dir():
+        save_tiny_clip_text(text_dir, load_devset(data).unique_prompts(), seed=seed)
+    vae_run, unet_run = train_quickstart(data, split_path, text_dir, seed=seed)
+    vae, unet = (json.loads((r.dir / "train_stats.json").read_text()) for r in (vae_run, unet_run))
+    detail = (f"VAE {vae['steps']} steps (loss {vae['final_loss']:.3f}), "
+              f"UNet {unet['steps']} steps (loss {unet['final_loss']:.3f}) -> {unet_run.dir.name}")
+    return unet_run, detail
