@@ -16,6 +16,7 @@ from harness import __version__
 from harness.errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+_verbose = False  # set per invocation by --verbose (HARNESS_VERBOSE=1 forces it)
 
 
 @click.group(context_settings=CONTEXT)
@@ -35,10 +36,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       harness score runs/<unet-run>
       harness package runs/<unet-run> --prompts test-prompts.txt --team myteam
     """
+    global _verbose
     ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
-    if verbose:
-        os.environ["HARNESS_VERBOSE"] = "1"
+    ctx.obj["verbose"] = _verbose = verbose
 
 
 @cli.group(context_settings=CONTEXT)
@@ -76,6 +76,8 @@ _register_all()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one red line and exit code 2."""
+    global _verbose
+    _verbose = False
     try:
         cli.main(args=argv, standalone_mode=False)
     except UserError as e:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, exc: BaseException) -> None:
     from rich.console import Console
 
-    if os.environ.get("HARNESS_VERBOSE"):
+    if _verbose or os.environ.get("HARNESS_VERBOSE"):
         traceback.print_exception(exc)
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
     sys.exit(2)
