@@ -345,7 +345,23 @@ def find_vgg16(explicit: str | None) -> tuple[Path | None, str]:
 # Tasks.
 
 
-class VAETask(TrainTask):
+class _DataTask(TrainTask):
+    """The datasets both MSDM tasks train and validate on (set as self._train / self._val)."""
+
+    _train: torch.utils.data.Dataset
+    _val: torch.utils.data.Dataset | None
+
+    def train_dataset(self):
+        return self._train
+
+    def val_dataset(self):
+        return self._val
+
+    def collate(self, items):
+        return collate(items)
+
+
+class VAETask(_DataTask):
     def __init__(self, cfg: VAEConfig, train_ds, val_ds, vae=None, perceptual: nn.Module | None = None):
         from models.msdm.vae import MSDMAutoencoder
 
@@ -363,15 +379,6 @@ class VAETask(TrainTask):
 
     def modules(self):
         return {"vae": self.vae, **({"perceptual": self.perceptual} if self.perceptual is not None else {})}
-
-    def train_dataset(self):
-        return self._train
-
-    def val_dataset(self):
-        return self._val
-
-    def collate(self, items):
-        return collate(items)
 
     def latent_shape(self, pixels: torch.Tensor) -> tuple[int, ...]:
         v = unwrap(self.vae)
@@ -427,7 +434,7 @@ class TextCache:
         return torch.stack(hs), torch.stack(ms)
 
 
-class UNetTask(TrainTask):
+class UNetTask(_DataTask):
     def __init__(self, cfg: UNetConfig, train_ds, val_ds, vae, text: CLIPText, unet=None, latent_scale: float = 1.0):
         from models.msdm.unet import MSDMUNet
 
@@ -459,15 +466,6 @@ class UNetTask(TrainTask):
         if self.ema is not None:
             dev = next(unwrap(self.unet).parameters()).device
             self.ema = [e.to(dev) for e in self.ema]
-
-    def train_dataset(self):
-        return self._train
-
-    def val_dataset(self):
-        return self._val
-
-    def collate(self, items):
-        return collate(items)
 
     def latents(self, batch, generator) -> torch.Tensor:
         """Scaled latents z0 of the batch: a posterior draw, from the cache or by encoding the pixels."""
@@ -733,6 +731,10 @@ def train_unet(cfg: UNetConfig, run_id: str | None = None, tag: str = "") -> Run
     """Train the MSDM UNet on the latents of `cfg.vae_run` into a new run (final/unet, final/vae, final/msdm.json)."""
     train_ds, val_ds, hashes, vae, text = _unet_parts(cfg)
     hashes = {**hashes, "vae_run": cfg.vae_run, "vae_data": open_run(cfg.vae_run).data_hashes()}
+    if cfg.paraphrases_path:
+        from harness.paraphrase import paraphrases_sha256
+
+        hashes["paraphrases_sha256"] = paraphrases_sha256(cfg.paraphrases_path)
     data_for_training, scale = _prepare_latents(cfg, train_ds, val_ds, vae)
     cfg = dataclasses.replace(cfg, latent_scale=scale)
     config = {**to_dict(cfg), "text_encoder_resolved": _describe_text(cfg.text_encoder),

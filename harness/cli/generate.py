@@ -30,9 +30,12 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--steps", type=int, default=None, help="Sampling steps (family default if unset).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (family default if unset).")
 @click.option("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Weights/activations dtype (family default fp32; bf16/fp16 on a GPU).")
 @click.option("--num-processes", type=int, default=1, show_default=True,
               help="Shard prompts over N processes with `accelerate launch` (one per GPU; gloo on CPU).")
-def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps, guidance, device, num_processes):
+def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps, guidance, device, dtype,
+             num_processes):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
@@ -58,7 +61,7 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
     run = open_run(run_dir)
     pf = read_prompt_file(prompts_path)
     rank, world = distributed_shard()
-    overrides = {"steps": steps, "guidance": guidance, "device": device or _default_device()}
+    overrides = {"steps": steps, "guidance": guidance, "dtype": dtype, "device": device or _default_device()}
     gen = load_generator(run, overrides)
     images_dir = Path(out_dir) if out_dir else run.images_dir
     n_blocks = -(-len(pf.prompts) // batch_size)
