@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from .corpus import ACCEPTED, CASES, snapshot
@@ -30,12 +28,24 @@ def test_bad_input(name, tmp_path, run_cli, monkeypatch):
 
 
 def test_corpus_is_complete_and_listed(capsys):
-    # The issue asks for at least 20 cases across the commands; the list is printed with -s or on failure.
+    # At least 20 cases across the commands; the list is printed into the test log every run.
     commands = {name.split(":")[0] for name in CASES}
     assert len(CASES) >= 20, len(CASES)
     assert {"data check", "split", "prompts check", "generate", "package", "validate", "train"} <= commands
     with capsys.disabled():
-        if os.environ.get("HARNESS_LIST_CASES"):
-            print(f"\n{len(CASES)} bad-input cases ({len(ACCEPTED)} accepted-and-reported inputs documented):")
-            for name in sorted(CASES):
-                print("  -", name)
+        print(f"\nbad-input corpus: {len(CASES)} cases, each exit 2 + one error line + nothing written:")
+        for name in sorted(CASES):
+            print("  -", name)
+        for name, why in ACCEPTED.items():
+            print(f"  (accepted: {name}: {why})")
+
+
+def test_prompt_file_bom_is_accepted_and_reported(tmp_path, run_cli):
+    from harness.prompts import read_prompt_file
+
+    p = tmp_path / "bom.txt"
+    p.write_bytes(b"\xef\xbb\xbfGenerate an image with no polyps.\nGenerate an image containing text.\n")
+    assert read_prompt_file(p).prompts[0] == "Generate an image with no polyps."  # the BOM is not prompt text
+    code, out, err = run_cli("prompts", "check", p)
+    assert code == 0, err
+    assert "UTF-8 BOM" in out
