@@ -8,14 +8,18 @@ import click
 
 existing_file = click.Path(exists=False, dir_okay=False, path_type=Path)
 existing_dir = click.Path(exists=False, file_okay=False, path_type=Path)
+# Paths that end up in a run's config.json are made absolute, so `harness score RUN` and `--resume` find the data
+# from any working directory. (Existence is checked by the stages, with their own one-line messages.)
+stored_file = click.Path(exists=False, dir_okay=False, path_type=Path, resolve_path=True)
+stored_dir = click.Path(exists=False, file_okay=False, path_type=Path, resolve_path=True)
 
 
 def training_options(f):
     """Options common to every `harness train ...` command. Unset options are None: the typed config's
     default applies, so the defaults live in one place (the dataclass), not in the CLI."""
     opts = [
-        click.option("--split", "split_path", type=existing_file, required=True, help="SPLIT.json from `harness split`."),
-        click.option("--data", "data_dir", type=existing_dir, required=True, help="Dev set dir: prompt-gt.csv + images/."),
+        click.option("--split", "split_path", type=stored_file, required=True, help="SPLIT.json from `harness split`."),
+        click.option("--data", "data_dir", type=stored_dir, required=True, help="Dev set dir: prompt-gt.csv + images/."),
         click.option("--seed", type=int, default=None, help="Seed for init, data order, noise (default 0)."),
         click.option("--max-steps", type=int, default=None, help="Optimizer steps to train."),
         click.option("--batch-size", type=int, default=None, help="Per-process batch size."),
@@ -33,7 +37,7 @@ def training_options(f):
         click.option("--run-id", type=str, default=None, help="Name of the new run (default: readable + timestamp)."),
         click.option("--resume", "resume_run", type=existing_dir, default=None,
                      help="Continue RUN exactly from its last checkpoint."),
-        click.option("--paraphrases", "paraphrases_path", type=existing_file, default=None,
+        click.option("--paraphrases", "paraphrases_path", type=stored_file, default=None,
                      help="Paraphrase JSONL from `harness paraphrase`."),
         click.option("--paraphrase-strategy", type=str, default=None,
                      help="add | replace:P | replace-all (needs --paraphrases)."),

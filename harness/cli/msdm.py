@@ -109,7 +109,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
 
 @click.command("msdm-unet")
 @training_options
-@click.option("--vae", "vae_run", type=click.Path(path_type=Path), default=None,
+@click.option("--vae", "vae_run", type=click.Path(path_type=Path, resolve_path=True), default=None,
               help="The msdm-vae run whose latents to train on (required unless --resume).")
 @click.option("--preset", type=click.Choice(["paper", "tiny"]), default=None, help="UNet size (default: the VAE's).")
 @click.option("--text-encoder", type=str, default=None,
