@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one red line and exit code 2."""
     global _verbose
     _verbose = False
+    # Our progress is shown with rich; the libraries' own tqdm bars (weight loading, pipeline components) are noise.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         cli.main(args=argv, standalone_mode=False)
     except UserError as e:
