@@ -56,6 +56,17 @@ def models() -> None:
     """Inspect model architectures (parameter tables built without allocating weights)."""
 
 
+@models.group("info", context_settings=CONTEXT)
+def models_info() -> None:
+    """Parameter table of a model family, built on the meta device (no weights are allocated or downloaded).
+
+    \b
+    Examples:
+      harness models info msdm --preset paper
+      harness models info kandinsky
+    """
+
+
 def _register_all() -> None:
     # Each module exposes `register(cli, train, sweep, models)`. Imported here, not at the top of the stage modules,
     # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).

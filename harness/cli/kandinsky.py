@@ -18,12 +18,7 @@ def register(cli: click.Group, train: click.Group, sweep: click.Group, models: c
     train.add_command(_train_command("decoder"))
     sweep.add_command(_sweep_command("prior"))
     sweep.add_command(_sweep_command("decoder"))
-    # `harness models info <family>` is a group shared with the other families (whoever registers first creates it).
-    info = models.commands.get("info")
-    if info is None:
-        info = click.Group("info", help="Parameter table of a model family (meta device: nothing is allocated).")
-        models.add_command(info)
-    info.add_command(models_kandinsky)
+    models.commands["info"].add_command(models_kandinsky)
 
 
 def lora_options(component: str):

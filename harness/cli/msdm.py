@@ -13,11 +13,7 @@ from harness.errors import UserError
 def register(cli: click.Group, train: click.Group, sweep: click.Group, models: click.Group) -> None:
     train.add_command(msdm_vae)
     train.add_command(msdm_unet)
-    info = models.commands.get("info")
-    if info is None:
-        info = click.Group("info", help="Parameter table of a model family (meta device: nothing is allocated).")
-        models.add_command(info)
-    info.add_command(msdm_info)
+    models.commands["info"].add_command(msdm_info)
 
 
 def _base_overrides(config_file, loop_kw: dict, paraphrases_path, paraphrase_strategy) -> dict:
