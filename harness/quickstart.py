@@ -22,18 +22,27 @@ N_PROMPTS = 16  # images generated and packaged: enough to exercise every stage,
 def run_quickstart(workdir: Path, model: str = "msdm", seed: int = 0) -> dict:
     import os
 
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Runs of the quickstart stay inside its folder unless the user points HARNESS_RUNS_DIR elsewhere.
+    previous = os.environ.get("HARNESS_RUNS_DIR")
+    os.environ.setdefault("HARNESS_RUNS_DIR", str(workdir / "runs"))
+    try:
+        return _pipeline(workdir, model, seed)
+    finally:
+        if previous is None:
+            os.environ.pop("HARNESS_RUNS_DIR", None)
+
+
+def _pipeline(workdir: Path, model: str, seed: int) -> dict:
     from harness.data import check_devset
     from harness.generate import generate_images, load_generator
+    from harness.io import write_text
     from harness.package import package_run, validate_zip, zip_summary
     from harness.prompts import format_prompt_file, read_prompt_file
     from harness.sample import sample_dir
     from harness.split import load_split, write_split
-    from harness.io import write_text
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Runs of the quickstart stay inside its folder unless the user points HARNESS_RUNS_DIR elsewhere.
-    os.environ.setdefault("HARNESS_RUNS_DIR", str(workdir / "runs"))
     data = sample_dir()
     steps: list[tuple[str, str, float]] = []
 
@@ -112,8 +121,14 @@ def _score(run, split_path: Path, data: Path) -> str:
     is recorded as "not computed" (with where to put the files) rather than a number from an untrained network."""
     from harness.score import ScoreConfig, score_run
 
-    result = score_run(run, ScoreConfig(split=split_path, data=data, device="cpu"))
-    return result.summary_line()
+    # The quickstart is offline by design: use weights already in $TORCH_HOME/hub/checkpoints, never download.
+    result = score_run(run, ScoreConfig(split=split_path, data=data, device="cpu", allow_download=False))
+    line = result.summary_line()
+    missing = sorted({m["reason"].split()[-1] for m in result.metrics.values()
+                      if isinstance(m, dict) and m.get("status") == "not computed" and "weights" in m.get("reason", "")})
+    if missing:
+        line += f"; offline without {', '.join(missing)} (where to put them: {result.path})"
+    return line
 
 
 def _train_tiny_msdm(data: Path, split_path: Path, workdir: Path, seed: int):
