@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from harness.errors import UserError
-from harness.io import atomic_path, dumps_json, remove_stale_temps, sha256_file, write_text
+from harness.io import atomic_path, dumps_json, remove_stale_temps, write_text
 from harness.runs import Run
 
 MANIFEST = "manifest.csv"
@@ -301,7 +301,3 @@ def check_images_dir(images_dir: Path, prompts: Sequence[str]) -> list[str]:
         if not existing_image_ok(images_dir / row["filename"], meta):
             problems.append(f"{images_dir / row['filename']}: missing or incomplete")
     return problems
-
-
-def prompts_hash(path: Path) -> str:
-    return sha256_file(path)
