@@ -15,7 +15,9 @@ import click
 from harness import __version__
 from harness.errors import UserError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+# show_default: every option with a concrete default prints it in --help (options whose default is None defer to
+# a typed config and say where that value comes from in their help text).
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "show_default": True}
 _verbose = False  # set per invocation by --verbose (HARNESS_VERBOSE=1 forces it)
 
 
@@ -65,6 +67,12 @@ def models_info() -> None:
       harness models info msdm --preset paper
       harness models info kandinsky
     """
+
+
+@models.group("make-tiny", context_settings=CONTEXT)
+def models_make_tiny() -> None:
+    """Write tiny, randomly initialised models in the real layouts, so every command can be smoke-tested offline on
+    CPU in seconds (the same models the tests use)."""
 
 
 def _register_all() -> None:
