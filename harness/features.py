@@ -222,18 +222,6 @@ class Extractor(ABC):
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
 def uint8_chw(path: Path) -> torch.Tensor:
     """An image as torch-fidelity receives it: uint8 3xHxW at native size, read with harness.images.open_rgb (the
     harness-wide reader; for RGBA files it composites on black where torch-fidelity's folder reader would drop

@@ -24,6 +24,7 @@ import numpy as np
 
 from harness import __version__
 from harness.config import to_dict
+from harness.distributed import pick_device
 from harness.errors import UserError
 from harness.features import (
     CachedFeatures,
@@ -33,7 +34,6 @@ from harness.features import (
     TorchFidelityExtractor,
     default_layer,
     extract_features,
-    pick_device,
     resolve_weights,
 )
 from harness.io import read_json, write_json

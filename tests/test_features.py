@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.distributed import pick_device
 from harness.errors import UserError
 from harness.features import (
     Extractor,
@@ -19,7 +20,6 @@ from harness.features import (
     cache_root,
     extract_features,
     features_dir,
-    pick_device,
     run_extractor,
     uint8_chw,
 )

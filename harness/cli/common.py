@@ -12,6 +12,8 @@ existing_dir = click.Path(exists=False, file_okay=False, path_type=Path)
 # from any working directory. (Existence is checked by the stages, with their own one-line messages.)
 stored_file = click.Path(exists=False, dir_okay=False, path_type=Path, resolve_path=True)
 stored_dir = click.Path(exists=False, file_okay=False, path_type=Path, resolve_path=True)
+# Seeds feed numpy's legacy RNG (random.seed / np.random.seed accept < 2**32) as well as torch: one range everywhere.
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 def training_options(f):
