@@ -8,8 +8,10 @@ The cache is the output. One line per caption:
   {"original", "paraphrases" (kept), "dropped": [{"text", "reason", "detail"}], "returned", "partial", "note",
    "model", "template_sha256", "per_caption", "response_format", "requests", "format", "created"}
 Each line goes out in a single write() on an O_APPEND descriptor, so a SIGKILL leaves at most one torn last line;
-the next run drops it and asks for that caption again. A rerun sends only captions that have no line (and, with
-`retry_partial`, those whose line is partial). A later line for the same caption supersedes an earlier one.
+the next run drops it and asks for that caption again. A caption whose answers were all malformed (not the
+expected JSON, after the client's retries) gets no line: it is reported as failed, the run exits non-zero, and a
+rerun sends only captions that have no line holding an answer (and, with `retry_partial`, those whose line is
+partial). A later line for the same caption supersedes an earlier one.
 Run-level provenance (config, seed, source data hashes, template, summary) goes to `<out>.meta.json` (atomic).
 
 Trainers read the result with `load_paraphrases(path)` and record `paraphrases_sha256(path)` in their run config.
@@ -289,7 +291,7 @@ def screen(original: str, raw: list[Any], cfg: ParaphraseConfig) -> tuple[list[s
 def parse_answer(content: str | None, finish_reason: str | None, n: int) -> tuple[dict[int, list], str | None]:
     """{id: raw paraphrase list} from a model answer, and a problem string when the answer is unusable."""
     cut = " (cut off: finish_reason=length)" if finish_reason == "length" else ""
-    if not content or not content.strip():
+    if not isinstance(content, str) or not content.strip():
         return {}, "empty answer" + cut
     text = content.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
@@ -297,11 +299,11 @@ def parse_answer(content: str | None, finish_reason: str | None, n: int) -> tupl
         text = fence.group(1)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         i, j = text.find("{"), text.rfind("}")
         try:
             data = json.loads(text[i:j + 1]) if 0 <= i < j else None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             data = None
         if data is None:
             return {}, "malformed JSON" + cut
@@ -312,14 +314,15 @@ def parse_answer(content: str | None, finish_reason: str | None, n: int) -> tupl
     for it in items:
         if not isinstance(it, dict) or not isinstance(it.get("paraphrases"), list):
             continue
-        try:
-            i = int(it.get("id"))
-        except (TypeError, ValueError):
-            continue
-        if 1 <= i <= n and i not in out:
+        i = it.get("id")
+        if isinstance(i, str) and i.strip().isdigit():
+            i = int(i)
+        if isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= n and i not in out:
             out[i] = it["paraphrases"]
     if not out:
         return {}, "malformed answer: no usable items" + cut
+    if not any(_n_text(p) for p in out.values()):
+        return {}, "malformed answer: no paraphrase text in any item" + cut
     return out, None
 
 
@@ -506,7 +509,7 @@ class Summary:
     changed_attributes: dict[str, int]  # for attributes_changed: attribute -> count
     captions_done: int  # captions of the source with a record
     partial: int  # records with fewer paraphrases returned than asked
-    failed: int  # captions whose request failed after all retries this run (no record; a rerun resends them)
+    failed: int  # captions with no usable answer after all retries this run (no record; a rerun resends them)
     failed_examples: list[str]
     sent_this_run: int  # captions requested this run
     requests: int  # HTTP requests this run, retries included
@@ -525,7 +528,7 @@ def summarise(captions: list[str], records: dict[str, dict]) -> dict[str, Any]:
     after = set(captions)
     for c in captions:
         rec = records.get(c)
-        if rec is None:
+        if rec is None or not is_done(rec):
             continue
         done += 1
         kept += len(rec["paraphrases"])
@@ -542,52 +545,80 @@ def summarise(captions: list[str], records: dict[str, dict]) -> dict[str, Any]:
 
 
 async def _paraphrase_batch(batch: list[str], client, template: Template, cfg: ParaphraseConfig,
-                            stamp: dict[str, Any]) -> list[dict]:
-    """Ask for one batch; malformed or short answers are asked again once (only for the captions still short),
-    then recorded as partial. Transport faults are the client's business: RequestFailed on the first ask and
-    FatalAPIError pass up; RequestFailed on the re-ask keeps what the first answer gave, as a partial result."""
-    from harness.paraphrase_client import RequestFailed
+                            stamp: dict[str, Any]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Ask for one batch: (records, failed captions with the reason).
+
+    An answer that is not the expected JSON (no `items`, no usable item) is a fault the client retries under the
+    retry policy; when retries run out the first ask raises RequestFailed (the whole batch fails). Captions the
+    answer left out or gave too few paraphrases are asked again once. A caption that ends with no paraphrase text at
+    all is a failure, never a record: a rerun must send it again. One with some but fewer than asked is recorded as
+    partial (so is one whose re-ask failed after a usable first answer)."""
+    from harness.paraphrase_client import MalformedAnswer, RequestFailed
 
     raw: dict[str, list] = {c: [] for c in batch}
     notes: dict[str, str | None] = {c: None for c in batch}
     tries: dict[str, int] = {c: 0 for c in batch}
     pending = list(batch)
     for round_ in range(2):
+        n = len(pending)
+
+        def parse(comp) -> dict[int, list]:
+            answer, problem = parse_answer(comp.content, comp.finish_reason, n)
+            if problem:
+                raise MalformedAnswer(problem)
+            return answer
+
         try:
-            comp = await client.complete(template.messages(pending, cfg.per_caption))
+            answer = await client.complete(template.messages(pending, cfg.per_caption), parse)
         except RequestFailed as e:
             if round_ == 0:
                 raise
             for c in pending:
                 notes[c] = f"{notes[c]}; re-ask failed: {e}"
             break
-        answer, problem = parse_answer(comp.content, comp.finish_reason, len(pending))
         for i, c in enumerate(pending, 1):
             tries[c] += 1
             raw[c] += answer.get(i, [])
-            got = sum(isinstance(p, str) for p in raw[c])
-            notes[c] = problem or (None if got >= cfg.per_caption else f"returned {got} of {cfg.per_caption}")
+            got = _n_text(raw[c])
+            notes[c] = (None if got >= cfg.per_caption else
+                        f"returned {got} of {cfg.per_caption}" if got else "no paraphrase text in the answer")
         pending = [c for c in pending if notes[c] is not None]
         if not pending:
             break
-    records = []
+    records, failed = [], []
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for c in batch:
+        if not _n_text(raw[c]):
+            failed.append((c, notes[c] or "no paraphrase text in the answer"))
+            continue
         kept, dropped = screen(c, raw[c], cfg)
         records.append({"format": FORMAT, "original": c, "paraphrases": kept, "dropped": dropped,
                         "returned": len(raw[c]), "partial": notes[c] is not None, "note": notes[c],
                         "requests": tries[c], "created": now, **stamp,
                         "response_format": client.format})
-    return records
+    return records, failed
+
+
+def _n_text(items: list) -> int:
+    return sum(isinstance(p, str) and bool(p.strip()) for p in items)
+
+
+def is_done(record: dict) -> bool:
+    """A record that holds an answer: some paraphrase text came back (kept, or dropped by the screen). Caches
+    written before malformed answers were faults can hold records of nothing (an HTML page or an empty answer,
+    stored as partial): those captions are sent again."""
+    return bool(record.get("paraphrases")) or any(
+        isinstance(d, dict) and d.get("reason") not in ("not_text", "empty") for d in record.get("dropped") or [])
 
 
 async def _run_async(batches: list[list[str]], cfg: ParaphraseConfig, client, template: Template,
-                     cache: ParaphraseCache, on_advance: Callable[[int, int], None]) -> list[tuple[list[str], str]]:
+                     cache: ParaphraseCache, on_advance: Callable[[int, int], None]) -> list[tuple[str, str]]:
+    """Failed captions (caption, reason); everything answered is already appended to the cache."""
     stamp = {"model": cfg.model, "template_sha256": template.sha256, "per_caption": cfg.per_caption}
     queue: asyncio.Queue = asyncio.Queue()
     for b in batches:
         queue.put_nowait(b)
-    failed: list[tuple[list[str], str]] = []
+    failed: list[tuple[str, str]] = []
 
     async def worker() -> None:
         from harness.paraphrase_client import RequestFailed
@@ -598,12 +629,13 @@ async def _run_async(batches: list[list[str]], cfg: ParaphraseConfig, client, te
             except asyncio.QueueEmpty:
                 return
             try:
-                records = await _paraphrase_batch(batch, client, template, cfg, stamp)
+                records, lost = await _paraphrase_batch(batch, client, template, cfg, stamp)
             except RequestFailed as e:
-                failed.append((batch, str(e)))
+                failed.extend((c, str(e)) for c in batch)
             else:
                 for r in records:
                     cache.append(r)  # single-threaded event loop: appends never interleave
+                failed.extend(lost)
             on_advance(len(batch), client.stats.tokens)
 
     workers = [asyncio.create_task(worker()) for _ in range(min(cfg.concurrency, len(batches)))]
@@ -643,7 +675,7 @@ def run_paraphrase(source: CaptionSource, out: str | Path, cfg: ParaphraseConfig
     cache = ParaphraseCache(out) if not dry_run else None  # a dry run reads the file but never repairs it
     existing = cache.records if cache else (read_records(out) if out.is_file() else {})
     check_compatible(out, existing, cfg.model, template.sha256, cfg.per_caption)
-    done = {c for c, r in existing.items() if not (retry_partial and r.get("partial"))}
+    done = {c for c, r in existing.items() if is_done(r) and not (retry_partial and r.get("partial"))}
     plan = make_plan(source.captions, done, cfg, template)
     result = ParaphraseResult(plan, None, out, None, bool(cache and cache.repaired_tail), source, template)
     if dry_run:
@@ -658,7 +690,7 @@ def run_paraphrase(source: CaptionSource, out: str | Path, cfg: ParaphraseConfig
                             temperature=cfg.temperature, seed=cfg.seed, on_notice=on_notice)
     if on_start:
         on_start(len(plan.to_send))
-    failed: list[tuple[list[str], str]] = []
+    failed: list[tuple[str, str]] = []
     try:
         if client is not None:
             failed = asyncio.run(_run_async(plan.batches, cfg, client, template, cache,
@@ -667,8 +699,7 @@ def run_paraphrase(source: CaptionSource, out: str | Path, cfg: ParaphraseConfig
         cache.close()
         stats = client.stats if client is not None else TransportStats()
         counts = summarise(source.captions, cache.records)
-        n_failed = sum(len(b) for b, _ in failed)
-        summary = Summary(**counts, failed=n_failed, failed_examples=[f"{b[0]!r}: {why}" for b, why in failed[:3]],
+        summary = Summary(**counts, failed=len(failed), failed_examples=[f"{c!r}: {why}" for c, why in failed[:3]],
                           sent_this_run=len(plan.to_send), requests=stats.requests, retries=dict(stats.retries),
                           prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                           response_format=client.format if client is not None else None,

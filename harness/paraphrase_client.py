@@ -10,6 +10,9 @@ configurable, and we want one policy, exposed as CLI options, for every fault:
   has no json_schema, some local servers no json_object) - step down json_schema -> json_object -> text once, for
   all later requests too, without spending a retry.
 - any other 4xx (bad key, unknown model, bad request): fatal, raised as a UserError.
+- a 200 whose body is not the expected answer (HTML from a proxy, no `choices`, empty or non-text content, wrong
+  types, or content the caller's `parse` rejects): a fault like a 5xx ("malformed"), retried the same way. The body is
+  read and checked here, not by the openai client, which would hand back an HTML page as a plain string.
 
 The API key is only ever handed to the client (which puts it in the Authorization header). Every message that can
 reach a log, a cache or the terminal goes through `redact`, since servers echo keys back in 401 bodies.
@@ -19,22 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import math
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from harness.errors import UserError
 
 FORMAT_CHAIN = ("json_schema", "json_object", "text")  # what "auto" steps down through
+T = TypeVar("T")
 MAX_RETRY_AFTER_S = 300.0  # a server asking for more than this is capped (we still wait, just not for hours)
 
 
 class RequestFailed(Exception):
     """Retries exhausted for one request (the batch's captions are reported as failed; a rerun resends them)."""
+
+
+class MalformedAnswer(Exception):
+    """A 200 answer that is not what was asked for (raised by the body check or by `complete`'s `parse`)."""
 
 
 class FatalAPIError(UserError):
@@ -101,6 +110,41 @@ def retry_after_seconds(headers: Any) -> float | None:
     return None
 
 
+def _count(x: Any) -> int:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else 0
+
+
+def completion_from_body(text: str) -> Completion:
+    """The first choice of a chat-completions response body; MalformedAnswer unless it is a JSON object with a
+    non-empty `choices` list whose first `message.content` is non-empty text. Token counts are bookkeeping only: a
+    missing or mistyped `usage` counts as 0 rather than failing a usable answer."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        head = " ".join(text[:60].split())
+        raise MalformedAnswer(f"response body is not JSON (starts {head!r})") from None
+    if not isinstance(data, dict):
+        raise MalformedAnswer(f"response body is a JSON {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedAnswer("response has no 'choices'" if choices is None else "response 'choices' is not a "
+                              "non-empty list")
+    first = choices[0]
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        raise MalformedAnswer("response choice has no 'message' object")
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise MalformedAnswer("response message content is " + ("missing" if content is None else
+                                                                 f"a {type(content).__name__}, not text"))
+    if not content.strip():
+        raise MalformedAnswer("response message content is empty")
+    finish = first.get("finish_reason")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Completion(content, finish if isinstance(finish, str) else None, _count(usage.get("prompt_tokens")),
+                      _count(usage.get("completion_tokens")))
+
+
 def response_format_param(mode: str, schema: dict) -> dict | None:
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": "paraphrases", "schema": schema, "strict": True}}
@@ -147,7 +191,10 @@ class ChatClient:
     def _clean(self, msg: str) -> str:
         return redact(" ".join(str(msg).split()), self._secrets)[:300]
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(self, messages: list[dict[str, str]],
+                       parse: Callable[[Completion], T] = lambda c: c) -> T:
+        """`parse(completion)` of the first usable answer. `parse` raising MalformedAnswer makes the answer a
+        fault, retried under the same policy as a 5xx (the request is sent again unchanged)."""
         import openai
 
         attempt = 0
@@ -162,7 +209,7 @@ class ChatClient:
                 kwargs["seed"] = self.seed
             self.stats.requests += 1
             try:
-                resp = await self._client.chat.completions.create(**kwargs)
+                raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
             except openai.RateLimitError as e:
                 if e.code == "insufficient_quota" or "insufficient_quota" in str(e.body):
                     raise FatalAPIError(f"API quota exhausted (429 insufficient_quota): {self._clean(e.message)}") \
@@ -197,16 +244,15 @@ class ChatClient:
                 if attempt >= self.max_retries:
                     raise RequestFailed(f"{self._clean(e.message)}") from None
             else:
-                usage = getattr(resp, "usage", None)
-                pt = int(getattr(usage, "prompt_tokens", 0) or 0)
-                ct = int(getattr(usage, "completion_tokens", 0) or 0)
-                self.stats.prompt_tokens += pt
-                self.stats.completion_tokens += ct
-                choices = getattr(resp, "choices", None) or []
-                if not choices:
-                    return Completion(None, None, pt, ct)
-                msg = choices[0].message
-                return Completion(getattr(msg, "content", None), choices[0].finish_reason, pt, ct)
+                try:
+                    comp = completion_from_body(raw.text)
+                    self.stats.prompt_tokens += comp.prompt_tokens
+                    self.stats.completion_tokens += comp.completion_tokens
+                    return parse(comp)
+                except MalformedAnswer as e:
+                    kind, wait, why = "malformed", None, self._clean(str(e))
+                    if attempt >= self.max_retries:
+                        raise RequestFailed(f"malformed answer after {attempt + 1} attempts: {why}") from None
 
             if attempt >= self.max_retries:
                 raise RequestFailed(f"{kind} after {attempt + 1} attempts")

@@ -64,6 +64,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to sleep before answering (a hang when longer than the client's timeout)
     hold: threading.Event | None = None  # block until set (or the server stops)
+    content_type: str = "application/json"
 
 
 def completion(content: str | None, finish_reason: str = "stop", model: str = "fake-model",
@@ -91,6 +92,40 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
                 param: str | None = None) -> Reply:
     return Reply(status=status, headers=headers or {},
                  body={"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
+
+
+_HTML = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"
+
+# 200 answers that are not a chat completion carrying the expected JSON: what proxies, captive portals, overloaded
+# gateways and confused local servers send. name -> (body, content type).
+MALFORMED: dict[str, tuple[Any, str]] = {
+    "html": (_HTML, "text/html; charset=utf-8"),
+    "html_labelled_json": (_HTML, "application/json"),
+    "plain_text": ("upstream connect error or disconnect/reset before headers", "text/plain"),
+    "empty_body": ("", "application/json"),
+    "json_list": ([{"choices": []}], "application/json"),
+    "no_choices": ({"id": "x", "object": "chat.completion", "model": "fake-model"}, "application/json"),
+    "empty_choices": ({"id": "x", "object": "chat.completion", "choices": []}, "application/json"),
+    "choices_not_list": ({"choices": {"0": {"message": {"content": "{}"}}}}, "application/json"),
+    "no_message": ({"choices": [{"index": 0, "finish_reason": "stop"}]}, "application/json"),
+    "null_content": (completion(None), "application/json"),
+    "empty_content": (completion("  "), "application/json"),
+    "content_not_text": (dict(completion(""), choices=[{"index": 0, "finish_reason": "stop",
+                                                        "message": {"role": "assistant", "content": 42}}]),
+                         "application/json"),
+    "content_prose": (completion("Sure! Here are some paraphrases: a polyp, two polyps."), "application/json"),
+    "items_not_list": (completion('{"items": "none"}'), "application/json"),
+    "ids_out_of_range": (completion('{"items": [{"id": 99, "paraphrases": ["Show a polyp."]}]}'),
+                         "application/json"),
+    "paraphrases_not_text": (completion('{"items": [{"id": 1, "paraphrases": [1, 2, null]}]}'), "application/json"),
+    "cut_off": (completion('{"items": [{"id": 1, "paraphrases": ["Show', finish_reason="length"),
+                "application/json"),
+}
+
+
+def malformed_reply(kind: str) -> Reply:
+    body, content_type = MALFORMED[kind]
+    return Reply(body=body, content_type=content_type)
 
 
 _CAPTIONS_RX = re.compile(r'\[\s*\{\s*"id"\s*:\s*\d+\s*,\s*"caption"')  # not the template's answer example
@@ -167,7 +202,7 @@ class FakeOpenAIServer:
                 data = payload.encode("utf-8")
                 try:
                     self.send_response(reply.status)
-                    self.send_header("content-type", "application/json")
+                    self.send_header("content-type", reply.content_type)
                     self.send_header("content-length", str(len(data)))
                     for k, v in reply.headers.items():
                         self.send_header(k, v)

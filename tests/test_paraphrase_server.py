@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import (  # noqa: E402
+    MALFORMED,
     FakeOpenAIServer,
     Reply,
     answer,
@@ -24,6 +25,7 @@ from fake_openai_server import (  # noqa: E402
     error_reply,
     faithful_paraphrase,
     good_reply,
+    malformed_reply,
 )
 
 from harness.captions import attribute_differences  # noqa: E402
@@ -213,36 +215,81 @@ def test_a_hang_longer_than_the_timeout_is_retried(run_cli, server, tiny_dev, tm
     assert len(load_paraphrases(out)) == len(CAPTIONS)
 
 
-def test_malformed_json_retried_once_then_partial_never_a_crash(run_cli, server, tiny_dev, tmp_path):
-    once, always = CAPTIONS[1], CAPTIONS[2]
-    seen = {"once": 0}
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_200_answer_is_a_failure_never_a_cached_result(run_cli, server, tiny_dev, tmp_path, kind):
+    """HTML, no choices, empty or non-text content, wrong types, prose, truncated JSON: each is retried per the
+    policy, then the caption is reported failed (exit 2, one line), has no record, and a rerun sends exactly it."""
+    bad = CAPTIONS[2]
+    server.script = lambda req: malformed_reply(kind) if bad in req.captions else None
+    out = tmp_path / "p.jsonl"
+    code, stdout, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1",
+                                      "--max-retries", "2")
+    assert code == 2, (stdout, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and "1 caption failed after all retries" in stderr, stderr
+    assert "malformed answer after 3 attempts" in stderr
+    assert server.caption_counts[bad] == 3  # 1 + 2 retries, the policy's count
+    recs = read_records(out)
+    assert set(recs) == set(CAPTIONS) - {bad} and not any(r["partial"] for r in recs.values())
+    summary = json.loads(meta_path(out).read_text())["summary"]
+    assert summary["failed"] == 1 and summary["retries"] == {"malformed": 2} and summary["captions_done"] == 5
+
+    server.script = None
+    before = len(server.requests)
+    code, _, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1")
+    assert code == 0, stderr
+    assert [r.captions for r in server.requests[before:]] == [[bad]]  # exactly the failed caption
+    assert len(load_paraphrases(out)[bad]) == 3
+
+
+def test_a_malformed_answer_then_a_good_one_is_a_full_result(run_cli, server, tiny_dev, tmp_path):
+    once = CAPTIONS[1]
+    seen = {"n": 0}
 
     def script(req):
-        if always in req.captions:
-            return Reply(body=completion('{"items": [{"id": 1, "paraphrases": ["cut'))
-        if once in req.captions and not seen["once"]:
-            seen["once"] += 1
-            return Reply(body=completion("Sorry, I cannot help with JSON today."))
+        if once in req.captions and seen["n"] < 2:
+            seen["n"] += 1
+            return malformed_reply(("html", "no_choices")[seen["n"] - 1])
         return None
 
     server.script = script
     out = tmp_path / "p.jsonl"
-    code, stdout, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1")
+    code, _, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1")
     assert code == 0, stderr
-    recs = read_records(out)
-    assert recs[once]["requests"] == 2 and not recs[once]["partial"] and len(recs[once]["paraphrases"]) == 3
-    assert recs[always]["partial"] and recs[always]["paraphrases"] == []
-    assert recs[always]["note"] == "malformed JSON" and recs[always]["requests"] == 2
-    assert server.caption_counts[always] == 2
-    assert "(1 partial)" in stdout
+    rec = read_records(out)[once]
+    assert not rec["partial"] and len(rec["paraphrases"]) == 3 and server.caption_counts[once] == 3
+    assert json.loads(meta_path(out).read_text())["summary"]["retries"] == {"malformed": 2}
 
-    n = len(server.requests)
-    assert paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1")[0] == 0
-    assert len(server.requests) == n  # partial results are results: not resent by default
-    server.script = None
-    assert paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "1", "--retry-partial")[0] == 0
-    assert [r.captions for r in server.requests[n:]] == [[always]]
-    assert len(load_paraphrases(out)[always]) == 3
+
+def test_a_caption_the_answers_leave_out_fails_the_others_are_kept(run_cli, server, tiny_dev, tmp_path):
+    skipped = CAPTIONS[2]  # third of the first batch of three: never answered, not even when asked alone
+
+    def script(req):
+        return answer([(i, [faithful_paraphrase(c, k) for k in range(3)])
+                       for i, c in enumerate(req.captions, 1) if c != skipped])
+
+    server.script = script
+    out = tmp_path / "p.jsonl"
+    code, stdout, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "3",
+                                      "--concurrency", "1", "--max-retries", "1")
+    assert code == 2 and "1 caption failed" in stderr and "no paraphrase text" in stderr, stderr
+    assert set(read_records(out)) == set(CAPTIONS) - {skipped}
+    assert server.caption_counts[skipped] == 3  # in its batch, then alone (1 + 1 retry)
+    assert "1 failed this run" in stdout
+
+
+def test_empty_records_of_an_older_cache_are_sent_again(run_cli, server, tiny_dev, tmp_path):
+    """Caches written when an HTML answer became a partial record of nothing: such records are not results."""
+    out = tmp_path / "p.jsonl"
+    assert paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "6")[0] == 0
+    poisoned = dict(read_records(out)[CAPTIONS[3]], paraphrases=[], dropped=[], returned=0, partial=True,
+                    note="empty answer")
+    with out.open("a") as f:
+        f.write(json.dumps(poisoned) + "\n")
+    before = len(server.requests)
+    code, stdout, stderr = paraphrase(run_cli, server, tiny_dev, out, "--captions-per-request", "6")
+    assert code == 0, stderr
+    assert [r.captions for r in server.requests[before:]] == [[CAPTIONS[3]]]
+    assert len(load_paraphrases(out)[CAPTIONS[3]]) == 3
 
 
 def test_too_few_paraphrases_asks_again_for_those_captions_only(run_cli, server, tiny_dev, tmp_path):

@@ -143,5 +143,6 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     if s.failed:
         from harness.errors import UserError
 
-        raise UserError(f"{s.failed} captions failed after all retries (e.g. {s.failed_examples[0]}); run the same "
+        noun = "caption" if s.failed == 1 else "captions"
+        raise UserError(f"{s.failed} {noun} failed after all retries (e.g. {s.failed_examples[0]}); run the same "
                         "command again to send only those")
