@@ -10,21 +10,35 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_MARK = ".tmp-"
 
 
+def _create_temp(directory: Path, name: str) -> Path:
+    """A new empty file `.<name>.tmp-<random>` in `directory`, created with mode 0o666 so the kernel applies the
+    umask (and any default ACL) exactly as for a plain open(): tempfile.mkstemp would make it 0600, and the rename
+    would carry that onto the kept file."""
+    for _ in range(100):
+        tmp = directory / f".{name}{TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name for {name} in {directory}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it onto `path`, on error remove it."""
+    """Yield a temp path beside `path`; on success rename it onto `path`, on error remove it. The kept file gets the
+    mode of any newly created file (0666 minus the umask), whether or not `path` existed before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(path.parent, path.name)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

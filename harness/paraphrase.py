@@ -402,7 +402,7 @@ class ParaphraseCache:
     def append(self, record: dict) -> None:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask applies
         data = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
         # One write() per line: a kill cannot interleave two lines, only cut the last one.
         view = memoryview(data)

@@ -4,6 +4,8 @@ file (torn lines, compatibility), the trainers' reader and hash, sources (dev se
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -185,6 +187,17 @@ def test_cache_appends_whole_lines_repairs_a_torn_tail_and_latest_record_wins(tm
     cache.close()
     assert load_paraphrases(out) == {"A.": ["a1", "a2"], "B.": ["b1", "b2"]}
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_cache_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        cache = ParaphraseCache(tmp_path / "p.jsonl")
+        cache.append(_record("A.", ["a1"]))
+        cache.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "p.jsonl").stat().st_mode) == 0o664
 
 
 def test_cache_refuses_results_of_another_model_or_template(tmp_path):
