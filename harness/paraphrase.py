@@ -93,12 +93,26 @@ class ParaphraseConfig:
     max_words: int = 60  # longer paraphrases would be cut by CLIP's 77-token limit, losing attributes at the end
 
     def validate(self) -> None:
+        """The same bounds as the CLI's click ranges, for values from a --config file."""
+        floats = {"temperature": self.temperature, "timeout": self.timeout, "backoff_base": self.backoff_base,
+                  "backoff_max": self.backoff_max, "near_duplicate": self.near_duplicate}
+        for name, v in floats.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UserError(f"paraphrase config: {name} must be a finite number, got {v!r}")
+        ints = {"per_caption": self.per_caption, "captions_per_request": self.captions_per_request,
+                "output_token_budget": self.output_token_budget, "concurrency": self.concurrency,
+                "seed": self.seed, "max_retries": self.max_retries, "max_words": self.max_words}
+        for name, v in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"paraphrase config: {name} must be an integer, got {v!r}")
         checks = [
             (self.per_caption >= 1, "per_caption must be >= 1"),
             (self.captions_per_request >= 1, "captions_per_request must be >= 1"),
             (self.output_token_budget >= 1, "output_token_budget must be >= 1"),
             (self.concurrency >= 1, "concurrency must be >= 1"),
             (self.timeout > 0, "timeout must be > 0"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2] (the API's range)"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32 - 1]"),
             (self.max_retries >= 0, "max_retries must be >= 0"),
             (self.backoff_base >= 0 and self.backoff_max >= 0, "backoff delays must be >= 0"),
             (0.0 < self.near_duplicate <= 1.0, "near_duplicate must be in (0, 1]"),

@@ -454,6 +454,48 @@ def test_dry_run_sends_nothing_and_writes_nothing(run_cli, server, tiny_dev, tmp
     assert code == 2 and "OPENAI_API_KEY is not set" in stderr and server.requests == []
 
 
+@pytest.mark.parametrize("option,value,says", [
+    ("--per-caption", "0", "0 is not in the range x>=1"),
+    ("--captions-per-request", "-2", "not in the range x>=1"),
+    ("--output-token-budget", "0", "not in the range x>=1"),
+    ("--concurrency", "0", "not in the range x>=1"),
+    ("--max-words", "0", "not in the range x>=1"),
+    ("--max-retries", "-1", "not in the range x>=0"),
+    ("--temperature", "nan", "not a finite number"),
+    ("--temperature", "2.5", "not in the range 0.0<=x<=2.0"),
+    ("--timeout", "0", "not in the range x>0.0"),
+    ("--timeout", "inf", "not a finite number"),
+    ("--backoff-base", "-1", "not in the range x>=0.0"),
+    ("--backoff-max", "nan", "not a finite number"),
+    ("--near-duplicate", "1.5", "not in the range 0.0<x<=1.0"),
+    ("--seed", "-1", "not in the range 0<=x<=4294967295"),
+    ("--concurrency", "four", "'four' is not a valid integer"),
+])
+def test_bad_numeric_options_are_one_line_and_exit_2(run_cli, server, tiny_dev, tmp_path, option, value, says):
+    code, stdout, stderr = run_cli("paraphrase", tiny_dev, "--out", tmp_path / "p.jsonl", "--base-url",
+                                   server.base_url, option, value)
+    assert code == 2 and stdout == ""
+    assert stderr.strip().splitlines() == [stderr.strip()] and option in stderr and says in stderr, stderr
+    assert server.requests == [] and not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("key,value", [("temperature", "NaN"), ("timeout", "Infinity"), ("per_caption", "2.5"),
+                                       ("seed", "-3"), ("concurrency", "true")])
+def test_bad_numbers_in_a_config_file_are_one_line_and_exit_2(run_cli, server, tiny_dev, tmp_path, key, value):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(f'{{"{key}": {value}}}')  # Python's json reads NaN and Infinity
+    code, _, stderr = run_cli("paraphrase", tiny_dev, "--out", tmp_path / "p.jsonl", "--base-url", server.base_url,
+                              "--config", cfg)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and key in stderr, stderr
+    assert server.requests == []
+
+
+def test_usage_mistakes_are_one_line_too(run_cli):
+    for args, says in ((["paraphrase"], "Missing argument"), (["paraphrase", ".", "--bogus"], "No such option")):
+        code, _, stderr = run_cli(*args)
+        assert code == 2 and len(stderr.strip().splitlines()) == 1 and says in stderr, stderr
+
+
 def test_help_has_an_example(run_cli):
     code, stdout, _ = run_cli("paraphrase", "--help")
     assert code == 0 and "Examples:" in stdout and "--per-caption" in stdout and "--dry-run" in stdout

@@ -2,47 +2,73 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_dir, existing_file
+from harness.cli.common import SEED, existing_dir, existing_file
+from harness.errors import UserError
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class OneLineUsageErrors(click.Command):
+    """A bad option value, a missing argument or an unknown option is one line naming the option and exit 2 (a
+    UserError), like every other user mistake, instead of click's usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise UserError(f"harness {info_name}: {e.format_message()}") from None
+
+
+POSITIVE = click.IntRange(min=1)
 
 
 def register(cli: click.Group, **groups: click.Group) -> None:
     cli.add_command(paraphrase)
 
 
-@click.command()
+@click.command(cls=OneLineUsageErrors)
 @click.argument("source", metavar="DIR|SPLIT.json", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev set the SPLIT.json was made from (needed with SPLIT.json; only its TRAIN captions are sent).")
 @click.option("--out", type=existing_file, default=Path("prompts/paraphrases.jsonl"), show_default=True,
               help="Output JSONL (also the resume cache); provenance goes to <out stem>.meta.json.")
-@click.option("--per-caption", type=int, default=None, help="Paraphrases asked per caption (default 25).")
+@click.option("--per-caption", type=POSITIVE, default=None, help="Paraphrases asked per caption (default 25).")
 @click.option("--model", type=str, default=None, help="Chat model (default gpt-3.5-turbo, the seed paper's).")
 @click.option("--base-url", type=str, default=None,
               help="OpenAI-compatible server (default $OPENAI_BASE_URL, else api.openai.com), e.g. a local vLLM.")
 @click.option("--template", "template_path", type=existing_file, default=None,
               help="Prompt template (default prompts/paraphrase.md); its sha256 is recorded.")
-@click.option("--captions-per-request", type=int, default=None,
+@click.option("--captions-per-request", type=POSITIVE, default=None,
               help="Captions sent together in one request (default 4).")
-@click.option("--output-token-budget", type=int, default=None,
+@click.option("--output-token-budget", type=POSITIVE, default=None,
               help="Fewer captions per request when their answer would exceed this many tokens (default 3000).")
-@click.option("--concurrency", type=int, default=None, help="Requests in flight at once (default 4).")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature (default 1.0).")
-@click.option("--seed", type=int, default=None, help="API seed (best effort) and backoff-jitter seed (default 0).")
-@click.option("--timeout", type=float, default=None, help="Seconds per HTTP request (default 120).")
-@click.option("--max-retries", type=int, default=None,
+@click.option("--concurrency", type=POSITIVE, default=None, help="Requests in flight at once (default 4).")
+@click.option("--temperature", type=FiniteFloatRange(0.0, 2.0), default=None, help="Sampling temperature (default 1.0).")
+@click.option("--seed", type=SEED, default=None, help="API seed (best effort) and backoff-jitter seed (default 0).")
+@click.option("--timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=None, help="Seconds per HTTP request (default 120).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
               help="Retries per request on 429/5xx/timeout/connection (default 6).")
-@click.option("--backoff-base", type=float, default=None, help="First retry delay in seconds, doubling (default 1).")
-@click.option("--backoff-max", type=float, default=None, help="Largest retry delay in seconds (default 60).")
+@click.option("--backoff-base", type=FiniteFloatRange(min=0.0), default=None, help="First retry delay in seconds, doubling (default 1).")
+@click.option("--backoff-max", type=FiniteFloatRange(min=0.0), default=None, help="Largest retry delay in seconds (default 60).")
 @click.option("--response-format", type=click.Choice(["auto", "json_schema", "json_object", "text"]), default=None,
               help="Structured output mode; auto = json_schema, stepping down if the server refuses it.")
-@click.option("--near-duplicate", type=float, default=None,
+@click.option("--near-duplicate", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=None,
               help="Similarity (0-1, normalised text) from which a paraphrase is a near duplicate (default 0.9).")
-@click.option("--max-words", type=int, default=None, help="Drop paraphrases longer than this (default 60).")
+@click.option("--max-words", type=POSITIVE, default=None, help="Drop paraphrases longer than this (default 60).")
 @click.option("--config", "config_file", type=existing_file, default=None,
               help="JSON ParaphraseConfig (unknown keys are an error); options override it.")
 @click.option("--retry-partial", is_flag=True, help="Also resend captions whose cached result is partial.")
@@ -141,8 +167,6 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     for line in format_summary(s):
         out_console.print(line, markup=False)
     if s.failed:
-        from harness.errors import UserError
-
         noun = "caption" if s.failed == 1 else "captions"
         raise UserError(f"{s.failed} {noun} failed after all retries (e.g. {s.failed_examples[0]}); run the same "
                         "command again to send only those")
