@@ -8,8 +8,9 @@ items joined by a bare "and" ("polyp snareandtube"), "< 5mm".
 - `parse_caption(text) -> CaptionAttributes` / `render_caption(attrs) -> text`: exact, render(parse(c)) == c for
   every dev caption; ValueError on text that matches no template.
 - `extract_attributes(text)`: keyword extraction for ANY text (e.g. a GPT paraphrase). Two texts with equal
-  extractions commit to the same numbers, sizes, colours, locations, instruments, findings, procedure, Paris
-  classes and negations - the test a paraphrase must pass.
+  extractions commit to the same numbers, sizes, colours, locations, instruments, findings (named or implied: a
+  Paris class or a size implies a polyp), category nouns, procedure, Paris classes and negations, and use no term
+  outside the caption vocabulary that the other lacks - the test a paraphrase must pass.
 - `contradictions(captions)`: human-readable conflicts among one image's captions.
 - `image_strata(captions)`: "procedure/main finding" label used to stratify the train/val split.
 """
@@ -361,7 +362,7 @@ _KEYWORDS: list[tuple[re.Pattern, str, str]] = [
     (re.compile(r"\bpolyps?\b|\bpolypoid\b"), "findings", "polyp"),
     (re.compile(r"\b(?:o?esophagitis)"), "findings", "oesophagitis"),
     (re.compile(r"\bulcerative\s+colitis\b|\bcolitis\b"), "findings", "ulcerative colitis"),
-    (re.compile(r"\bbarrett'?s?\b"), "findings", "barretts"),
+    (re.compile(r"\bbarrett'?s?(?:\s+o?esophagus)?\b"), "findings", "barretts"),
     (re.compile(r"\bz[\s-]?line\b"), "findings", "z-line"),
     (re.compile(r"\bc(?:a)?ecum\b"), "findings", "cecum"),
     (re.compile(r"\bileum\b"), "findings", "ileum"),
@@ -389,6 +390,85 @@ _LOC_SIDE_RX = re.compile(r"\b(left|right|rigth)[\s-]+(upper|top|lower|bottom|ce
 _LOC_CENTER_RX = re.compile(r"\b(center|centre|central|middle)\b")
 
 
+# Category nouns: what a text commits to when it names no specific item ("an abnormality", "2 instruments"). A
+# specific item in place of a category, or a category added to specific items, is a change.
+_GENERIC: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"\b(?:findings?|abnormal(?:it(?:y|ies))?|lesions?|anomal(?:y|ies|ous)|patholog(?:y|ies|ical))\b"),
+     "finding"),
+    (re.compile(r"\blandmarks?\b"), "landmark"),
+    (re.compile(r"\b(?:instruments?|tools?|devices?|equipment)\b"), "instrument"),
+]
+
+# Words a paraphrase may use besides the caption vocabulary above (findings, instruments, landmarks, artefacts,
+# procedures, sizes, Paris classes, colours, locations, numbers, negation cues): function words and the plain
+# words of asking for / describing an image. Deliberately closed: any other word (a finding outside the
+# vocabulary such as "ulcer" or "bleeding", an organ, a morphology such as "sessile", a vague size such as
+# "large") is an unknown term, and a paraphrase with unknown terms its original lacks is rejected. A rejected
+# good paraphrase costs a little yield; an accepted wrong one teaches the model a wrong caption.
+_PLAIN_WORDS = frozenset("""
+a an the this that these those it its itself there here their they them which what who whose where when while
+as at by for from in into inside onto on upon of off out over under within throughout through across along among
+around about above below beneath near next beside besides between toward towards via per to with and or but nor
+so yet also too very quite rather just only even both either neither each every any some all such same other
+another several many much more most multiple various numerous few is are was were be been being am has have had
+having do does did done doing can could may might must shall should will would let please i me my we us our you
+your if whether because since though although how not no none nothing without free absence absent lacking lack
+devoid excluding exclude zero doesn don isn aren wasn weren won wouldn shouldn t s ll ve d re
+one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen
+eighteen nineteen twenty single sole exactly precisely total totally number count altogether overall least
+generate create produce make render draw depict show display illustrate portray present provide give capture
+visualize visualise synthesize synthesise simulate output craft compose construct represent reproduce picture
+imagine feature highlight include contain exhibit reveal demonstrate see view visible appear observe detect
+identify find locate position place situate sit lie occupy take obtain acquire record look want need require
+ensure keep use like clearly contains containing presence present shown seen displayed featuring incorporate
+overlay
+image picture photo photograph frame snapshot shot scene visual visualization visualisation rendering
+illustration depiction representation example sample still figure field area region part portion section zone
+quadrant corner side edge border half middle center centre central top bottom left right upper lower mid
+location position spot site patch point surface background foreground perspective angle orientation
+rigth endoscopy endoscopic endoscope camera scope examination exam procedure medical clinical diagnostic
+inspection imaging study patient mucosa mucosal tissue lining wall lumen interior internal inner gastrointestinal
+digestive tract gi during taken captured acquired obtained
+realistic realistically real natural naturally clear sharp detailed detail high quality resolution lighting lit
+bright illuminated synthetic artificial typical typically standard clean crisp accurate accurately lifelike
+photorealistic authentic vivid focused well good proper properly correct correctly exact
+color colour coloration colouration hue shade tone tint tinted tinge pale dark light deep mixed combination
+abnormality abnormalities abnormal finding findings lesion lesions anomaly anomalies landmark anatomical
+instrument tool device equipment feature type class classification classified
+category categorized categorised morphology according paris size sized measuring measure measurement diameter
+approximately roughly range ranging mm millimeter millimetre generated image created produced rendered
+""".split())
+
+
+def _stems(w: str) -> tuple[str, ...]:
+    """The word and its plausible bases (plural, past, -ing, -ly), for the plain-word check only."""
+    out = [w]
+    for suffix, repl in (("ies", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"),
+                         ("ly", "")):
+        if w.endswith(suffix) and len(w) > len(suffix) + 2:
+            out.append(w[: -len(suffix)] + repl)
+    return tuple(out)
+
+
+def _unknown_terms(t: str) -> set[str]:
+    """Words of `t` (lower case, sizes and Paris classes already cut out) outside the caption vocabulary and
+    _PLAIN_WORDS. Vocabulary phrases are removed whole first, so a part of one ("ulcerative", "biopsy",
+    "injection") standing alone is unknown."""
+    t = t.replace("\x00box\x00", " ").replace("\x00text\x00", " ")
+    t = _PROC_RX.sub(" ", t)
+    for rx, _attr, _val in _KEYWORDS:
+        t = rx.sub(" ", t)
+    for rx, _cat in _NEGATABLE:
+        t = rx.sub(" ", t)
+    t = _COLOUR_RX.sub(" ", t)
+    t = _NEG_RX.sub(" ", t)
+    unknown = set()
+    for w in re.findall(r"[a-z]+", t):
+        if not any(x in _PLAIN_WORDS for x in _stems(w)) and w not in _COLOUR_ALIAS:
+            unknown.add(w)
+    return unknown
+
+
 def _colour_words(phrase: str) -> set[str]:
     return {_COLOUR_ALIAS.get(w, w) for w in _COLOUR_RX.findall(phrase.lower())}
 
@@ -400,12 +480,19 @@ def _location(v: str, h: str) -> str | None:
     return f"{vv}-{hh}"
 
 
+ATTRIBUTES = ("procedure", "numbers", "sizes", "paris", "colours", "locations", "instruments", "findings", "generic",
+              "negations", "unknown_terms")
+
+
 def extract_attributes(text: str) -> dict[str, frozenset[str]]:
-    """Attribute values a caption (or any paraphrase of one) commits to. Keys are always all present:
-    procedure, numbers, sizes, paris, colours, locations, instruments, findings, negations."""
+    """Attribute values a caption (or any paraphrase of one) commits to; every key of ATTRIBUTES is present.
+
+    findings holds the findings named and those implied: a Paris class or a size implies a polyp (the only finding
+    the captions classify or measure). generic holds the category nouns said instead of an item ("finding" for an
+    abnormality/lesion, "landmark", "instrument"). unknown_terms holds every word outside the caption vocabulary
+    and the plain words a paraphrase needs (see _PLAIN_WORDS): "ulcer", "bleeding", organs, morphologies."""
     t = " " + text.lower().replace("’", "'") + " "
-    out: dict[str, set[str]] = {k: set() for k in ("procedure", "numbers", "sizes", "paris", "colours", "locations",
-                                                   "instruments", "findings", "negations")}
+    out: dict[str, set[str]] = {k: set() for k in ATTRIBUTES}
     # Artefacts become sentinel tokens so their words cannot be read as colours/instruments, but negations still
     # see them.
     t = _GLUED_AND_RX.sub(r"\1 and ", t)  # the dev captions' "polyp snareandtube"
@@ -418,10 +505,13 @@ def extract_attributes(text: str) -> dict[str, frozenset[str]]:
     for m in _GENERIC_SIZE_RX.finditer(t):  # a size outside the dev vocabulary is still a commitment
         out["sizes"].add(f"{m['op'] or ''}{m['a']}{'-' + m['b'] if m['b'] else ''}mm")
     t = _GENERIC_SIZE_RX.sub(" ", t)
+    if out["sizes"]:
+        out["findings"].add("polyp")  # only polyps are measured in this vocabulary
     for m in _PARIS_RX.finditer(t):
         out["paris"].update(re.findall(r"\b(?:0-)?(iia|iib|iic|iii|is|ip)\b", m.group(1)))
         out["findings"].add("polyp")
     t = _PARIS_RX.sub(" ", t)
+    out["unknown_terms"].update(_unknown_terms(t))
     for m in _PROC_RX.finditer(t):
         out["procedure"].add("colonoscopy" if m.group(1).startswith("colon") else "gastroscopy")
 
@@ -436,8 +526,15 @@ def extract_attributes(text: str) -> dict[str, frozenset[str]]:
         scopes.append((m.end(), m.end() + stop.start() if stop else end))
 
     for a, b in scopes:
+        span = t[a:b]
+        # A named item inside a negation scope is a negated item ("no instruments and oesophagitis" must not lose
+        # the oesophagitis); items first, longest phrases first, so "polyp snare" does not also read as "polyp".
+        for rx, _attr, val in _KEYWORDS:
+            if rx.search(span):
+                out["negations"].add(val)
+                span = rx.sub(" ", span)
         for rx, cat in _NEGATABLE:
-            if rx.search(t[a:b]):
+            if rx.search(span):
                 out["negations"].add(cat)
     t_pos = t
     for a, b in scopes:  # blank out negated spans for the positive keyword pass
@@ -447,6 +544,9 @@ def extract_attributes(text: str) -> dict[str, frozenset[str]]:
         if rx.search(t_pos):
             out[attr].add(val)
             t_pos = rx.sub(" ", t_pos)
+    for rx, cat in _GENERIC:
+        if rx.search(t_pos):
+            out["generic"].add(cat)
     if "\x00text\x00" in t_pos:
         out["findings"].add("text")
     if "\x00box\x00" in t_pos:
@@ -479,8 +579,7 @@ def extract_attributes(text: str) -> dict[str, frozenset[str]]:
 
 def attributes_of(attrs: CaptionAttributes) -> dict[str, frozenset[str]]:
     """The extract_attributes()-shaped view of a parsed caption (what it commits to), for cross-checking."""
-    out: dict[str, set[str]] = {k: set() for k in ("procedure", "numbers", "sizes", "paris", "colours", "locations",
-                                                   "instruments", "findings", "negations")}
+    out: dict[str, set[str]] = {k: set() for k in ATTRIBUTES}
     if attrs.procedure:
         out["procedure"].add(attrs.procedure)
     out["numbers"].update(str(n) for _, n in attrs.counts)
@@ -491,6 +590,12 @@ def attributes_of(attrs: CaptionAttributes) -> dict[str, frozenset[str]]:
     out["locations"].update(attrs.locations)
     out["instruments"].update(attrs.instruments)
     out["findings"].update(attrs.findings)
+    if attrs.located is not None:  # "an abnormality ..." / "an anatomical landmark ..." / "an instrument ..."
+        out["generic"].add({"abnormality": "finding", "anatomical landmark": "landmark"}.get(attrs.located,
+                                                                                              attrs.located))
+    out["generic"].update(noun for noun, _ in attrs.counts if noun != "polyp")
+    if attrs.template == "colour_findings":
+        out["generic"].add("finding")
     out["negations"].update(attrs.negations)
     return {k: frozenset(v) for k, v in out.items()}
 

@@ -259,7 +259,9 @@ def screen(original: str, raw: list[Any], cfg: ParaphraseConfig) -> tuple[list[s
     """Kept paraphrases (at most cfg.per_caption) and the dropped ones with reason and detail.
 
     A paraphrase is kept only if `captions.extract_attributes` finds exactly the original's numbers, sizes, colours,
-    locations, instruments, findings, procedure, Paris classes and negations in it.
+    locations, instruments, findings (named, or implied by a Paris class or a size), category nouns, procedure,
+    Paris classes and negations in it, and no word outside the caption vocabulary and its plain words ("ulcer",
+    "bleeding", an organ, a morphology) that the original does not have.
     """
     from harness.captions import attribute_differences
 

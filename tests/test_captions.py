@@ -176,3 +176,136 @@ def test_image_strata():
     assert image_strata(["Generate an image from a colonoscopy procedure.",
                          "Generate an image containing tube."]) == "colonoscopy/instrument"
     assert image_strata(["Generate an image containing text."]) == "unknown/none"
+
+
+# ------------------------------------------------------------------------------- adversarial paraphrase screen
+# Built from the vocabulary itself, so every finding, landmark, artefact and instrument the captions know is swapped
+# in for every other, added, and implied; terms outside the vocabulary are rejected, whatever they are.
+
+from harness.captions import ARTEFACTS, INSTRUMENTS, LANDMARKS, PATHOLOGIES  # noqa: E402
+
+ITEMS = PATHOLOGIES + LANDMARKS + ARTEFACTS + INSTRUMENTS
+SURFACE = {"polyp": "a polyp", "z-line": "the z-line", "cecum": "the cecum", "ileum": "the ileum",
+           "pylorus": "the pylorus", "green/black box artefact": "a green/black box artefact"}
+# Findings, morphologies, organs and objects outside the vocabulary (what an adversary or a chatty model adds).
+OUTSIDE = ("ulcer", "bleeding", "blood", "tumour", "tumor", "cancer", "carcinoma", "adenoma", "hemorrhoids",
+           "haemorrhoid", "varices", "diverticulum", "angiectasia", "erosion", "inflammation", "stricture",
+           "crohn's disease", "gastritis", "lymphoma", "mass", "growth", "stool", "dysplasia", "sessile polyp",
+           "pedunculated polyp", "flat polyp", "large polyp", "foreign body", "hemoclip", "stent", "colon",
+           "stomach", "ulcerative lesion", "biopsy site", "injection site", "watermark")
+
+
+def _say(item: str) -> str:
+    return SURFACE.get(item, item)
+
+
+def _rejected(original: str, paraphrase: str) -> dict:
+    diff = attribute_differences(original, paraphrase)
+    assert diff, f"{paraphrase!r} passed as a paraphrase of {original!r}"
+    return diff
+
+
+def test_the_issue_examples_are_rejected():
+    assert "unknown_terms" in _rejected("Generate a polyp of type paris is.", "Generate a ulcer of type paris is.")
+    assert _rejected("Generate a polyp of type paris is.", "Generate a polyp of type paris is and bleeding.")
+    assert _rejected("Generate an image with 2 polyps.", "Generate an image with 2 polyps and bleeding.")
+
+
+def test_every_item_swapped_for_every_other_is_rejected():
+    for old in ITEMS:
+        original = f"Generate an image containing {_say(old)}."
+        for new in ITEMS + OUTSIDE:
+            if new != old:
+                _rejected(original, f"Generate an image containing {_say(new)}.")
+
+
+@pytest.mark.parametrize("frame", ["Generate a {} of type paris is.", "Generate an image with a {} of size 5-10mm.",
+                                   "Generate {} of type paris iia.", "Show a Paris Ip {}."])
+def test_a_polyp_implied_by_a_paris_class_or_size_cannot_be_swapped(frame):
+    original = frame.format("polyp")
+    for new in ITEMS + OUTSIDE + ("lesion", "abnormality", "finding", "instrument"):
+        if new != "polyp":
+            _rejected(original, frame.format(new))
+
+
+def test_an_added_item_or_outside_term_is_rejected_for_every_template():
+    originals = {}
+    for c in CAPTIONS:
+        originals.setdefault(parse_caption(c).template, []).append(c)
+    for template, caps in sorted(originals.items()):
+        for original in caps[:2]:
+            a = parse_caption(original)
+            named = set(a.findings) | set(a.instruments) | set(a.negations)  # "no polyps and a polyp" is moot
+            for new in ITEMS + OUTSIDE:
+                if new not in named:
+                    _rejected(original, original[:-1] + f" and {_say(new)}.")
+                    _rejected(original, f"{original[:-1]}, showing {_say(new)}.")
+
+
+@pytest.mark.parametrize("original,paraphrase", [
+    # a finding implied where the original names none, or only a category
+    ("Generate an image with 1 finding.", "Generate an image with 1 finding of type paris iia."),
+    ("Generate an image with an abnormality with the color pink.", "Generate a pink polyp."),
+    ("Generate an image with an abnormality with the color pink.", "Show a pink abnormality measuring 5-10 mm."),
+    ("Generate an image with an an abnormality located in the center.", "Show a Paris IIa lesion in the center."),
+    ("Generate an image with an an anatomical landmark located in the center.", "Show the pylorus in the center."),
+    ("Generate an image with an an instrument located in the center.", "Show biopsy forceps in the center."),
+    ("Generate an image with Red findings.", "Show red oesophagitis."),
+    # a specific finding replaced by its category, or a category added to it
+    ("Generate a polyp of type paris is.", "Generate a lesion of type paris is."),
+    ("Generate an image with 2 polyps.", "Generate an image with 2 polyps and a lesion."),
+    ("Generate an image containing a metal clip.", "Show a metal clip and another tool."),
+    # negated items swapped
+    ("Generate an image with no polyps.", "Generate an image with no ulcers."),
+    ("Generate an image with no polyps.", "Generate an image with no polyps, only a bleeding ulcer."),
+    ("Generate an image not containing text.", "Generate an image not containing a watermark."),
+    # a vocabulary word cut out of its phrase is not that phrase
+    ("Generate an image containing a polyp.", "Generate an image containing an ulcerative polyp."),
+    ("Generate an image containing tube.", "Generate an image containing tube at an injection site."),
+    ("Generate an image containing barretts.", "Show Barrett's oesophagus with dysplasia."),
+])
+def test_implied_category_negated_and_partial_phrase_changes_are_rejected(original, paraphrase):
+    _rejected(original, paraphrase)
+
+
+LEGITIMATE = [
+    ("Generate a polyp of type paris is.", "Render a polyp classified as Paris type Is."),
+    ("Generate a polyp of type paris iia.", "Create an image of a polyp of Paris classification 0-IIa."),
+    ("Generate an image with a polyp of size 11-20mm.", "Depict a polyp with a size of 11-20mm."),
+    ("Generate an image with 2 polyps.", "Render an endoscopic view with 2 polyps visible."),
+    ("Generate an image with an an abnormality located in the upper-left.",
+     "Depict an anomaly situated in the top-left area of the image."),
+    ("Generate an image with an abnormality with the color pink.", "Show an abnormality that is pink in colour."),
+    ("Generate an image with 1 instrument.", "Depict exactly one tool in the image."),
+    ("Generate an image containing the z-line.", "Create a picture in which the Z-line is visible."),
+    ("Generate an image containing barretts.", "Show Barrett's esophagus."),
+    ("Generate an image with no polyps.", "Create an image that does not contain any polyps."),
+    ("Generate an image from a colonoscopy procedure.", "Show a view taken during a colonoscopic examination."),
+    ("Generate an image not containing a green/black box artefact.",
+     "Produce an image free of any green and black box artifact."),
+    ("Generate an image containing oesophagitis.", "Show esophagitis in a realistic endoscopic frame."),
+]
+
+
+@pytest.mark.parametrize("original,paraphrase", LEGITIMATE)
+def test_legitimate_paraphrases_still_pass(original, paraphrase):
+    assert attribute_differences(original, paraphrase) == {}
+
+
+def test_identity_and_plain_rewordings_of_every_real_dev_caption_pass(dev_dir):
+    """On the real dev CSV: each unique caption against itself, and against the fake server's rewordings."""
+    import sys
+    from pathlib import Path
+
+    from harness.data import load_devset
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_openai_server import faithful_paraphrase
+
+    unique = load_devset(dev_dir).unique_prompts()
+    assert len(unique) == 483
+    for c in unique:
+        assert attribute_differences(c, c) == {}, c
+        assert extract_attributes(c)["unknown_terms"] == frozenset(), c
+        for k in (0, 1, 2, 3, 4, 7):
+            assert attribute_differences(c, faithful_paraphrase(c, k)) == {}, (c, k)

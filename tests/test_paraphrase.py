@@ -31,11 +31,11 @@ CFG = ParaphraseConfig(per_caption=5)
 # (original dev caption, paraphrases a chat model plausibly writes that keep every attribute)
 FAITHFUL = [
     ("Generate an image with 2 polyps.",
-     ["Create an endoscopic picture showing two polyps.", "Produce a colon view in which 2 polyps are visible."]),
+     ["Create an endoscopic picture showing two polyps.", "Produce an endoscopic view in which 2 polyps are visible."]),
     ("Generate an image with an an abnormality located in the upper-left.",
      ["Show an abnormality in the top left corner of the frame.", "An abnormality should appear upper-left."]),
     ("Generate an image with a polyp of size < 5mm.",
-     ["Depict a polyp smaller than 5 mm.", "Show a small polyp measuring less than 5mm."]),
+     ["Depict a polyp smaller than 5 mm.", "Show a polyp measuring less than 5mm."]),
     ("Generate an image with polyps of size 5-10mm and 11-20mm.",
      ["Show polyps measuring 5 to 10 mm and 11 to 20 mm."]),
     ("Generate an image with no polyps.",
@@ -67,6 +67,14 @@ UNFAITHFUL = [
     ("Generate an image containing a metal clip.", "Show biopsy forceps in the image.", "instruments"),
     ("Generate an image with an abnormality with the color pink.", "Create an image of a red abnormality.", "colours"),
     ("Generate a polyp of type paris iia.", "Render a Paris IIb polyp.", "paris"),
+    # the Paris class implies the polyp; the swapped-in finding is outside the vocabulary
+    ("Generate a polyp of type paris is.", "Generate a ulcer of type paris is.", "unknown_terms"),
+    ("Generate a polyp of type paris is.", "Generate an oesophagitis of type paris is.", "findings"),
+    ("Generate a polyp of type paris is.", "Generate a polyp of type paris is and bleeding.", "unknown_terms"),
+    ("Generate an image with no polyps.", "Generate an image with no polyps and oesophagitis.", "negations"),
+    # an organ, a morphology, a vague size: commitments the original does not make
+    ("Generate an image with 2 polyps.", "Show two polyps in the colon.", "unknown_terms"),
+    ("Generate an image with 2 polyps.", "Show two sessile polyps.", "unknown_terms"),
 ]
 
 

@@ -76,9 +76,12 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 def paraphrase(source, data_dir, out, template_path, base_url, config_file, retry_partial, dry_run, **overrides):
     """Paraphrase the unique captions of DIR (or of the TRAIN side of SPLIT.json) with a chat model.
 
-    Each paraphrase must keep its original's numbers, sizes, colours, locations, instruments, procedure, Paris
-    classes and negations (checked by harness.captions), else it is dropped; duplicates and near duplicates are
-    dropped too. Results are appended per caption as they arrive: a rerun (after Ctrl-C, a crash or failures)
+    Each paraphrase must keep its original's numbers, sizes, colours, locations, instruments, findings (named or
+    implied: a Paris class or a size means a polyp), procedure, Paris classes and negations, and add no term
+    outside the caption vocabulary (an "ulcer", "bleeding", an organ): checked by harness.captions, else it is
+    dropped; duplicates and near duplicates are dropped too. An answer that is not the expected JSON is retried
+    like a server error; a caption still without an answer is reported, gets no line in --out, and makes the
+    exit code 2 (a rerun sends exactly those). Results are appended per caption as they arrive: a rerun (after Ctrl-C, a crash or failures)
     sends only what is missing. Key from OPENAI_API_KEY (never written anywhere). Only text is sent.
 
     With SPLIT.json only the TRAIN side's captions are sent, so no paraphrase of a validation prompt reaches
