@@ -463,7 +463,7 @@ def _unknown_terms(t: str) -> set[str]:
     t = _COLOUR_RX.sub(" ", t)
     t = _NEG_RX.sub(" ", t)
     unknown = set()
-    for w in re.findall(r"[a-z]+", t):
+    for w in re.findall(r"[^\W\d_]+", t):  # any script: a non-Latin word or a look-alike letter is unknown too
         if not any(x in _PLAIN_WORDS for x in _stems(w)) and w not in _COLOUR_ALIAS:
             unknown.add(w)
     return unknown

@@ -259,6 +259,10 @@ def test_an_added_item_or_outside_term_is_rejected_for_every_template():
     ("Generate an image with no polyps.", "Generate an image with no ulcers."),
     ("Generate an image with no polyps.", "Generate an image with no polyps, only a bleeding ulcer."),
     ("Generate an image not containing text.", "Generate an image not containing a watermark."),
+    # other scripts and look-alike letters (a Cyrillic "о" in "polyp") are not the vocabulary's words
+    ("Generate a polyp of type paris is.", "Generate a язва of type paris is."),
+    ("Generate an image containing a polyp.", "Generate an image containing a p\u043elyp."),
+    ("Generate an image with 2 polyps.", "Generate an image with 2 polyps and an ÜLCER."),
     # a vocabulary word cut out of its phrase is not that phrase
     ("Generate an image containing a polyp.", "Generate an image containing an ulcerative polyp."),
     ("Generate an image containing tube.", "Generate an image containing tube at an injection site."),

@@ -314,7 +314,8 @@ def test_too_few_paraphrases_asks_again_for_those_captions_only(run_cli, server,
 def test_paraphrases_that_change_a_number_or_location_are_dropped(run_cli, server, tiny_dev, tmp_path):
     wrong = {CAPTIONS[0]: "Create a picture with 3 polyps.",
              CAPTIONS[1]: "Show an abnormality located in the lower-right.",
-             CAPTIONS[2]: "Create a picture with some polyps."}
+             CAPTIONS[2]: "Create a picture with some polyps.",
+             CAPTIONS[3]: "Produce a frame captured during a colonoscopy, showing bleeding."}
 
     def script(req):
         return answer([(i, ([wrong[c]] if c in wrong else []) + [faithful_paraphrase(c, k) for k in range(2)])
@@ -331,7 +332,9 @@ def test_paraphrases_that_change_a_number_or_location_are_dropped(run_cli, serve
         assert d["text"] == bad and d["reason"] == "attributes_changed"
     assert recs[CAPTIONS[0]]["dropped"][0]["detail"] == "numbers -2 +3"
     assert recs[CAPTIONS[1]]["dropped"][0]["detail"] == "locations -upper-left +lower-right"
-    assert "attributes_changed 3" in stdout and "locations 1" in stdout and "numbers 1" in stdout
+    assert recs[CAPTIONS[3]]["dropped"][0]["detail"] == "unknown_terms +bleeding"
+    assert "attributes_changed 4" in stdout and "locations 1" in stdout and "numbers 1" in stdout
+    assert "unknown_terms 1" in stdout
 
 
 def test_structured_output_steps_down_when_the_server_refuses_json_schema(run_cli, server, tiny_dev, tmp_path):
