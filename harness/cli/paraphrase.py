@@ -165,8 +165,9 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     if res.repaired_tail:
         out_console.print(f"[yellow]{out} ended in a torn line (an interrupted write); it was dropped and its "
                           "caption sent again.[/]")
-    out_console.print(f"[green]{out}[/] ({len(res.plan.to_send)} captions sent, {res.plan.cached} were cached); "
-                      f"provenance in {res.meta}")
+    where = f"[green]{out}[/]" if res.meta else f"nothing written to {out}"
+    out_console.print(f"{where} ({len(res.plan.to_send)} captions sent, {res.plan.cached} were cached)"
+                      + (f"; provenance in {res.meta}" if res.meta else ""))
     for line in format_summary(s):
         out_console.print(line, markup=False)
     if s.failed:
