@@ -46,7 +46,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Dev set the SPLIT.json was made from (needed with SPLIT.json; only its TRAIN captions are sent).")
 @click.option("--out", type=existing_file, default=Path("prompts/paraphrases.jsonl"), show_default=True,
               help="Output JSONL (also the resume cache); provenance goes to <out stem>.meta.json.")
-@click.option("--per-caption", type=POSITIVE, default=None, help="Paraphrases asked per caption (default 25).")
+@click.option("--per-caption", type=POSITIVE, default=None,
+              help="Paraphrases asked per caption (default 25: the seed paper grew 483 prompts to > 11,000).")
 @click.option("--model", type=str, default=None, help="Chat model (default gpt-3.5-turbo, the seed paper's).")
 @click.option("--base-url", type=str, default=None,
               help="OpenAI-compatible server (default $OPENAI_BASE_URL, else api.openai.com), e.g. a local vLLM.")
@@ -55,15 +56,20 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--captions-per-request", type=POSITIVE, default=None,
               help="Captions sent together in one request (default 4).")
 @click.option("--output-token-budget", type=POSITIVE, default=None,
-              help="Fewer captions per request when their answer would exceed this many tokens (default 3000).")
+              help="Fewer captions per request when their answer would exceed this many tokens (default 3000, "
+                   "under gpt-3.5-turbo's 4,096 output tokens: a cut-off answer is unusable JSON).")
 @click.option("--concurrency", type=POSITIVE, default=None, help="Requests in flight at once (default 4).")
-@click.option("--temperature", type=FiniteFloatRange(0.0, 2.0), default=None, help="Sampling temperature (default 1.0).")
+@click.option("--temperature", type=FiniteFloatRange(0.0, 2.0), default=None,
+              help="Sampling temperature, within the API's 0-2 (default 1.0, the API's default).")
 @click.option("--seed", type=SEED, default=None, help="API seed (best effort) and backoff-jitter seed (default 0).")
-@click.option("--timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=None, help="Seconds per HTTP request (default 120).")
+@click.option("--timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
+              help="Seconds per HTTP request (default 120).")
 @click.option("--max-retries", type=click.IntRange(min=0), default=None,
-              help="Retries per request on 429/5xx/timeout/connection (default 6).")
-@click.option("--backoff-base", type=FiniteFloatRange(min=0.0), default=None, help="First retry delay in seconds, doubling (default 1).")
-@click.option("--backoff-max", type=FiniteFloatRange(min=0.0), default=None, help="Largest retry delay in seconds (default 60).")
+              help="Retries per request on 429/5xx/timeout/connection errors and malformed answers (default 6).")
+@click.option("--backoff-base", type=FiniteFloatRange(min=0.0), default=None,
+              help="First retry delay in seconds, doubling (default 1).")
+@click.option("--backoff-max", type=FiniteFloatRange(min=0.0), default=None,
+              help="Largest retry delay in seconds (default 60).")
 @click.option("--response-format", type=click.Choice(["auto", "json_schema", "json_object", "text"]), default=None,
               help="Structured output mode; auto = json_schema, stepping down if the server refuses it.")
 @click.option("--near-duplicate", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=None,
@@ -81,8 +87,9 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     outside the caption vocabulary (an "ulcer", "bleeding", an organ): checked by harness.captions, else it is
     dropped; duplicates and near duplicates are dropped too. An answer that is not the expected JSON is retried
     like a server error; a caption still without an answer is reported, gets no line in --out, and makes the
-    exit code 2 (a rerun sends exactly those). Results are appended per caption as they arrive: a rerun (after Ctrl-C, a crash or failures)
-    sends only what is missing. Key from OPENAI_API_KEY (never written anywhere). Only text is sent.
+    exit code 2 (a rerun sends exactly those). Results are appended per caption as they arrive: a rerun (after
+    Ctrl-C, a crash or failures) sends only what is missing. Key from OPENAI_API_KEY (never written anywhere).
+    Only text is sent.
 
     With SPLIT.json only the TRAIN side's captions are sent, so no paraphrase of a validation prompt reaches
     training; the split records only the CSV's hash, so pass the dev set with --data.
