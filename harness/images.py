@@ -77,7 +77,7 @@ def open_header(source: Path | bytes, max_pixels: int = MAX_PIXELS, name: str | 
     w, h = img.size
     if w * h > max_pixels:
         img.close()
-        raise UserError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, above the {max_pixels / 1e6:.0f} MP limit "
+        raise UserError(f"image is {w}x{h} = {w * h / 1e6:.3g} MP, above the {max_pixels / 1e6:.3g} MP limit "
                         "(decompression-bomb guard; not decoded)", where)
     if w < 1 or h < 1:
         img.close()

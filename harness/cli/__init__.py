@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     # Our progress is shown with rich; the libraries' own tqdm bars (weight loading, pipeline components) are noise.
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except UserError as e:
         _fail(str(e), e)
     except click.exceptions.Abort:

@@ -287,7 +287,7 @@ def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, 
 
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
         raise UserError("exists and is not empty (use --overwrite to replace it)", out_dir)
-    check_output_dir(out_dir.parent)
+    check_output_dir(out_dir.parent, name=out_dir)
     captions, label = dev_captions(data_dir)
     # Written into a temporary sibling and renamed: DIR is either the whole model or untouched.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
