@@ -71,9 +71,10 @@ class Run:
         return self.dir / "metrics.json"
 
     def config(self, resolve: bool = True) -> dict[str, Any]:
-        """config.json. With `resolve`, a recorded path that no longer exists where it was (the run, or the project
-        around it, was moved or copied) is replaced by where it is found now (see `resolve_recorded`); a path found
-        nowhere is left as recorded, for the reader to report (`resolve_recorded` says where it looked)."""
+        """config.json. With `resolve`, a recorded path (written with a `/`) that no longer exists where it was (the
+        run, or the project around it, was moved or copied, or the command runs from another directory) is replaced
+        by where it is found now (see `resolve_recorded`); a path found nowhere is left as recorded, for the reader
+        to report (`resolve_recorded` says where it looked)."""
         cfg = read_json(self.config_path)
         if not resolve:
             return cfg
@@ -86,7 +87,7 @@ class Run:
                 return {k: walk(x) for k, x in v.items()}
             if isinstance(v, list):
                 return [walk(x) for x in v]
-            if isinstance(v, str) and v in recorded and not Path(v).exists():
+            if isinstance(v, str) and v in recorded and _has_separator(v) and not Path(v).exists():
                 found = self._find_recorded(v, recorded)[0]
                 return str(found) if found is not None else v
             return v
@@ -111,10 +112,11 @@ class Run:
         cands: list[Path] = [Path(value)]
         if rec.get("absolute"):
             cands.append(Path(rec["absolute"]))
+        here = self.dir.absolute()
         if rec.get("relative"):
-            cands.append(self.dir / rec["relative"])
+            cands.append(Path(os.path.normpath(here / rec["relative"])))
         if not Path(value).is_absolute():
-            cands.append(self.dir / value)
+            cands.append(Path(os.path.normpath(here / value)))
         tried: list[str] = []
         for c in dict.fromkeys(cands):
             if not c.exists():
@@ -198,6 +200,13 @@ def create_run(
     return run
 
 
+def _has_separator(value: str) -> bool:
+    # Only values written as paths (`/abs/x`, `runs/x`, `./x`) are swapped silently by `Run.config`; a bare word
+    # that happened to name a file in the working directory ("paper", "tiny-clip") is resolved only where a reader
+    # asks for a path (`Run.resolve_recorded`), so a preset name is never turned into a folder.
+    return "/" in value or os.sep in value
+
+
 def record_paths(run: Run, *records: Any) -> dict[str, dict[str, Any]]:
     """Write RUN/paths.json: for every string in `records` naming an existing file or folder, its absolute path,
     its path relative to the run folder, and (small files) its sha256. Read back by `Run.resolve_recorded`."""
@@ -210,12 +219,12 @@ def record_paths(run: Run, *records: Any) -> dict[str, dict[str, Any]]:
         elif isinstance(v, list):
             for x in v:
                 walk(x)
-        elif isinstance(v, str) and v and len(v) < 4096 and v not in found and ("/" in v or "\\" in v):
+        elif isinstance(v, str) and v and len(v) < 4096 and v not in found and v.strip() == v:
             p = Path(v)
             try:
                 if not p.exists():
                     return
-            except OSError:
+            except (OSError, ValueError):  # not a possible path (too long, NUL byte)
                 return
             absolute = p.resolve()
             entry: dict[str, Any] = {"absolute": str(absolute),
