@@ -63,6 +63,8 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
     """
+    from rich.markup import escape
+
     from harness.errors import UserError
     from harness.generate import check_images_dir, distributed_shard, generate_images, load_generator
     from harness.progress import console, progress
@@ -98,7 +100,7 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
             gen, pf.prompts, images_dir, base_seed=seed, batch_size=batch_size, prompts_sha256=pf.sha256,
             overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n), barrier=barrier,
             device=_device_label(dev),
-            warn=lambda m: console.print(f"[yellow]warning:[/] {m}", markup=True, highlight=False),
+            warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}", markup=True, highlight=False),
         )
         bar.update(task, completed=share)
     shard_note = f" on rank {rank}/{world}" if world > 1 else ""
@@ -109,7 +111,11 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
         problems = check_images_dir(images_dir, pf.prompts)
         if problems:
             raise UserError(f"generation incomplete: {problems[0]} ({len(problems)} problem(s))", images_dir)
-        run.log(f"generate: {report.total} images complete, prompts sha256 {pf.sha256}, seed {seed}, world {world}")
+        try:
+            run.log(f"generate: {report.total} images complete, prompts sha256 {pf.sha256}, seed {seed}, "
+                    f"world {world}")
+        except OSError as e:  # a run on read-only storage, generating into --out elsewhere
+            console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
         console.print(f"[green]{report.total} prompts -> {images_dir}: complete[/]")
 
 
