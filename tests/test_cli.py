@@ -73,3 +73,16 @@ def test_make_tiny_help_documents_the_test_only_scoring_option(run_cli):
     text = " ".join(out.split())
     assert code == 0 and "--allow-unverified-weights" in text and "TEST option" in text
     assert "[default: 32;" in text  # defaults shown
+
+
+def test_training_into_an_unwritable_runs_root_is_one_line(tmp_path, run_cli, monkeypatch, sample_dir):
+    """No per-command code: the runs root is created by `create_run`, and its OSError is mapped centrally."""
+    from harness.split import write_split
+
+    write_split(sample_dir, tmp_path / "split.json", val_images=4, seed=0)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "a-file" / "runs"))
+    code, out, err = run_cli("train", "msdm-vae", "--split", tmp_path / "split.json", "--data", sample_dir,
+                             "--preset", "tiny", "--max-steps", "1", "--perceptual-weight", "0")
+    line = _one_error_line(err)
+    assert code == 2 and str(tmp_path / "a-file") in line, line

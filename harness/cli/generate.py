@@ -259,8 +259,9 @@ def quickstart(workdir, model, seed):
 @click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Learn the tokenizer from this dev set's captions (default: the shipped list of 483 dev captions).")
-@click.option("--hidden-size", type=click.IntRange(min=8), default=32, show_default=True,
-              help="Width of the tiny text tower (the tests' size; real CLIP ViT-L/14 is 768).")
+@click.option("--hidden-size", type=click.IntRange(min=8, max=1024), default=32, show_default=True,
+              help="Width of the tiny text tower, even (2 attention heads); 32 is the tests' size, real CLIP ViT-L/14 "
+                   "has 768.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
 def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, seed: int, overwrite: bool) -> None:
@@ -291,6 +292,8 @@ def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, 
     from harness.prompts import dev_captions
     from models.tiny_clip import save_tiny_clip_text
 
+    if hidden_size % 2:
+        raise UserError(f"--hidden-size {hidden_size} must be even (the tiny tower has 2 attention heads)")
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
         raise UserError("exists and is not empty (use --overwrite to replace it)", out_dir)
     check_output_dir(out_dir.parent, name=out_dir)

@@ -256,6 +256,11 @@ def _tiny_clip_file(tmp: Path) -> list[str]:
     return ["models", "make-tiny", "clip-text", str(_a_file(tmp) / "tiny-clip")]
 
 
+@case("models make-tiny clip-text: --hidden-size 9 (not divisible by the heads)")
+def _tiny_clip_odd(tmp: Path) -> list[str]:
+    return ["models", "make-tiny", "clip-text", str(tmp / "tiny-clip"), "--hidden-size", "9"]
+
+
 # ------------------------------------------------------------------ degenerate or oversized images (package/validate)
 
 def _black_images(run) -> None:
