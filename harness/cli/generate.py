@@ -32,7 +32,9 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Base seed; image i uses a seed derived from (seed, i).")
 @click.option("--out", "out_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
-@click.option("--overwrite", is_flag=True, help="Regenerate every image, replacing what is there.")
+@click.option("--overwrite", is_flag=True,
+              help="Regenerate every image, replacing what is there (images past the end of a shorter prompt file "
+                   "are removed).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (family default if unset).")
 @click.option("--guidance", type=FiniteFloatRange(min=0), default=None,
               help="Classifier-free guidance scale, finite and >= 0 (family default if unset).")
