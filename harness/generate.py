@@ -58,9 +58,27 @@ class Generator(ABC):
     def info(self) -> dict[str, Any]:
         """Model identity for the manifest: family, base model ids, adapters, sampler settings."""
 
+    def identity(self) -> dict[str, Any]:
+        """`info()` without where things happen to live (run folder names and paths): what decides the pixels.
+        Content hashes in `info()` carry the identity, so a copied or moved run (`cp -r runs/a runs/b`) keeps
+        its images valid, and resuming it regenerates nothing."""
+        return location_free(self.info())
+
     def model_key(self) -> str:
-        """Short stable tag of `info()`, written in every manifest row."""
-        return hashlib.sha256(dumps_json(self.info()).encode()).hexdigest()[:12]
+        """Short stable tag of `identity()`, written in every manifest row and PNG."""
+        return hashlib.sha256(dumps_json(self.identity()).encode()).hexdigest()[:12]
+
+
+# Keys of `info()` that name a location, not a model: left out of the generation identity (see Generator.identity).
+LOCATION_KEYS = frozenset({"run_id", "run", "run_dir", "path", "folder", "dir"})
+
+
+def location_free(info: Any) -> Any:
+    if isinstance(info, dict):
+        return {k: location_free(v) for k, v in info.items() if k not in LOCATION_KEYS}
+    if isinstance(info, (list, tuple)):
+        return [location_free(v) for v in info]
+    return info
 
 
 # family name -> "module:function"; the function is `load(run: Run, overrides: dict) -> Generator`.
@@ -139,17 +157,31 @@ def _png_meta(index: int, prompt: str, seed: int, model: str) -> dict[str, str]:
     return {"harness:index": str(index), "harness:prompt": prompt, "harness:seed": str(seed), "harness:model": model}
 
 
+def existing_image_problem(path: Path, meta: dict[str, str]) -> str | None:
+    """Why `path` is not an image we would write with `meta` (None: it is, and fully decodes as an RGB PNG).
+    The header is checked against the bomb limit first: a planted 12000x12000 PNG is not decoded."""
+    from harness.images import decode, open_header
+
+    if not path.is_file():
+        return "missing"
+    try:
+        with open_header(path, name="") as im:
+            if im.format != "PNG" or im.mode != "RGB":
+                return f"{im.format} {im.mode} data, not an RGB PNG"
+            decode(im)
+            text = getattr(im, "text", {}) or {}
+    except UserError as e:
+        return str(e)
+    except Exception as e:  # PIL raises many types for broken files
+        return f"incomplete ({type(e).__name__}: {e})"
+    if any(text.get(k) != v for k, v in meta.items()):
+        return "made with another prompt, seed or model (metadata differs)"
+    return None
+
+
 def existing_image_ok(path: Path, meta: dict[str, str]) -> bool:
     """True when `path` fully decodes as RGB PNG and carries exactly the metadata we would write."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode != "RGB" or im.format != "PNG":
-                return False
-            text = getattr(im, "text", {}) or {}
-    except Exception:
-        return False
-    return all(text.get(k) == v for k, v in meta.items())
+    return existing_image_problem(path, meta) is None
 
 
 @dataclass
@@ -185,6 +217,48 @@ def distributed_shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# What a generation.json must agree on for its images to be kept (the rest, `settings`, is a record).
+IDENTITY_FIELDS = ("prompts_sha256", "n_prompts", "base_seed", "model", "model_key")
+# Settings that do not change which image is drawn but can move a pixel by one grey level: CPU/GPU kernels sum in an
+# order that depends on the batch shape and the thread count (and the device). Recorded, and a change warned about.
+PIXEL_SETTINGS = ("batch_size", "threads", "device")
+
+
+def generation_settings(batch_size: int, device: str | None = None) -> dict[str, Any]:
+    import sys
+
+    threads = None
+    if "torch" in sys.modules:  # the test-pattern family never imports torch; every model family does
+        threads = sys.modules["torch"].get_num_threads()
+    return {"batch_size": batch_size, "threads": threads, "device": device}
+
+
+def _read_generation_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e}); pass --overwrite to start the images again", path) from None
+    if not isinstance(old, dict):
+        raise UserError("not a generation record; pass --overwrite to start the images again", path)
+    old = dict(old)
+    if isinstance(old.get("model"), dict):
+        old["model"] = location_free(old["model"])  # records written before identities left locations out
+    return old
+
+
+def remove_stale_images(images_dir: Path, n: int) -> list[Path]:
+    """Delete the numbered images past `n` (an --overwrite with a shorter prompt file): they are in no manifest,
+    and a folder must hold exactly one image per prompt."""
+    stale = []
+    for p in images_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+        if int(p.stem) > n:
+            p.unlink(missing_ok=True)
+            stale.append(p)
+    return sorted(stale)
+
+
 def generate_images(
     generator: Generator,
     prompts: Sequence[str],
@@ -197,42 +271,57 @@ def generate_images(
     shard: tuple[int, int] | None = None,
     on_batch: Callable[[int], None] | None = None,
     barrier: Callable[[], None] | None = None,
+    device: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> GenerateReport:
     """Generate one image per prompt into `images_dir`, resuming where a previous (killed) run stopped.
 
-    Memory stays flat in N: each batch is written and dropped before the next one is made.
+    Memory stays flat in N: each batch is written and dropped before the next one is made. An image that comes out
+    degenerate (constant: what a NaN/inf tensor becomes once cast to uint8) is never written: the run stops with a
+    UserError naming its index. `device` is recorded (with the batch size and thread count) in generation.json;
+    resuming with other values is allowed, but `warn` is told, since it may move a pixel by one grey level.
     """
     import time
+
+    from harness.images import degenerate_reason
 
     if not prompts:
         raise UserError("no prompts to generate")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     rank, world = shard or distributed_shard()
-    images_dir.mkdir(parents=True, exist_ok=True)
     model_key = generator.model_key()
 
-    gen_meta = {
+    gen_meta: dict[str, Any] = {
         "prompts_sha256": prompts_sha256,
         "n_prompts": len(prompts),
         "base_seed": base_seed,
-        "model": generator.info(),
+        "model": generator.identity(),
         "model_key": model_key,
     }
+    settings = generation_settings(batch_size, device)
+    history: list[dict[str, Any]] = []
     gen_json = images_dir / GENERATION_JSON
     if gen_json.exists() and not overwrite:
+        old = _read_generation_json(gen_json)
         import json
 
-        old = json.loads(gen_json.read_text(encoding="utf-8"))
-        if old != json.loads(dumps_json(gen_meta)):
+        if {k: old.get(k) for k in IDENTITY_FIELDS} != json.loads(dumps_json(gen_meta)):
             raise UserError(
                 "holds images from a different prompt file, seed or model; pass --overwrite to replace them "
                 "or --out to write elsewhere",
                 images_dir,
             )
+        history = [h for h in old.get("settings", []) if isinstance(h, dict)]
+    changed = [k for k in PIXEL_SETTINGS if history and history[-1].get(k) != settings[k]]
+    images_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         remove_stale_temps(images_dir)
-        write_text(gen_json, dumps_json(gen_meta))
+        if overwrite:
+            remove_stale_images(images_dir, len(prompts))
+        # Every setting images of this folder were made with, in order (one entry per change).
+        record = {**gen_meta, "settings": history + ([settings] if not history or changed else [])}
+        write_text(gen_json, dumps_json(record))
         # The manifest is a pure function of (prompts, seed, model), so it is written first and in one piece.
         write_manifest(images_dir, prompts, base_seed, model_key)
     if barrier is not None:
@@ -255,6 +344,16 @@ def generate_images(
         skipped += len(block) - len(missing)
         if missing:
             todo.append((block, missing))
+    warnings_: list[str] = []
+    if changed and skipped and todo:
+        old = history[-1]
+        was = ", ".join(f"{k} {old.get(k)}" for k in changed)
+        now = ", ".join(f"{k} {settings[k]}" for k in changed)
+        warnings_.append(f"{images_dir}: the {skipped} image(s) kept were made with {was}; this run uses {now}. "
+                         "New images may differ by one grey level here and there from an uninterrupted run "
+                         f"(kernels sum in another order); for bit-identical output resume with {was}.")
+        for w in warnings_:
+            (warn or (lambda _m: None))(w)
 
     t0 = time.perf_counter()
     generated = 0
@@ -264,10 +363,18 @@ def generate_images(
         images = generator.generate(block_prompts, seeds)
         if len(images) != len(block):
             raise RuntimeError(f"generator returned {len(images)} images for {len(block)} prompts")
+        encoded = []
         for i, p, s, img in zip(block, block_prompts, seeds, images):
             if i not in missing:
                 continue
-            data = encode_png(np.asarray(img), _png_meta(i, p, s, model_key))
+            img = np.asarray(img)
+            data = encode_png(img, _png_meta(i, p, s, model_key))
+            reason = degenerate_reason(img)
+            if reason:
+                raise UserError(f"image {i} ({image_name(i)}, prompt {p!r}) came out as a {reason}; nothing of its "
+                                "batch was written (images already written are kept)", images_dir)
+            encoded.append((i, data))
+        for i, data in encoded:  # the block is checked whole before any of it is written
             with atomic_path(images_dir / image_name(i)) as tmp:
                 tmp.write_bytes(data)
         generated += len(missing)
@@ -280,6 +387,7 @@ def generate_images(
         skipped=skipped,
         manifest=images_dir / MANIFEST,
         seconds=time.perf_counter() - t0,
+        extra={"warnings": warnings_, "settings": settings},
     )
 
 
@@ -298,6 +406,7 @@ def check_images_dir(images_dir: Path, prompts: Sequence[str]) -> list[str]:
             break
     for row in rows:
         meta = _png_meta(int(row["index"]), row["prompt"], int(row["seed"]), row["model"])
-        if not existing_image_ok(images_dir / row["filename"], meta):
-            problems.append(f"{images_dir / row['filename']}: missing or incomplete")
+        problem = existing_image_problem(images_dir / row["filename"], meta)
+        if problem:
+            problems.append(f"{images_dir / row['filename']}: {problem}")
     return problems

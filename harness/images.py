@@ -13,6 +13,7 @@ raw pixel grid, and the prompts name locations ("upper-left") in that grid.
 
 from __future__ import annotations
 
+import io
 import re
 import threading
 import warnings
@@ -45,27 +46,66 @@ def _open_header(path: Path, max_pixels: int) -> Image.Image:
         raise UserError("image file not found", path)
     if path.stat().st_size == 0:
         raise UserError("image file is empty (0 bytes)", path)
+    return open_header(path, max_pixels, name=path)
+
+
+def open_header(source: Path | bytes, max_pixels: int = MAX_PIXELS, name: str | Path | None = None) -> Image.Image:
+    """Parse only the header of a file or of in-memory bytes (a zip entry) and refuse, before any pixel is decoded,
+    more than `max_pixels`. PIL's own bomb check (`Image.MAX_IMAGE_PIXELS`, 89 MP: a raw DecompressionBombWarning;
+    twice that: an error) is silenced / translated, and ours applies even when a library has set PIL's limit to None.
+    Raises UserError naming `name` (default: the path; "" names nothing, for callers that add the name)."""
+    where = (name if name is not None else (source if isinstance(source, Path) else None)) or None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise UserError("image file is empty (0 bytes)", where)
+        fp = io.BytesIO(source)
+    else:
+        fp = source
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(fp)
     except Image.DecompressionBombError as e:  # PIL's own limit (2 x 89 MP) fires inside open, before ours
         n = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(n.group(1)) / 1e6:.0f} MP" if n else "too many pixels"
-        raise UserError(f"image header claims {size}, above the decompression-bomb limit; not decoded", path) from None
+        raise UserError(f"image header claims {size}, above the decompression-bomb limit; not decoded",
+                        where) from None
     except UnidentifiedImageError:
-        raise UserError("not a readable image (unknown or corrupt format)", path) from None
+        raise UserError("not a readable image (unknown or corrupt format)", where) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image header ({e})", path) from None
+        raise UserError(f"cannot read image header ({e})", where) from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
-        raise UserError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, above the {max_pixels / 1e6:.0f} MP limit "
-                        "(decompression-bomb guard)", path)
+        raise UserError(f"image is {w}x{h} = {w * h / 1e6:.3g} MP, above the {max_pixels / 1e6:.3g} MP limit "
+                        "(decompression-bomb guard; not decoded)", where)
     if w < 1 or h < 1:
         img.close()
-        raise UserError(f"image has no pixels ({w}x{h})", path)
+        raise UserError(f"image has no pixels ({w}x{h})", where)
     return img
+
+
+def decode(img: Image.Image) -> Image.Image:
+    """`img.load()` for an image from `open_header`: PIL re-checks its bomb limit on some formats while decoding,
+    which must stay silent (our limit was checked on the header)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img.load()
+    return img
+
+
+def degenerate_reason(pixels: np.ndarray) -> str | None:
+    """Why an image is no picture at all, or None. A constant image is what a NaN/inf tensor becomes once cast
+    to uint8 (every value 0: all black) and what a collapsed model draws; no endoscopy frame is one colour."""
+    a = np.asarray(pixels)
+    if a.size == 0:
+        return "image has no pixels"
+    lo, hi = a.min(axis=(0, 1)), a.max(axis=(0, 1))
+    if (lo == hi).all():
+        colour = tuple(int(v) for v in np.atleast_1d(lo))
+        what = "all black" if not any(colour) else f"every pixel {colour}"
+        return f"constant image ({what}): degenerate output (NaN/inf in the model, or a collapsed model)"
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

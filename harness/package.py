@@ -14,6 +14,7 @@ extension, nothing outside `task1/`, no subfolders, and (zip only) no absolute, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 import stat
@@ -22,15 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
-from PIL import Image
+import numpy as np
 
 from harness.errors import UserError
 from harness.generate import MANIFEST, MANIFEST_FIELDS, check_images_dir, image_name
+from harness.images import decode, degenerate_reason, open_header
 from harness.io import atomic_path, sha256_file
 
 TASK_DIR = "task1"
 _TEAM_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _IMAGE_NAME = re.compile(r"^\d{5}\.png$")
+# Largest image a submission may hold: 4096x4096 (16.8 MP). The dev set's largest frame is 1920x1080 (2 MP) and the
+# organisers' evaluator resizes every image to 299x299, so anything bigger is a mistake; and 5,000 such PNGs are
+# already ~100 GB. Checked on the PNG header, so an oversized (or bomb) image is refused without being decoded.
+MAX_PIXELS = 4096 * 4096
 
 
 def zip_name(team: str) -> str:
@@ -52,25 +58,38 @@ class ValidationReport:
         return not self.problems
 
 
-def _check_image_bytes(name: str, data: bytes) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, problem) for one PNG's bytes."""
+def _check_image_bytes(name: str, data: bytes, max_pixels: int = MAX_PIXELS
+                       ) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """(size, problem, pixel digest) for one PNG's bytes. The size limit is checked on the header, before a pixel
+    is decoded (a 12000x12000 PNG costs its header, not 432 MB); the digest spots a set of identical images."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, mode, size = im.format, im.mode, im.size
-            im.load()
-    except Exception as e:  # PIL raises many types for broken files
-        return None, f"{name}: does not decode ({type(e).__name__}: {e})"
-    if fmt != "PNG":
-        return size, f"{name}: is {fmt} data, not PNG"
-    if mode != "RGB":
-        return size, f"{name}: mode {mode}, expected 3-channel RGB (no alpha, no grey)"
-    return size, None
+        im = open_header(data, max_pixels, name=name)
+    except UserError as e:
+        return None, str(e), None
+    with im:
+        fmt, mode, size = im.format, im.mode, im.size
+        if fmt != "PNG":
+            return size, f"{name}: is {fmt} data, not PNG", None
+        if mode != "RGB":
+            return size, f"{name}: mode {mode}, expected 3-channel RGB (no alpha, no grey)", None
+        try:
+            decode(im)
+            pixels = np.asarray(im)
+        except Exception as e:  # PIL raises many types for broken files
+            return size, f"{name}: does not decode ({type(e).__name__}: {e})", None
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+    reason = degenerate_reason(pixels)
+    return size, (f"{name}: {reason}" if reason else None), digest
 
 
 def check_entries(
-    names: Sequence[str], read: Callable[[str], bytes], prompts: Sequence[str], report: ValidationReport
+    names: Sequence[str], read: Callable[[str], bytes], prompts: Sequence[str], report: ValidationReport,
+    max_pixels: int = MAX_PIXELS,
 ) -> None:
-    """Check a set of `task1/...` entries against the prompt list; problems are appended to `report`."""
+    """Check a set of `task1/...` entries against the prompt list; problems are appended to `report`.
+
+    Content is checked too: a constant image (what a NaN/inf tensor becomes), a set of identical images, and
+    images above `max_pixels` (read from the header) are problems."""
     expected = {f"{TASK_DIR}/{image_name(i)}" for i in range(1, len(prompts) + 1)}
     images = sorted(n for n in names if n != f"{TASK_DIR}/{MANIFEST}")
     report.n_images = len(images)
@@ -90,12 +109,18 @@ def check_entries(
         report.problems.append(f"{len(images)} images for {len(prompts)} prompts{detail}")
 
     sizes: dict[tuple[int, int], str] = {}
-    for n in sorted(expected & set(images)):
-        size, problem = _check_image_bytes(n, read(n))
+    digests: set[str | None] = set()
+    checked = sorted(expected & set(images))
+    for n in checked:
+        size, problem, digest = _check_image_bytes(n, read(n), max_pixels)
         if problem:
             report.problems.append(problem)
         if size and size not in sizes:
             sizes[size] = n
+        digests.add(digest)
+    if len(checked) > 1 and len(digests) == 1 and None not in digests:
+        report.problems.append(f"all {len(checked)} images are identical, pixel for pixel (a model that ignores its "
+                               "prompt and seed, or one image copied N times)")
     if len(sizes) > 1:
         desc = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(sizes.items())[:3])
         report.problems.append(f"images have {len(sizes)} different sizes: {desc}")

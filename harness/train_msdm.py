@@ -635,7 +635,7 @@ def load_generator(run: Run, overrides: dict[str, Any]) -> Generator:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[overrides.get("dtype", "fp32")]
     unet = MSDMUNet.from_pretrained(final / "unet", torch_dtype=dtype).to(device).eval()
     vae = MSDMAutoencoder.from_pretrained(final / "vae", torch_dtype=dtype).to(device).eval()
-    text = _load_text(meta["text_encoder"], meta["max_length"]).to(device, dtype)
+    text = _load_text(str(run.resolve_recorded(meta["text_encoder"], "text encoder", True)), meta["max_length"]).to(device, dtype)
     sampler = MSDMSampler(unet, vae, text, GaussianDiffusion(from_dict(DiffusionConfig, meta["diffusion"])),
                           float(meta["latent_scale"]), int(meta["resolution"]), dtype)
     return MSDMGenerator(run, sampler, meta, s.steps, s.guidance, s.sampler, s.eta)

@@ -133,3 +133,96 @@ def test_resume_recomputes_whole_blocks_so_batch_effects_cannot_leak(tmp_path):
     report = generate_images(gen, PROMPTS, d, batch_size=3)
     assert report.generated == 2 and report.skipped == len(PROMPTS) - 2
     assert _bytes(d) == _bytes(ref)
+
+
+class _NaNAt(TestPatternGenerator):
+    """A model whose output for one index is NaN, quantized the way the families do (clamp, round, cast to uint8):
+    the NaN becomes an all-black image."""
+
+    def __init__(self, bad_prompt_index: int, **kw):
+        super().__init__(**kw)
+        self.bad = PROMPTS[bad_prompt_index - 1]
+
+    def generate(self, prompts, seeds):
+        out = super().generate(prompts, seeds)
+        with np.errstate(invalid="ignore"):
+            nan = (np.clip(np.full((self.size, self.size, 3), np.nan), 0, 1) * 255).round().astype(np.uint8)
+        return [nan if p == self.bad else img for p, img in zip(prompts, out)]
+
+
+def test_non_finite_output_is_never_written(tmp_path):
+    d = tmp_path / "imgs"
+    with pytest.raises(UserError, match=r"image 5 \(00005\.png.*constant image \(all black\)"):
+        generate_images(_NaNAt(5, size=16), PROMPTS, d, batch_size=2)
+    # blocks [1,2] and [3,4] were written; block [5,6] holds the bad image: none of it was written
+    assert sorted(p.name for p in d.glob("*.png")) == [image_name(i) for i in (1, 2, 3, 4)]
+    assert not list(d.glob(".*tmp-*"))
+
+
+def test_generate_cli_rejects_non_finite_options_before_loading(tmp_path, run_cli, monkeypatch):
+    import harness.generate as G
+
+    run = create_run("test-pattern", {"size": 16})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    monkeypatch.setattr(G, "load_generator", lambda *a: pytest.fail("model loaded before the options were checked"))
+    for opt, val in [("--guidance", "nan"), ("--guidance", "-inf"), ("--steps", "0"), ("--batch-size", "0"),
+                     ("--seed", "-1"), ("--device", "banana")]:
+        code, out, err = run_cli("generate", run.dir, "--prompts", prompts, opt, val)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and opt.lstrip("-").split("-")[0] in err, err
+    assert not run.images_dir.exists()
+
+
+def test_overwrite_with_shorter_prompt_file_removes_stale_images(tmp_path):
+    gen = TestPatternGenerator(size=16)
+    d = tmp_path / "imgs"
+    generate_images(gen, PROMPTS, d, prompts_sha256="long")
+    report = generate_images(gen, PROMPTS[:3], d, prompts_sha256="short", overwrite=True)
+    assert report.generated == 3
+    assert sorted(p.name for p in d.glob("*.png")) == [image_name(i) for i in (1, 2, 3)]
+    assert check_images_dir(d, PROMPTS[:3]) == []
+
+
+def test_settings_are_recorded_and_a_changed_resume_warns(tmp_path):
+    import json
+
+    import torch  # noqa: F401  (a model family imports torch: the thread count is then recorded)
+
+    gen = TestPatternGenerator(size=16)
+    d = tmp_path / "imgs"
+    generate_images(gen, PROMPTS, d, batch_size=3, device="cpu")
+    rec = json.loads((d / "generation.json").read_text())
+    assert rec["settings"] == [{"batch_size": 3, "threads": torch.get_num_threads(), "device": "cpu"}]
+    # resume with the same settings: silent
+    warned: list[str] = []
+    (d / image_name(7)).unlink()
+    generate_images(gen, PROMPTS, d, batch_size=3, device="cpu", warn=warned.append)
+    assert warned == []
+    # resume with another batch size: allowed, warned, and recorded
+    (d / image_name(7)).unlink()
+    report = generate_images(gen, PROMPTS, d, batch_size=2, device="cpu", warn=warned.append)
+    assert report.generated == 1 and len(warned) == 1
+    assert "batch_size 3" in warned[0] and "batch_size 2" in warned[0] and "grey level" in warned[0]
+    rec = json.loads((d / "generation.json").read_text())
+    assert [s["batch_size"] for s in rec["settings"]] == [3, 2]
+
+
+def test_generate_cli_threads_option_is_applied_and_recorded(tmp_path, run_cli):
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    run = create_run("test-pattern", {"size": 16})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    try:
+        code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--threads", "1", "--batch-size", "4")
+        assert code == 0, err
+        rec = json.loads((run.images_dir / "generation.json").read_text())
+        assert rec["settings"][-1] == {"batch_size": 4, "threads": 1, "device": "cpu"}
+        (run.images_dir / image_name(1)).unlink()
+        code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--threads", "1", "--batch-size", "2")
+        assert code == 0 and "warning:" in out + err and "batch_size 4" in out + err
+    finally:
+        torch.set_num_threads(before)

@@ -113,3 +113,41 @@ def test_inspect_reports_format_mismatch_and_mode(tmp_path):
     assert info.format_mismatch == "PNG data in a .jpg file"
     good = inspect_image(_write(tmp_path, "y.jpeg", jpeg_bytes(Image.new("RGB", (40, 30)))))
     assert good.ok and good.format_mismatch is None and (good.width, good.height) == (40, 30)
+
+
+@pytest.mark.parametrize("pil_limit", ["default", None])
+def test_header_guard_on_bytes_is_silent_and_cheap(monkeypatch, pil_limit):
+    """A 12000x12000 PNG (144 MP: past PIL's warning limit, below its error limit) from a zip entry: our limit is
+    checked on the header, with no raw DecompressionBombWarning and no pixel buffer, even when a library has switched
+    PIL's own limit off (MAX_IMAGE_PIXELS = None)."""
+    import warnings
+
+    from harness.images import open_header
+
+    if pil_limit is None:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    data = huge_png_header(12000, 12000)
+    tracemalloc.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match=r"12000x12000 = 144 MP, above the 16.8 MP limit") as e:
+            open_header(data, max_pixels=4096 * 4096, name="task1/00001.png")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert str(e.value).startswith("task1/00001.png: ")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert peak < 5_000_000  # the 432 MB of pixels are never allocated
+
+
+def test_degenerate_reason():
+    from harness.images import degenerate_reason
+
+    assert "all black" in degenerate_reason(np.zeros((8, 8, 3), np.uint8))
+    # what a NaN tensor becomes once cast to uint8, the way the model families quantize
+    with np.errstate(invalid="ignore"):
+        nan_img = (np.full((8, 8, 3), np.nan) * 255).round().astype(np.uint8)
+    assert degenerate_reason(nan_img) is not None
+    assert "(7, 8, 9)" in degenerate_reason(np.broadcast_to(np.array([7, 8, 9], np.uint8), (8, 8, 3)))
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[0, 0, 0] = 1  # one pixel of difference is a picture (a dark endoscopy corner is fine)
+    assert degenerate_reason(img) is None

@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from bad_data import huge_png_header
 from PIL import Image
 
 from harness.generate import TestPatternGenerator, generate_images
@@ -144,3 +145,63 @@ def test_validate_not_a_zip(tmp_path, run_cli):
     prompts.write_text("a\n", encoding="utf-8")
     code, _, err = run_cli("validate", p, "--prompts", prompts)
     assert code == 2 and "not a readable zip" in err
+
+
+def _noise_png(seed: int, size=(32, 32)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_of(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _content_cases():
+    return {
+        "all black (NaN output)": ({f"task1/{i:05d}.png": _png() for i in range(1, 6)}, "constant image (all black)"),
+        "one constant grey image": ({"task1/00003.png": _png_of((90, 90, 90))}, "every pixel (90, 90, 90)"),
+        "every image identical": ({f"task1/{i:05d}.png": _noise_png(0) for i in range(1, 6)},
+                                  "all 5 images are identical"),
+        "9000x9000 images": ({f"task1/{i:05d}.png": huge_png_header(9000, 9000) for i in range(1, 6)},
+                             "9000x9000 = 81 MP, above the 16.8 MP limit"),
+        "12000x12000 image": ({"task1/00001.png": huge_png_header(12000, 12000)}, "12000x12000 = 144 MP"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_content_cases()))
+def test_validate_flags_degenerate_and_oversized_content(case, packaged, run_cli, tmp_path):
+    """Names, count and manifest are right; the pixels are not a submission. No raw PIL warning, nothing decoded
+    past the header for the oversized ones."""
+    import warnings
+
+    _, prompts, zpath, _ = packaged
+    replace, expected = _content_cases()[case]
+    bad = _rewrite(zpath, tmp_path / "bad.zip", replace=replace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = validate_zip(bad, PROMPTS)
+        code, out, err = run_cli("validate", bad, "--prompts", prompts)
+    assert not report.ok and any(expected in p for p in report.problems), report.problems
+    assert code == 2 and expected in out + err and "Traceback" not in err
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_package_refuses_black_images_and_writes_nothing(tmp_path, run_cli):
+    """Images with the right metadata but constant pixels (what `--guidance nan` used to write) do not package."""
+    from harness.generate import _png_meta, encode_png, read_manifest
+
+    run = create_run("test-pattern", {"size": 32})
+    generate_images(TestPatternGenerator(32), PROMPTS, run.images_dir)
+    for row in read_manifest(run.images_dir / "manifest.csv"):
+        meta = _png_meta(int(row["index"]), row["prompt"], int(row["seed"]), row["model"])
+        (run.images_dir / row["filename"]).write_bytes(encode_png(np.zeros((32, 32, 3), np.uint8), meta))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = tmp_path / "subs"
+    code, _, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", out)
+    assert code == 2 and "constant image (all black)" in err
+    assert not out.exists() or not any(out.iterdir())

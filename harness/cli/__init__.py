@@ -6,9 +6,12 @@ command modules stay small and the stages stay importable without click.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -75,6 +78,54 @@ def models_make_tiny() -> None:
     CPU in seconds (the same models the tests use)."""
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (a range alone lets nan through: every comparison with nan
+    is false). `--guidance nan` used to produce all-black images."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def check_output_file(path: str | Path, option: str = "") -> Path:
+    """`check_output_dir` for a file to write: its folder must be writable, and it must not be a folder itself."""
+    from harness.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option + ' ' if option else ''}is a folder; name a file to write", path)
+    check_output_dir(path.parent, option, name=path)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "", name: str | Path | None = None) -> Path:
+    """Fail before any work when `path` (a folder to write into, created if needed) cannot be written: a file
+    where a folder must be, a read-only or pseudo file system (/proc, /sys), no permission. Probes by creating
+    and removing a temporary folder in the nearest existing ancestor (root ignores mode bits, so `os.access` would
+    say yes), which leaves nothing behind."""
+    import tempfile
+
+    from harness.errors import UserError
+
+    path = Path(path)
+    what = f"{option} " if option else ""
+    anc = path.absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{what}cannot be created: {anc} is a file, not a folder", name or path)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".harness-write-test-", dir=anc))
+    except OSError as e:
+        raise UserError(f"{what}is not writable: cannot create anything in {anc} ({e.strerror})",
+                        name or path) from None
+    return path
+
+
 def _register_all() -> None:
     # Each module exposes `register(cli, train, sweep, models)`. Imported here, not at the top of the stage modules,
     # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
@@ -100,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     # Our progress is shown with rich; the libraries' own tqdm bars (weight loading, pipeline components) are noise.
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except UserError as e:
         _fail(str(e), e)
     except click.exceptions.Abort:
@@ -109,12 +160,39 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # One line like every other error (click's own form is usage + blank line + message).
+        where = e.ctx.command_path if e.ctx is not None else "harness"
+        _fail(f"{where}: {e.format_message()} (see `{where} --help`)", e)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2)
+        _fail(e.format_message(), e)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        # An output path that cannot be written (a file where a folder must be, /proc, no permission, disk full,
+        # read-only file system) is the user's to fix: one line naming the path. OS errors without a path are bugs.
+        if e.filename is None:
+            raise
+        _fail(_os_error_line(e), e)
     sys.exit(0)
+
+
+_OS_HINTS = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "no permission",
+    errno.EPERM: "not permitted here",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "is a folder, not a file",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    path = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    reason = e.strerror or type(e).__name__
+    hint = _OS_HINTS.get(e.errno or 0)
+    return f"{path}: {reason}" + (f" ({hint})" if hint and hint.lower() != reason.lower() else "")
 
 
 def _fail(message: str, exc: BaseException) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_dir, existing_file
+from harness.cli import check_output_file
+from harness.cli.common import SEED, existing_dir, existing_file
 
 out_file = click.Path(dir_okay=False, path_type=Path)
 
@@ -34,8 +35,10 @@ def data() -> None:
 @data.command("check")
 @click.argument("data_dir", metavar="DIR", type=existing_dir)
 @click.option("--json", "json_out", type=out_file, default=None, help="Write the full report (every problem) here.")
-@click.option("--show", type=int, default=10, show_default=True, help="Problems listed per kind (0 = all).")
-@click.option("--workers", type=int, default=None, help="Threads decoding images (default: min(8, cpus)).")
+@click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Problems listed per kind (0 = all).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Threads decoding images (default: min(8, cpus)).")
 def data_check(data_dir: Path, json_out: Path | None, show: int, workers: int | None) -> None:
     """Check prompt-gt.csv and every image: counts, sizes and every problem found.
 
@@ -59,6 +62,8 @@ def data_check(data_dir: Path, json_out: Path | None, show: int, workers: int | 
     from harness.io import write_json
     from harness.progress import progress
 
+    if json_out:
+        check_output_file(json_out, "--json")  # before minutes of decoding, not after
     con = _console()
     images_dir = data_dir / "images"
     n_files = sum(1 for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
@@ -126,9 +131,9 @@ def data_check(data_dir: Path, json_out: Path | None, show: int, workers: int | 
 
 @click.command()
 @click.argument("data_dir", metavar="DIR", type=existing_dir)
-@click.option("--val-images", type=int, default=200, show_default=True,
+@click.option("--val-images", type=click.IntRange(min=1), default=200, show_default=True,
               help="Images on the validation side (the seed paper: 200 of 2,000).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed within each stratum.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Shuffle seed within each stratum.")
 @click.option("--out", "out_path", type=out_file, required=True, help="SPLIT.json to write.")
 def split(data_dir: Path, val_images: int, seed: int, out_path: Path) -> None:
     """Split the dev set BY IMAGE into train / val, stratified by procedure and main finding.
@@ -146,6 +151,7 @@ def split(data_dir: Path, val_images: int, seed: int, out_path: Path) -> None:
     from harness.io import sha256_file
     from harness.split import write_split
 
+    check_output_file(out_path, "--out")
     con = _console()
     d = write_split(data_dir, out_path, val_images=val_images, seed=seed)
     t = Table(title=f"split of {data_dir} (seed {seed})", title_justify="left")
@@ -171,7 +177,8 @@ def prompts() -> None:
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev set to compare with (default: the shipped list of 483 dev captions).")
 @click.option("--json", "json_out", type=out_file, default=None, help="Write the report here.")
-@click.option("--show", type=int, default=20, show_default=True, help="Prompts not in the dev set to list (0 = all).")
+@click.option("--show", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Prompts not in the dev set to list (0 = all).")
 def prompts_check(prompt_file: Path, data_dir: Path | None, json_out: Path | None, show: int) -> None:
     """Count, unique count, longest prompt, blank lines, and prompts that never occur in the dev captions.
 
@@ -188,6 +195,8 @@ def prompts_check(prompt_file: Path, data_dir: Path | None, json_out: Path | Non
     from harness.io import write_json
     from harness.prompts import check_prompts, dev_captions, read_prompt_file
 
+    if json_out:
+        check_output_file(json_out, "--json")
     con = _console()
     pf = read_prompt_file(prompt_file)
     captions, label = dev_captions(data_dir)
@@ -226,9 +235,11 @@ def prompts_check(prompt_file: Path, data_dir: Path | None, json_out: Path | Non
 
 @prompts.command("make")
 @click.argument("prompt_file", metavar="FILE", type=out_file)
-@click.option("--n", "n", type=int, default=5000, show_default=True, help="Lines (prompts) to write.")
-@click.option("--unique", "n_unique", type=int, default=260, show_default=True, help="Distinct prompts among them.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Lines (prompts) to write (the 2024 test file has 5,000).")
+@click.option("--unique", "n_unique", type=click.IntRange(min=1), default=260, show_default=True,
+              help="Distinct prompts among them (the 2024 test file has 260).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the draw.")
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Draw from this dev set, weighted by caption frequency (default: shipped list, uniform).")
 @click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
@@ -248,6 +259,7 @@ def prompts_make(prompt_file: Path, n: int, n_unique: int, seed: int, data_dir: 
 
     if prompt_file.exists() and not overwrite:
         raise UserError("file exists (use --overwrite to replace it)", prompt_file)
+    check_output_file(prompt_file)
     captions, label = dev_captions(data_dir)
     lines = synthesize_test_prompts(captions, n=n, n_unique=n_unique, seed=seed)
     write_text(prompt_file, format_prompt_file(lines))

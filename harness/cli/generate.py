@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_dir, existing_file
+from harness.cli import FiniteFloatRange, check_output_dir
+from harness.cli.common import SEED, existing_dir, existing_file
 
 
 def register(cli: click.Group, **groups: click.Group) -> None:
@@ -17,31 +18,46 @@ def register(cli: click.Group, **groups: click.Group) -> None:
     cli.add_command(package)
     cli.add_command(validate)
     cli.add_command(quickstart)
+    make_tiny = groups["models"].commands.get("make-tiny") if "models" in groups else None
+    if isinstance(make_tiny, click.Group):
+        make_tiny.add_command(make_tiny_clip_text)
 
 
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
 @click.option("--prompts", "prompts_path", type=existing_file, required=True, help="Prompt file, one per line.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Prompts per forward pass. Keep it fixed when resuming for bit-identical images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i uses a seed derived from (seed, i).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts per forward pass. Keep it (and --threads, --device) fixed when resuming for bit-identical "
+                   "images; generation.json records them and a resume with other values warns.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Base seed; image i uses a seed derived from (seed, i).")
 @click.option("--out", "out_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
-@click.option("--overwrite", is_flag=True, help="Regenerate every image, replacing what is there.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (family default if unset).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (family default if unset).")
-@click.option("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--overwrite", is_flag=True,
+              help="Regenerate every image, replacing what is there (images past the end of a shorter prompt file "
+                   "are removed).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (family default if unset).")
+@click.option("--guidance", type=FiniteFloatRange(min=0), default=None,
+              help="Classifier-free guidance scale, finite and >= 0 (family default if unset).")
+@click.option("--device", type=str, default=None,
+              help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's own choice, usually one per core). Recorded in "
+                   "generation.json: another count can move a pixel by one grey level on CPU.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Weights/activations dtype (family default fp32; bf16/fp16 on a GPU).")
-@click.option("--num-processes", type=int, default=1, show_default=True,
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Shard prompts over N processes with `accelerate launch` (one per GPU; gloo on CPU).")
-def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps, guidance, device, dtype,
+def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps, guidance, device, threads, dtype,
              num_processes):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
     started again. Image i depends only on (seed, i) and --batch-size: the same for any number of processes and any
-    number of kills (batches are fixed index blocks); another batch size may move a pixel by one grey level, as
-    floating-point sums run in another order.
+    number of kills (batches are fixed index blocks); another batch size, thread count or device may move a pixel by
+    one grey level, as floating-point sums run in another order (a resume that changes them warns). A copied or
+    moved run keeps its images: the model identity holds content hashes, not folder names. With --overwrite, images
+    past the end of a shorter prompt file are removed. An image that comes out constant (what a NaN/inf tensor
+    becomes) is never written: the run stops naming its index.
 
     \b
     Examples:
@@ -49,21 +65,30 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
     """
+    from rich.markup import escape
+
     from harness.errors import UserError
     from harness.generate import check_images_dir, distributed_shard, generate_images, load_generator
     from harness.progress import console, progress
     from harness.prompts import read_prompt_file
     from harness.runs import open_run
 
+    run = open_run(run_dir)
+    pf = read_prompt_file(prompts_path)
+    images_dir = Path(out_dir) if out_dir else run.images_dir
+    # Every option is checked before the model is loaded (minutes on a real model) or anything is written.
+    check_output_dir(images_dir, "--out" if out_dir else "")
+    dev = _device(device)
     if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _relaunch_distributed(num_processes)
         return
-    run = open_run(run_dir)
-    pf = read_prompt_file(prompts_path)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     rank, world = distributed_shard()
-    overrides = {"steps": steps, "guidance": guidance, "dtype": dtype, "device": device or _default_device()}
+    overrides = {"steps": steps, "guidance": guidance, "dtype": dtype, "device": str(dev)}
     gen = load_generator(run, overrides)
-    images_dir = Path(out_dir) if out_dir else run.images_dir
     n_blocks = -(-len(pf.prompts) // batch_size)
     share = sum(min(batch_size, len(pf.prompts) - b * batch_size) for b in range(rank, n_blocks, world))
     barrier = None
@@ -76,6 +101,8 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
         report = generate_images(
             gen, pf.prompts, images_dir, base_seed=seed, batch_size=batch_size, prompts_sha256=pf.sha256,
             overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n), barrier=barrier,
+            device=_device_label(dev),
+            warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}", markup=True, highlight=False),
         )
         bar.update(task, completed=share)
     shard_note = f" on rank {rank}/{world}" if world > 1 else ""
@@ -86,18 +113,31 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
         problems = check_images_dir(images_dir, pf.prompts)
         if problems:
             raise UserError(f"generation incomplete: {problems[0]} ({len(problems)} problem(s))", images_dir)
-        run.log(f"generate: {report.total} images complete, prompts sha256 {pf.sha256}, seed {seed}, world {world}")
+        try:
+            run.log(f"generate: {report.total} images complete, prompts sha256 {pf.sha256}, seed {seed}, "
+                    f"world {world}")
+        except OSError as e:  # a run on read-only storage, generating into --out elsewhere
+            console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
         console.print(f"[green]{report.total} prompts -> {images_dir}: complete[/]")
 
 
-def _default_device() -> str:
-    from harness.distributed import launched, state
+def _device(device: str | None):
+    """--device checked up front (an unknown or unavailable device is one line, exit 2); under a multi-process
+    launch the default is this rank's device."""
+    from harness.distributed import launched, pick_device, state
 
-    if launched():
-        return str(state().device)
-    import torch
+    if device in (None, "", "auto") and launched():
+        return state().device
+    return pick_device(device)
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _device_label(dev) -> str:
+    """The device as recorded in generation.json: another GPU model can move a pixel as much as another batch."""
+    if dev.type == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type
 
 
 def _relaunch_distributed(n: int) -> None:
@@ -141,6 +181,9 @@ def _relaunch_distributed(n: int) -> None:
 def package(run_dir, prompts_path, team, out_dir, images_dir):
     """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip.
 
+    The checks are `harness validate`'s (so what package writes, validate accepts), and the zip appears only when
+    all pass, in one piece (written under a temporary name, then renamed).
+
     \b
     Example:
       harness package runs/msdm-unet-tiny-20261122-1532 --prompts test-prompts.txt --team simula-fans
@@ -151,9 +194,13 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
 
     run = open_run(run_dir)
     prompts = read_prompts(prompts_path)
+    check_output_dir(out_dir, "--out")
     path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir)
     s = zip_summary(path)
-    run.log(f"package: {path} sha256 {s['sha256']}")
+    try:
+        run.log(f"package: {path} sha256 {s['sha256']}")
+    except OSError as e:  # a run on read-only storage can still be packaged elsewhere
+        console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
     w, h = report.size or (0, 0)
     console.print(f"[green]wrote[/] {path}  ({report.n_images} images {w}x{h}, {s['bytes']:,} bytes)")
     click.echo(f"sha256 {s['sha256']}")
@@ -163,7 +210,10 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
 @click.argument("zip_path", metavar="ZIP", type=existing_file)
 @click.option("--prompts", "prompts_path", type=existing_file, required=True, help="The prompt file.")
 def validate(zip_path, prompts_path):
-    """Check a submission zip: one RGB PNG per prompt, one size, safe entry names, manifest matches.
+    """Check a submission zip: one RGB PNG per prompt, one size, safe entry names, manifest matches, and content.
+
+    Content problems: a constant image (all black is what a NaN/inf tensor becomes), a set of identical images, and
+    images above 4096x4096 pixels (16.8 MP; read from the PNG header, so a decompression bomb is never decoded).
 
     \b
     Example:
@@ -190,7 +240,7 @@ def validate(zip_path, prompts_path):
               show_default=True, help="Folder for the split, runs, prompts and the zip.")
 @click.option("--model", type=click.Choice(["msdm", "test-pattern"]), default="msdm", show_default=True,
               help="msdm: train the tiny MSDM on CPU (a few minutes); test-pattern: skip training (seconds).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split, training and generation.")
 def quickstart(workdir, model, seed):
     """Run the whole pipeline offline on CPU on the small real sample shipped with the package.
 
@@ -203,4 +253,63 @@ def quickstart(workdir, model, seed):
     """
     from harness.quickstart import run_quickstart
 
+    check_output_dir(workdir, "--workdir")
     run_quickstart(Path(workdir), model=model, seed=seed)
+
+
+@click.command("clip-text")
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", type=existing_dir, default=None,
+              help="Learn the tokenizer from this dev set's captions (default: the shipped list of 483 dev captions).")
+@click.option("--hidden-size", type=click.IntRange(min=8, max=1024), default=32, show_default=True,
+              help="Width of the tiny text tower, even (2 attention heads); 32 is the tests' size, real CLIP ViT-L/14 "
+                   "has 768.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
+def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, seed: int, overwrite: bool) -> None:
+    """Write a tiny CLIP text encoder + tokenizer to DIR (tokenizer/ + text_encoder/, the diffusers pipeline layout),
+    the offline stand-in for openai/clip-vit-large-patch14 that the tests and `harness quickstart` use.
+
+    The tokenizer is a real byte-level BPE `CLIPTokenizer` learned offline from the dev captions, the encoder a
+    randomly initialised `CLIPTextModel`; both are saved with `save_pretrained` and load through the same code as
+    the hub model. Use it to run the README's MSDM recipe end to end without network (the images mean nothing).
+
+    Scoring offline needs the metric extractors' weights too. In tests, `harness score --allow-unverified-weights`
+    accepts randomly initialised extractors whose sha256 is not the published one; such results are labelled and
+    kept off the leaderboard: a TEST option, never for reported numbers.
+
+    \b
+    Example (MSDM recipe, offline on CPU):
+      harness models make-tiny clip-text tiny-clip
+      harness train msdm-vae  --split split.json --data $DATA --preset tiny --max-steps 50
+      harness train msdm-unet --split split.json --data $DATA --preset tiny --vae runs/<msdm-vae-run> \\
+          --text-encoder tiny-clip --max-steps 50
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from harness.errors import UserError
+    from harness.progress import console
+    from harness.prompts import dev_captions
+    from models.tiny_clip import save_tiny_clip_text
+
+    if hidden_size % 2:
+        raise UserError(f"--hidden-size {hidden_size} must be even (the tiny tower has 2 attention heads)")
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise UserError("exists and is not empty (use --overwrite to replace it)", out_dir)
+    check_output_dir(out_dir.parent, name=out_dir)
+    captions, label = dev_captions(data_dir)
+    # Written into a temporary sibling and renamed: DIR is either the whole model or untouched.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_tiny_clip_text(tmp, sorted(set(captions)), hidden_size=hidden_size, seed=seed)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"[green]{out_dir}[/]: tiny CLIP text encoder (hidden {hidden_size}, seed {seed}) + tokenizer "
+                  f"learned from {label}; pass it as --text-encoder {out_dir}", highlight=False)

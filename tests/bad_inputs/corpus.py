@@ -171,6 +171,169 @@ def _generate_vae_run(tmp: Path) -> list[str]:
     return ["generate", str(run.dir), "--prompts", str(bd.prompt_file(tmp, PROMPTS))]
 
 
+# ------------------------------------------------------------- options out of range (click ranges, checked first)
+
+def _a_file(tmp: Path) -> Path:
+    (tmp / "a-file").write_text("not a folder\n", encoding="utf-8")
+    return tmp / "a-file"
+
+
+def _generate_with(*extra: str) -> Builder:
+    def build(tmp: Path) -> list[str]:
+        run = _test_run(tmp)
+        _a_file(tmp)
+        return ["generate", str(run.dir), "--prompts", str(bd.prompt_file(tmp, PROMPTS)), *extra]
+
+    return build
+
+
+for _name, _extra in {
+    "--batch-size 0": ("--batch-size", "0"),
+    "--guidance nan": ("--guidance", "nan"),
+    "--guidance inf": ("--guidance", "inf"),
+    "--guidance -1": ("--guidance", "-1"),
+    "--steps 0": ("--steps", "0"),
+    "--seed -1 (below the RNG's range)": ("--seed", "-1"),
+    "--seed 2**32 (above the RNG's range)": ("--seed", str(2**32)),
+    "--threads 0": ("--threads", "0"),
+    "--num-processes 0": ("--num-processes", "0"),
+    "--device cuda:99 (no such GPU)": ("--device", "cuda:99"),
+    "--device banana (unknown device)": ("--device", "banana"),
+    "--out under a regular file": ("--out", "a-file/images"),
+    "--out under /proc": ("--out", "/proc/harness-cannot-write-here/images"),
+}.items():
+    CASES[f"generate: {_name}"] = _generate_with(*_extra)
+
+
+@case("split: --out under a regular file")
+def _split_out_file(tmp: Path) -> list[str]:
+    from harness.sample import sample_dir
+
+    return ["split", str(sample_dir()), "--val-images", "4", "--out", str(_a_file(tmp) / "split.json")]
+
+
+@case("split: --seed -1")
+def _split_seed(tmp: Path) -> list[str]:
+    from harness.sample import sample_dir
+
+    return ["split", str(sample_dir()), "--seed", "-1", "--out", str(tmp / "split.json")]
+
+
+@case("data check: --json under /proc")
+def _data_check_json_proc(tmp: Path) -> list[str]:
+    return ["data", "check", str(bd.good_devset(tmp)), "--json", "/proc/harness-cannot-write-here/report.json"]
+
+
+@case("data check: --workers 0")
+def _data_check_workers(tmp: Path) -> list[str]:
+    return ["data", "check", str(bd.good_devset(tmp)), "--workers", "0"]
+
+
+@case("prompts make: FILE under a regular file")
+def _prompts_make_file(tmp: Path) -> list[str]:
+    return ["prompts", "make", str(_a_file(tmp) / "p.txt"), "--n", "4", "--unique", "2"]
+
+
+@case("prompts make: --n 0")
+def _prompts_make_n0(tmp: Path) -> list[str]:
+    return ["prompts", "make", str(tmp / "p.txt"), "--n", "0"]
+
+
+@case("package: --out under a regular file")
+def _package_out_file(tmp: Path) -> list[str]:
+    run = _test_run(tmp, PROMPTS)
+    prompts = bd.prompt_file(tmp, PROMPTS)
+    return ["package", str(run.dir), "--prompts", str(prompts), "--team", "t", "--out", str(_a_file(tmp) / "subs")]
+
+
+@case("quickstart: --workdir under /proc")
+def _quickstart_proc(tmp: Path) -> list[str]:
+    return ["quickstart", "--model", "test-pattern", "--workdir", "/proc/harness-cannot-write-here"]
+
+
+@case("models make-tiny clip-text: DIR under a regular file")
+def _tiny_clip_file(tmp: Path) -> list[str]:
+    return ["models", "make-tiny", "clip-text", str(_a_file(tmp) / "tiny-clip")]
+
+
+@case("models make-tiny clip-text: --hidden-size 9 (not divisible by the heads)")
+def _tiny_clip_odd(tmp: Path) -> list[str]:
+    return ["models", "make-tiny", "clip-text", str(tmp / "tiny-clip"), "--hidden-size", "9"]
+
+
+# ------------------------------------------------------------------ degenerate or oversized images (package/validate)
+
+def _black_images(run) -> None:
+    """Replace every generated image by an all-black one with the same metadata (what a NaN tensor became)."""
+    import numpy as np
+
+    from harness.generate import _png_meta, encode_png, image_name, read_manifest
+
+    for row in read_manifest(run.images_dir / "manifest.csv"):
+        i = int(row["index"])
+        meta = _png_meta(i, row["prompt"], int(row["seed"]), row["model"])
+        (run.images_dir / image_name(i)).write_bytes(encode_png(np.zeros((32, 32, 3), np.uint8), meta))
+
+
+@case("package: all-black images (NaN output)")
+def _package_black(tmp: Path) -> list[str]:
+    run = _test_run(tmp, PROMPTS)
+    _black_images(run)
+    return ["package", str(run.dir), "--prompts", str(bd.prompt_file(tmp, PROMPTS)), "--team", "t",
+            "--out", str(tmp / "subs")]
+
+
+@case("package: 9000x9000 image in the run (header only; never decoded)")
+def _package_huge(tmp: Path) -> list[str]:
+    run = _test_run(tmp, PROMPTS)
+    (run.images_dir / "00002.png").write_bytes(bd.huge_png_header(9000, 9000))
+    return ["package", str(run.dir), "--prompts", str(bd.prompt_file(tmp, PROMPTS)), "--team", "t",
+            "--out", str(tmp / "subs")]
+
+
+def _zip_replacing(tmp: Path, replace: dict[str, bytes]) -> list[str]:
+    run = _test_run(tmp, PROMPTS)
+    prompts = bd.prompt_file(tmp, PROMPTS)
+    good, _ = package_run(run.images_dir, PROMPTS, "t", tmp / "good")
+    bad = tmp / "bad.zip"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, replace.get(info.filename, zin.read(info.filename)))
+    shutil.rmtree(tmp / "good")
+    return ["validate", str(bad), "--prompts", str(prompts)]
+
+
+@case("validate: all-black images")
+def _zip_black(tmp: Path) -> list[str]:
+    black = bd.png_bytes(Image.new("RGB", (32, 32)))
+    return _zip_replacing(tmp, {f"task1/{i:05d}.png": black for i in range(1, len(PROMPTS) + 1)})
+
+
+@case("validate: one constant (grey) image")
+def _zip_constant(tmp: Path) -> list[str]:
+    return _zip_replacing(tmp, {"task1/00002.png": bd.png_bytes(Image.new("RGB", (32, 32), (128, 128, 128)))})
+
+
+@case("validate: every image identical")
+def _zip_identical(tmp: Path) -> list[str]:
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    same = bd.png_bytes(Image.fromarray(noise, "RGB"))
+    return _zip_replacing(tmp, {f"task1/{i:05d}.png": same for i in range(1, len(PROMPTS) + 1)})
+
+
+@case("validate: 9000x9000 images (header only; never decoded)")
+def _zip_9000(tmp: Path) -> list[str]:
+    return _zip_replacing(tmp, {f"task1/{i:05d}.png": bd.huge_png_header(9000, 9000)
+                                for i in range(1, len(PROMPTS) + 1)})
+
+
+@case("validate: 12000x12000 image (above PIL's own bomb limit)")
+def _zip_12000(tmp: Path) -> list[str]:
+    return _zip_replacing(tmp, {"task1/00001.png": bd.huge_png_header(12000, 12000)})
+
+
 # Accepted on purpose, reported rather than refused (documented behaviour, checked separately):
 ACCEPTED = {
     "csv with UTF-8 BOM": "read, and `data check` reports the BOM (editors on Windows add one)",
