@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import click
@@ -56,3 +58,51 @@ LOOP_KEYS = ("seed", "max_steps", "batch_size", "grad_accum", "lr", "max_grad_no
 def pop_loop_overrides(kwargs: dict) -> dict:
     """Take the training-loop options out of a command's kwargs (None = not given)."""
     return {k: kwargs.pop(k) for k in LOOP_KEYS if k in kwargs}
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (a range alone lets nan through: every comparison with nan
+    is false). `--guidance nan` used to produce all-black images."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def check_output_file(path: str | Path, option: str = "") -> Path:
+    """`check_output_dir` for a file to write: its folder must be writable, and it must not be a folder itself."""
+    from harness.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option + ' ' if option else ''}is a folder; name a file to write", path)
+    check_output_dir(path.parent, option, name=path)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "", name: str | Path | None = None) -> Path:
+    """Fail before any work when `path` (a folder to write into, created if needed) cannot be written: a file
+    where a folder must be, a read-only or pseudo file system (/proc, /sys), no permission. Probes by creating
+    and removing a temporary folder in the nearest existing ancestor (root ignores mode bits, so `os.access` would
+    say yes), which leaves nothing behind."""
+    import tempfile
+
+    from harness.errors import UserError
+
+    path = Path(path)
+    what = f"{option} " if option else ""
+    anc = path.absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{what}cannot be created: {anc} is a file, not a folder", name or path)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".harness-write-test-", dir=anc))
+    except OSError as e:
+        raise UserError(f"{what}is not writable: cannot create anything in {anc} ({e.strerror})",
+                        name or path) from None
+    return path

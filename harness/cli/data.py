@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli import check_output_file
+from harness.cli.common import check_output_file
 from harness.cli.common import SEED, existing_dir, existing_file
 
 out_file = click.Path(dir_okay=False, path_type=Path)

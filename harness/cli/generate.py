@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli import FiniteFloatRange, check_output_dir
+from harness.cli.common import FiniteFloatRange, check_output_dir
 from harness.cli.common import SEED, existing_dir, existing_file
 
 

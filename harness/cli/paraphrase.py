@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import click
 
-from harness.cli.common import SEED, existing_dir, existing_file
+from harness.cli.common import SEED, FiniteFloatRange, existing_dir, existing_file
 from harness.errors import UserError
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf (nan passes every range comparison)."""
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
-
-
-class OneLineUsageErrors(click.Command):
-    """A bad option value, a missing argument or an unknown option is one line naming the option and exit 2 (a
-    UserError), like every other user mistake, instead of click's usage block."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise UserError(f"harness {info_name}: {e.format_message()}") from None
 
 
 POSITIVE = click.IntRange(min=1)
@@ -40,7 +18,7 @@ def register(cli: click.Group, **groups: click.Group) -> None:
     cli.add_command(paraphrase)
 
 
-@click.command(cls=OneLineUsageErrors)
+@click.command()
 @click.argument("source", metavar="DIR|SPLIT.json", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev set the SPLIT.json was made from (needed with SPLIT.json; only its TRAIN captions are sent).")
