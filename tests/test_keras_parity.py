@@ -211,18 +211,23 @@ def test_port_softmax_matches_keras_on_dev_images(keras, reference):
     from harness.imageclef2024 import build_network, preprocess
 
     model, path = reference
-    paths = _dev_images(N_SOFTMAX)
+    paths = _dev_images(N_GEN + N_REAL)
     ref = np.asarray(model.predict(organisers_inputs(paths, keras), verbose=0), dtype=np.float64)
     # Non-degenerate: far from uniform (1e-3), and different images get different distributions.
     assert ref.max(axis=1).min() > 0.01  # every image: top class >= 10x the uniform 1e-3
     assert np.abs(ref - ref.mean(axis=0)).max() > 0.05
-    assert len(set(ref.argmax(axis=1))) > 1
+    assert len(set(ref.argmax(axis=1))) > 5
 
     net = build_network(path)
     x = torch.from_numpy(np.stack([preprocess(p) for p in paths])).permute(0, 3, 1, 2)
     with torch.no_grad():
         got = torch.softmax(net(x), dim=1).double().numpy()
-    assert np.abs(got - ref).max() < 1e-5
+    diff = np.abs(got - ref).max(axis=1)
+    assert diff[:N_SOFTMAX].max() < 1e-5  # a handful of dev images (the first by name)
+    # float32 only: the two compute the same graph with different op order (Keras' torch backend runs NHWC layers
+    # and its own BatchNormalization arithmetic), ~1e-6 relative at the pooled features; the largest softmax
+    # differences (~4e-5 measured) come from images whose logit spread is 4-5x the median.
+    assert diff.max() < 1e-4
 
 
 def organisers_fd(real: np.ndarray, gen: np.ndarray) -> float:
