@@ -13,10 +13,13 @@ Its steps, and how each is reproduced here:
    299*299*3 = 268,203 values, repeating the sequence from the start when the image has fewer. A large image is
    seen as its top rows re-wrapped into 299-pixel rows; an RGBA image's channels slide (R G B A R G B A ...).
 4. Keras `inception_v3.preprocess_input`: cast to float32, x / 127.5 - 1.
-5. Keras InceptionV3 (ImageNet) with its top: the 1,000-way softmax is the feature vector. Here torchvision's
-   ImageNet InceptionV3 (Google's weights, `inception_v3_google-0cc3c7bd.pth`) takes Keras-style [-1, 1] input
-   directly (`transform_input=False`). Its weights are not Keras' weights, so the numbers *approximate* the official
-   score; they are labelled so.
+5. Keras InceptionV3 (ImageNet) with its top: the 1,000-way softmax is the feature vector. Here a PyTorch port
+   (torchvision's Inception3 graph with Keras' average pooling, see "network" below) taking Keras-style [-1, 1]
+   input directly. Its weights: Keras' own file (`inception_v3_weights_tf_dim_ordering_tf_kernels.h5`, the legacy
+   HDF5 layout, read with h5py) - then the port computes the organisers' network up to float32 kernel differences
+   (docs/imageclef2024.md) - or, the labelled fallback, torchvision's ImageNet weights
+   (`inception_v3_google-0cc3c7bd.pth`, Google's weights, not Keras'), whose numbers only *approximate* the official
+   score. The file's content decides which (HDF5 signature), not its name; `label_for` names it in the result.
 6. Frechet distance between the real and generated softmax sets with `scipy.linalg.sqrtm`, real part taken
    (bounded by [0, 4] on probability vectors), and the Inception Score of the generated set over 10 splits of
    floor(N/10) images, eps 1e-16, reported as mean / std / median.

@@ -42,14 +42,16 @@ AUTO_NAMED = ("conv2d", "batch_normalization", "activation", "max_pooling2d", "a
 
 @pytest.fixture(scope="module")
 def keras(tmp_path_factory):
-    """Keras on the torch backend. The environment variables are set only around the import (Keras reads them
-    then) and restored afterwards, so no other test sees them; KERAS_HOME keeps keras.json out of the home dir."""
+    """Keras on the torch backend, on the CPU. The environment variables are set only around the import (Keras reads
+    them then) and restored afterwards, so no other test sees them; KERAS_HOME keeps keras.json out of the home
+    dir."""
     pytest.importorskip("h5py")
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "torch":
         pytest.skip("keras is already imported with another backend")
-    names = ("KERAS_BACKEND", "KERAS_HOME")
+    names = ("KERAS_BACKEND", "KERAS_HOME", "KERAS_TORCH_DEVICE")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["KERAS_BACKEND"] = "torch"
+    os.environ["KERAS_TORCH_DEVICE"] = "cpu"  # float32 CPU on both sides, also on a GPU machine
     os.environ["KERAS_HOME"] = str(tmp_path_factory.mktemp("keras-home"))
     try:
         import keras as keras_module
@@ -62,6 +64,7 @@ def keras(tmp_path_factory):
             else:
                 os.environ[k] = v
     assert keras_module.backend.backend() == "torch"
+    assert all(os.environ.get(k) == v for k, v in saved.items())  # nothing leaks into other tests
     return keras_module
 
 
