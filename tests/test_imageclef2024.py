@@ -248,9 +248,10 @@ def keras_layout_of(model: torch.nn.Module) -> tuple[list[str], dict]:
         block = mods[conv_name]
         names += [f"conv2d_{k}", f"batch_normalization_{k}", f"activation_{k}"]
         weights[f"conv2d_{k}"] = [(f"conv2d_{k}/kernel:0", block.conv.weight.numpy().transpose(2, 3, 1, 0))]
+        bn = block.bn
         weights[f"batch_normalization_{k}"] = [
-            (f"batch_normalization_{k}/{role}:0", t.numpy()) for role, t in
-            (("beta", block.bn.bias), ("moving_mean", block.bn.running_mean), ("moving_variance", block.bn.running_var))]
+            (f"batch_normalization_{k}/{role}:0", t.numpy())
+            for role, t in (("beta", bn.bias), ("moving_mean", bn.running_mean), ("moving_variance", bn.running_var))]
     names += ["mixed10", "avg_pool", "predictions"]
     weights["predictions"] = [("predictions/kernel:0", model.fc.weight.numpy().T),
                               ("predictions/bias:0", model.fc.bias.numpy())]
@@ -341,3 +342,23 @@ def test_weights_kind_reads_the_file_not_its_name(tmp_path, keras_port_and_file,
     shutil.copy(clef_weights, renamed)
     assert ic.weights_kind(renamed) == "torchvision" and ic.label_for(renamed) == ic.LABEL
     assert isinstance(ic.build_network(renamed), torch.nn.Module)
+
+
+def test_score_run_takes_keras_h5_weights(tmp_path, monkeypatch, keras_port_and_file):
+    """The same option and path score with Keras' file: the weights file itself selects the loader."""
+    from harness.generate import TestPatternGenerator, generate_images
+    from harness.runs import create_run
+    from harness.score import ScoreConfig, score_run
+
+    _, h5 = keras_port_and_file
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    run = create_run("test-pattern", {"size": 32})
+    generate_images(TestPatternGenerator(32), [f"p{i % 3}" for i in range(10)], run.images_dir)
+    real = tmp_path / "real"
+    generate_images(TestPatternGenerator(32), [f"q{i % 4}" for i in range(4)], real, base_seed=1)
+    cfg = ScoreConfig(real=str(real), metrics=["imageclef2024"], imageclef_weights=h5, device="cpu",
+                      allow_unverified_weights=True)
+    result = score_run(run, cfg)
+    m = result.metrics["imageclef2024"]
+    assert m["status"] == "ok" and 0 <= m["fd"] <= 4 and m["is_mean"] >= 1.0 - 1e-6
+    assert result.data["extractors"]["imageclef2024"]["weights"]["path"] == str(h5.resolve())
