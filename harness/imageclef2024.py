@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
 
 from harness.errors import UserError
 from harness.features import Extractor, ResolvedWeights
@@ -117,44 +119,39 @@ def keras_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-def _keras_blocks() -> list:
-    from torchvision.models.inception import (BasicConv2d, InceptionA, InceptionAux, InceptionB, InceptionC,
-                                              InceptionD, InceptionE)
+class KerasInceptionA(InceptionA):
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self.branch_pool(keras_avg_pool(x))]
 
-    class KerasInceptionA(InceptionA):
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(keras_avg_pool(x))]
 
-    class KerasInceptionC(InceptionC):
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            d = x
-            for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                         self.branch7x7dbl_5):
-                d = conv(d)
-            return [self.branch1x1(x), b7, d, self.branch_pool(keras_avg_pool(x))]
+class KerasInceptionC(InceptionC):
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            d = conv(d)
+        return [self.branch1x1(x), b7, d, self.branch_pool(keras_avg_pool(x))]
 
-    class KerasInceptionE(InceptionE):
-        def _forward(self, x):
-            b3 = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-            d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-            return [self.branch1x1(x), b3, d, self.branch_pool(keras_avg_pool(x))]
 
-    return [BasicConv2d, KerasInceptionA, InceptionB, KerasInceptionC, InceptionD, KerasInceptionE, InceptionAux]
+class KerasInceptionE(InceptionE):
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        return [self.branch1x1(x), b3, d, self.branch_pool(keras_avg_pool(x))]
 
 
 def inception_v3_port(aux_logits: bool = False) -> torch.nn.Module:
     """Keras' InceptionV3 (with its 1,000-class top) as a torchvision Inception3 with Keras' average pooling,
     randomly initialised, taking Keras-style [-1, 1] NCHW input. `aux_logits` only keeps the (unused at inference)
     auxiliary head so that torchvision's state dicts load."""
-    from torchvision.models.inception import Inception3
-
-    return Inception3(num_classes=1000, aux_logits=aux_logits, transform_input=False,
-                      inception_blocks=_keras_blocks(), init_weights=False)
+    blocks = [BasicConv2d, KerasInceptionA, InceptionB, KerasInceptionC, InceptionD, KerasInceptionE, InceptionAux]
+    return Inception3(num_classes=1000, aux_logits=aux_logits, transform_input=False, inception_blocks=blocks,
+                      init_weights=False)
 
 
 # The Keras layers' creation order (= their auto names conv2d_1 ... conv2d_94 and batch_normalization_1 ... _94 in
