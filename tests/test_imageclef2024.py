@@ -139,9 +139,7 @@ def clef_weights(tmp_path_factory):
     return write_random_weights("imageclef2024", tmp_path_factory.mktemp("w") / "inception_v3.pth", seed=3)
 
 
-def test_network_features_equal_a_direct_torchvision_pass(tmp_path, rng, clef_weights):
-    from torchvision.models import inception_v3
-
+def test_network_features_equal_a_direct_pass_of_the_port(tmp_path, rng, clef_weights):
     from harness.features import ResolvedWeights
 
     paths = [_save(tmp_path / f"{i}.png", rng.integers(0, 256, (80 + 40 * i, 100, 3), dtype=np.uint8))
@@ -150,7 +148,7 @@ def test_network_features_equal_a_direct_torchvision_pass(tmp_path, rng, clef_we
     ex = ic.OrganisersInception(ResolvedWeights(clef_weights, "x", False, "explicit"), torch.device("cpu"))
     got = ex.forward(torch.stack([ex.load(p) for p in paths]))["softmax"]
 
-    net = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False)
+    net = ic.inception_v3_port(aux_logits=True)
     net.load_state_dict(torch.load(clef_weights, weights_only=True))
     net.eval()
     x = np.stack([numpy_reference(np.asarray(Image.open(p))) for p in paths])  # NHWC, like Keras
@@ -160,7 +158,7 @@ def test_network_features_equal_a_direct_torchvision_pass(tmp_path, rng, clef_we
     assert torch.allclose(got.sum(1), torch.ones(4), atol=1e-5)
     assert (got[0] - got[1]).abs().max() > 0  # random weights still separate images
 
-    with pytest.raises(UserError, match="not a torchvision InceptionV3"):
+    with pytest.raises(UserError, match="neither Keras HDF5 weights nor a torchvision InceptionV3"):
         ic.build_network(paths[0])
 
 
@@ -199,3 +197,168 @@ def test_sets_empty_under_the_organisers_listing_are_not_computed(tmp_path, monk
                       allow_unverified_weights=True)
     m = score_run(run, cfg).metrics["imageclef2024"]
     assert m["status"] == "not computed" and "listing rule" in m["reason"] and "fd" not in m
+
+
+# ------------------------------------------------------------------------------- the Keras port and its weights
+
+
+def test_keras_avg_pool_does_not_count_padding():
+    ones = torch.ones(1, 2, 5, 6)
+    assert torch.equal(ic.keras_avg_pool(ones), ones)  # Keras 'same' pooling of a constant is that constant
+    tv = torch.nn.functional.avg_pool2d(ones, kernel_size=3, stride=1, padding=1)  # torchvision's blocks
+    assert tv[0, 0, 0, 0] == pytest.approx(4 / 9) and tv[0, 0, 0, 2] == pytest.approx(6 / 9)
+    x = torch.rand(1, 1, 4, 4)
+    assert ic.keras_avg_pool(x)[0, 0, 0, 0] == pytest.approx(x[0, 0, :2, :2].mean().item())
+
+
+@pytest.fixture(scope="module")
+def port_and_torchvision(clef_weights):
+    from torchvision.models import inception_v3
+
+    tv = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False).eval()
+    tv.load_state_dict(torch.load(clef_weights, weights_only=True))
+    return ic.build_network(clef_weights), tv
+
+
+@pytest.mark.parametrize("block", ["Mixed_5b", "Mixed_6b", "Mixed_7b", "Mixed_7c"])
+def test_port_pools_like_keras_at_the_borders(port_and_torchvision, block):
+    """The network `build_network` returns averages only in-image pixels in its pool branches (Keras), where
+    torchvision's block with the same weights counts the padded zeros: same interior, different border."""
+    port, tv = port_and_torchvision
+    mine, theirs = getattr(port, block), getattr(tv, block)
+    cin = mine.branch_pool.conv.in_channels
+    x = torch.rand(1, cin, 7, 7, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        got, ref = mine(x), theirs(x)
+        pool = mine.branch_pool(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    k = mine.branch_pool.conv.out_channels
+    assert torch.allclose(got[:, -k:], pool, atol=1e-6)  # the pool branch is Keras' pooling then the 1x1 conv
+    assert torch.allclose(got[:, :-k], ref[:, :-k], atol=1e-6)  # the other branches are torchvision's
+    assert torch.allclose(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5)  # interior unchanged
+    border = (got - ref)[:, -k:].abs()
+    assert border[..., 0, :].max() > 1e-3 and border[..., :, -1].max() > 1e-3
+
+
+def keras_layout_of(model: torch.nn.Module) -> tuple[list[str], dict]:
+    """The port's weights as Keras' InceptionV3 stores them in the published file (inverse of the loader)."""
+    mods = dict(model.named_modules())
+    names: list[str] = ["input_1"]
+    weights: dict = {}
+    for k, conv_name in enumerate(ic.KERAS_CONV_ORDER, 1):
+        block = mods[conv_name]
+        names += [f"conv2d_{k}", f"batch_normalization_{k}", f"activation_{k}"]
+        weights[f"conv2d_{k}"] = [(f"conv2d_{k}/kernel:0", block.conv.weight.numpy().transpose(2, 3, 1, 0))]
+        bn = block.bn
+        weights[f"batch_normalization_{k}"] = [
+            (f"batch_normalization_{k}/{role}:0", t.numpy())
+            for role, t in (("beta", bn.bias), ("moving_mean", bn.running_mean), ("moving_variance", bn.running_var))]
+    names += ["mixed10", "avg_pool", "predictions"]
+    weights["predictions"] = [("predictions/kernel:0", model.fc.weight.numpy().T),
+                              ("predictions/bias:0", model.fc.bias.numpy())]
+    return names, weights
+
+
+@pytest.fixture(scope="module")
+def keras_port_and_file(tmp_path_factory, clef_weights):
+    pytest.importorskip("h5py")
+    model = ic.build_network(clef_weights)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # distinct BN statistics and betas, so a statistic in the wrong slot shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    names, weights = keras_layout_of(model)
+    path = ic.write_keras_h5(tmp_path_factory.mktemp("keras") / ic.KERAS_H5_NAME, names, weights)
+    return model, path
+
+
+def test_keras_h5_loads_onto_the_port_exactly(keras_port_and_file, rng):
+    model, path = keras_port_and_file
+    assert ic.weights_kind(path) == "keras-h5" and ic.label_for(path) == ic.LABEL_KERAS
+    assert not ic.keras_h5_is_published(path)
+    net = ic.build_network(path)
+    assert not hasattr(net, "AuxLogits") or net.AuxLogits is None  # Keras' model has no auxiliary head
+    ref = {k: v for k, v in model.state_dict().items() if not k.startswith("AuxLogits")}
+    got = net.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in got if not k.endswith("bn.weight"))
+    assert all(torch.equal(v, torch.ones_like(v)) for k, v in got.items() if k.endswith("bn.weight"))  # scale=False
+    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))  # Keras' epsilon
+    x = torch.from_numpy(rng.uniform(-1, 1, (2, 3, 299, 299)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+
+
+def _broken_copy(src, dst, edit):
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def _misshape(f):
+    del f["batch_normalization_5/batch_normalization_5/beta:0"]
+    f["batch_normalization_5"].create_dataset("batch_normalization_5/beta:0", data=np.zeros(7, np.float32))
+
+
+def _extra_layer(f):
+    f.attrs["layer_names"] = np.append(f.attrs["layer_names"], np.bytes_("dense_9"))
+    g = f.create_group("dense_9")
+    g.attrs["weight_names"] = np.asarray([b"dense_9/kernel:0"])
+    g.create_dataset("dense_9/kernel:0", data=np.zeros((3, 3), np.float32))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda f: f.__delitem__("conv2d_17"), "layer conv2d_17 is missing"),
+    (lambda f: f.__delitem__("predictions"), "layer predictions is missing"),  # the _notop file
+    (_misshape, r"layer batch_normalization_5: weight beta has shape \(7,\), Keras' InceptionV3 has \(192,\)"),
+    (lambda f: f["conv2d_3"].attrs.__setitem__("weight_names", np.asarray([b"conv2d_3/kernel:0",
+                                                                           b"conv2d_3/bias:0"])),
+     "layer conv2d_3 has an unexpected weight 'conv2d_3/bias:0'"),
+    (_extra_layer, "layer dense_9 carries weights"),
+    (lambda f: f.attrs.__delitem__("layer_names"), "no 'layer_names' attribute"),
+])
+def test_keras_h5_loader_refuses_a_wrong_file_in_one_line(keras_port_and_file, tmp_path, edit, message):
+    _, good = keras_port_and_file
+    bad = _broken_copy(good, tmp_path / "weights.h5", edit)
+    with pytest.raises(UserError, match=message) as e:
+        ic.build_network(bad)
+    assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value)
+
+
+def test_weights_kind_reads_the_file_not_its_name(tmp_path, keras_port_and_file, clef_weights):
+    import shutil
+
+    _, h5 = keras_port_and_file
+    disguised = tmp_path / "weights.pth"
+    shutil.copy(h5, disguised)
+    assert ic.weights_kind(disguised) == "keras-h5"
+    renamed = tmp_path / "weights.h5"
+    shutil.copy(clef_weights, renamed)
+    assert ic.weights_kind(renamed) == "torchvision" and ic.label_for(renamed) == ic.LABEL
+    assert isinstance(ic.build_network(renamed), torch.nn.Module)
+
+
+def test_score_run_takes_keras_h5_weights(tmp_path, monkeypatch, keras_port_and_file):
+    """The same option and path score with Keras' file: the weights file itself selects the loader."""
+    from harness.generate import TestPatternGenerator, generate_images
+    from harness.runs import create_run
+    from harness.score import ScoreConfig, score_run
+
+    _, h5 = keras_port_and_file
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    run = create_run("test-pattern", {"size": 32})
+    generate_images(TestPatternGenerator(32), [f"p{i % 3}" for i in range(10)], run.images_dir)
+    real = tmp_path / "real"
+    generate_images(TestPatternGenerator(32), [f"q{i % 4}" for i in range(4)], real, base_seed=1)
+    cfg = ScoreConfig(real=str(real), metrics=["imageclef2024"], imageclef_weights=h5, device="cpu",
+                      allow_unverified_weights=True)
+    result = score_run(run, cfg)
+    m = result.metrics["imageclef2024"]
+    assert m["status"] == "ok" and 0 <= m["fd"] <= 4 and m["is_mean"] >= 1.0 - 1e-6
+    assert result.data["extractors"]["imageclef2024"]["weights"]["path"] == str(h5.resolve())
