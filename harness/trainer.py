@@ -56,6 +56,7 @@ from harness.runs import Run
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 FINAL_DIR = "final"
+BEST_DIR = "best"  # with select_best: the weights that scored best (export + provenance.json with the metric)
 TRAIN_LOG = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
 
@@ -85,6 +86,9 @@ class LoopConfig:
     sample_every: int = 0  # 0 = off
     log_every: int = 10  # log (and check the loss is finite) every N steps: the only host syncs of the loop
     num_workers: int | None = None  # DataLoader worker processes per rank; None = default_num_workers()
+    tf32: bool = True  # CUDA: TF32 matmuls and cuDNN convolutions (diffusers' and PyTorch's recommendation)
+    channels_last: bool = False  # CUDA: trained modules and 4-D inputs in channels_last memory format
+    select_best: Literal["none", "val_loss", "fid"] = "none"  # keep the best weights by this metric in run/best
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -104,6 +108,8 @@ class LoopConfig:
                 raise UserError(f"LoopConfig.{k} must be >= 0, got {v}")
         if not self.lr > 0:
             raise UserError(f"LoopConfig.lr must be > 0, got {self.lr}")
+        if self.select_best not in ("none", "val_loss", "fid"):
+            raise UserError(f"LoopConfig.select_best must be none, val_loss or fid, got {self.select_best!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"LoopConfig.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 
@@ -210,8 +216,14 @@ class TrainTask(ABC):
         return torch.utils.data.default_collate(items)
 
     @abstractmethod
-    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """Scalar loss of one micro-batch; draw every random number from `generator` (a CPU generator)."""
+    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Scalar loss of one micro-batch; draw every random number from `generator` (a CPU generator). May return
+        (loss, terms): named scalar tensors (the loss's parts), averaged and logged beside the loss."""
+
+    def selection_metric(self, name: str) -> float | None:
+        """Value of a model-selection metric other than the validation loss (lower is better), computed on the
+        current weights (rank 0 only; modules are unwrapped and in eval mode). None = not available."""
+        return None
 
     def use_modules(self, modules: dict[str, nn.Module]) -> None:
         for name, m in modules.items():
@@ -433,7 +445,8 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
 
 def _remove_stale_temp_dirs(run: Run) -> None:
     """Temp dirs of checkpoints / final artefacts that a killed run left behind (never complete, never read)."""
-    for parent, pattern in ((run.checkpoints_dir, ".step-*.tmp-*"), (run.dir, f".{FINAL_DIR}.tmp-*")):
+    for parent, pattern in ((run.checkpoints_dir, ".step-*.tmp-*"), (run.dir, f".{FINAL_DIR}.tmp-*"),
+                            (run.dir, f".{BEST_DIR}.tmp-*")):
         if parent.is_dir():
             for d in parent.glob(pattern):
                 shutil.rmtree(d, ignore_errors=True)
@@ -446,6 +459,11 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     acc = _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     cfg, loop_plan = resolve_loop(cfg, task.epoch_items(), world)
+    cuda = acc.device.type == "cuda"
+    if cuda:  # TF32: ~8x the fp32 matmul/conv throughput of Ampere+ tensor cores at 10-bit mantissa precision
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    memory_format = torch.channels_last if (cfg.channels_last and cuda) else None
     torch.manual_seed(derive_seed("init", cfg.seed, rank))
 
     named = _named_trainables(task)
@@ -456,6 +474,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     # Frozen modules are only moved; wrapping a module with no trainable parameter in DDP is an error.
     prepared: dict[str, nn.Module] = {}
     for k, m in modules.items():
+        if memory_format is not None and has_trainable[k]:
+            m = m.to(memory_format=memory_format)
         prepared[k] = acc.prepare_model(m) if has_trainable[k] else m.to(acc.device)
     for k, m in prepared.items():
         m.train(has_trainable[k])
@@ -473,11 +493,13 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     data_hashes = run.data_hashes()
 
     start_step, start_k = 0, 0
+    resumed_best = None
     if resume:
         ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UserError("no complete checkpoint to resume from", run.checkpoints_dir)
         start_step, start_k = _load_checkpoint(ckpt, task, named, optimizer, scheduler, cfg, acc)
+        resumed_best = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("best")
         if main:
             _truncate_log(run.dir / TRAIN_LOG, start_step)
             run.log(f"resumed from {ckpt.name}")
@@ -498,6 +520,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     # checkpoint, a validation, a sample grid), so a step never waits for the GPU to finish.
     dev = acc.device
     window_sum, window_n = torch.zeros((), device=dev), 0
+    term_sums: dict[str, torch.Tensor] = {}  # the loss's named parts, summed over the window's steps
+    best: dict[str, Any] = dict(resumed_best or {"value": None, "step": None})  # the best so far survives resume
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss, -1 = none
     grad_norm: torch.Tensor | None = None
     t0 = time.perf_counter()
@@ -519,7 +543,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=dev)
             for a in range(A):
-                batch = _to_device(next(micro), dev)
+                batch = _to_device(next(micro), dev, memory_format)
                 # All randomness of micro-batch k: keyed by k (not the step), so a step retried after an fp16
                 # overflow draws fresh noise for its fresh data, and resume re-derives it from k alone.
                 torch.manual_seed(derive_seed("step-rng", cfg.seed, k, rank))  # dropout masks
@@ -530,9 +554,11 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                         for m in ddp_modules:
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
-                        loss = task.loss(batch, gen)
+                        loss, terms = _split_loss(task.loss(batch, gen))
                     acc.backward(loss / A)
                 step_loss += loss.detach().float() / A
+                for name, v in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + v.detach().float() / A
             if cfg.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -570,8 +596,14 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                               "samples_per_s": samples_done / max(time.perf_counter() - t0, 1e-9)}
                     if skipped:
                         record["skipped_steps"] = skipped
+                else:
+                    record = {}
+                for name, v in term_sums.items():
+                    value = float(acc.reduce(v, reduction="mean")) / window_n
+                    record[name] = value
+                if main:
                     _append_log(run, record)
-                window_sum, window_n = torch.zeros((), device=dev), 0
+                window_sum, window_n, term_sums = torch.zeros((), device=dev), 0, {}
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
                 check_finite()
                 val = _validate(task, cfg, acc, prepared, has_trainable)
@@ -579,6 +611,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                     last["val_loss"] = val
                     if main:
                         _append_log(run, {"step": step, "val_loss": val})
+                if cfg.select_best != "none":
+                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
                 path = run.dir / "samples" / f"step-{step:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -590,7 +624,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                     m.train(has_trainable[k2])
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
                 check_finite()  # never checkpoint weights a non-finite loss has touched
-                _save_checkpoint(run, step, k, task, named, optimizer, scheduler, cfg, loop_plan, data_hashes, acc)
+                _save_checkpoint(run, step, k, task, named, optimizer, scheduler, cfg, loop_plan, data_hashes, acc,
+                                 best)
 
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
@@ -599,24 +634,13 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     for m in task.modules().values():
         m.eval()
     stats = {"steps": step, "start_step": start_step, "final_loss": last["loss"], "val_loss": last["val_loss"],
+             "select_best": None if cfg.select_best == "none" else {"metric": cfg.select_best, **best},
              "grad_norm": last["grad_norm"], "seconds": seconds, "skipped_steps": skipped,
              "samples_per_s": samples_done / max(seconds, 1e-9), "world_size": world, "device": str(acc.device),
              "loop": loop_description(cfg, loop_plan)}
     if main:
-        final = run.dir / FINAL_DIR
-        tmp = run.dir / f".{FINAL_DIR}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            task.export(tmp)
-            write_json(tmp / "provenance.json", {"step": step, "seed": cfg.seed, "loop": loop_description(cfg, loop_plan),
-                                                 "data": data_hashes, "run_id": run.id})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _export_into(run, FINAL_DIR, task, {"step": step, "seed": cfg.seed, "loop": loop_description(cfg, loop_plan),
+                                            "data": data_hashes, "run_id": run.id})
         write_json(run.dir / "train_stats.json", stats)
         run.log(f"finished at step {step} (loss {last['loss']}, val {last['val_loss']}) in {seconds:.1f}s")
     acc.wait_for_everyone()
@@ -643,14 +667,77 @@ def _record_loop(run: Run, cfg: LoopConfig) -> None:
         write_json(run.config_path, new)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format | None = None) -> Any:
     if isinstance(batch, torch.Tensor):
+        if memory_format is not None and batch.dim() == 4:
+            return batch.to(device, non_blocking=True, memory_format=memory_format)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, memory_format) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_to_device(v, device, memory_format) for v in batch)
     return batch
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(out, tuple):
+        loss, terms = out
+        return loss, dict(terms)
+    return out, {}
+
+
+def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable, step: int,
+               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict) -> None:
+    """After a validation: compute the selection metric; when it improves, export the weights into run/best/
+    (atomically, with provenance.json naming metric, value and step). Lower is better for both metrics."""
+    if cfg.select_best == "val_loss":
+        value = val
+    else:
+        value = None
+        if acc.is_main_process:
+            for m in prepared.values():
+                m.eval()
+            try:
+                with torch.no_grad(), _unwrapped(task, prepared):
+                    value = task.selection_metric(cfg.select_best)
+            finally:
+                for k, m in prepared.items():
+                    m.train(has_trainable[k])
+        holder = [value]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(holder)
+        value = holder[0]
+    if value is None:
+        return
+    if best["value"] is not None and not value < best["value"]:
+        return
+    best.update(value=float(value), step=step)
+    if acc.is_main_process:
+        _append_log(run, {"step": step, f"best_{cfg.select_best}": float(value)})
+        with _unwrapped(task, prepared):
+            _export_into(run, BEST_DIR, task, {"step": step, "seed": cfg.seed, "metric": cfg.select_best,
+                                              "value": float(value), "loop": loop_description(cfg, plan),
+                                              "data": data_hashes, "run_id": run.id})
+    acc.wait_for_everyone()
+
+
+def _export_into(run: Run, name: str, task: TrainTask, provenance: dict) -> None:
+    """task.export into a temp dir, renamed to run/<name> (replacing a previous one)."""
+    final = run.dir / name
+    tmp = run.dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        task.export(tmp)
+        write_json(tmp / "provenance.json", provenance)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -687,7 +774,7 @@ def _validate(task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable) ->
                 batch = _to_device(task.collate([ds[i] for i in idx]), acc.device)
                 gen = cpu_generator(derive_seed("val", cfg.seed, b, acc.process_index))
                 with acc.autocast():
-                    loss = task.loss(batch, gen)
+                    loss, _ = _split_loss(task.loss(batch, gen))
                 total += loss.float() * len(idx)
                 count += len(idx)
     finally:
@@ -713,7 +800,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _save_checkpoint(run: Run, step: int, k: int, task: TrainTask, named, optimizer, scheduler, cfg: LoopConfig,
-                     plan: LoopPlan, data_hashes: dict, acc) -> None:
+                     plan: LoopPlan, data_hashes: dict, acc, best: dict) -> None:
     from safetensors.torch import save_file
 
     acc.wait_for_everyone()
@@ -736,7 +823,7 @@ def _save_checkpoint(run: Run, step: int, k: int, task: TrainTask, named, optimi
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
             state = {"step": step, "micro_batches": k, "world_size": acc.num_processes, "epochs": cfg.epochs,
                      "max_steps": cfg.max_steps, "seed": cfg.seed, "loop": loop_description(cfg, plan),
-                     "data": data_hashes, "run_id": run.id}
+                     "data": data_hashes, "run_id": run.id, "best": dict(best)}
             write_json(tmp / STATE_FILE, state)
             if final.exists():  # a re-run of the same step after resume: replace it
                 shutil.rmtree(final)
