@@ -459,6 +459,10 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     acc = _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     cfg, loop_plan = resolve_loop(cfg, task.epoch_items(), world)
+    if cfg.select_best not in ("none", "val_loss") and type(task).selection_metric is TrainTask.selection_metric:
+        raise UserError(f"--select-best {cfg.select_best}: this model family cannot compute it (use val_loss)")
+    if cfg.select_best == "val_loss" and task.val_dataset() is None:
+        raise UserError("--select-best val_loss needs validation images (the split has none)")
     cuda = acc.device.type == "cuda"
     if cuda:  # TF32: ~8x the fp32 matmul/conv throughput of Ampere+ tensor cores at 10-bit mantissa precision
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32

@@ -12,11 +12,13 @@ import torch
 
 from harness.io import read_json, write_json
 from harness.runs import open_run
+from harness.msdm.config import merge, unet_config, vae_config
+from harness.msdm.data import CachedLatents
+from harness.msdm.train import _build_unet, resume, train
 from harness.trainer import cpu_generator, run_training
-from harness import train_msdm as M
 
 FAST_LOOP = {"batch_size": 8, "checkpoint_every": 0, "val_every": 0, "val_batches": 1, "log_every": 1,
-             "warmup_steps": 0}
+             "warmup_steps": 0, "sample_every": 0, "num_workers": 0}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,11 @@ def env(tmp_path_factory):
     clip = save_tiny_clip_text(root / "clip", load_devset(data).unique_prompts())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARNESS_RUNS_DIR", str(root / "runs"))
-        vae_cfg = M.vae_config("tiny", data, root / "split8.json", {
+        vae_cfg = vae_config("tiny", data, root / "split8.json", {
             "data": {"jitter": 0.0, "resolution": 32}, "loss": {"perceptual_weight": 0.0},  # 32 px: CPU time
             "loop": {**FAST_LOOP, "max_steps": 40, "lr": 3e-3}})
-        vae_run = M.train_vae(vae_cfg, run_id="vae")
-        unet_run = M.train_unet(_unet_cfg(data, root, vae_run, steps=20), run_id="unet")
+        vae_run = train(vae_cfg, run_id="vae")
+        unet_run = train(_unet_cfg(data, root, vae_run, steps=20), run_id="unet")
     return {"data": data, "root": root, "split": root / "split8.json", "clip": clip, "vae_run": vae_run,
             "unet_run": unet_run}
 
@@ -48,7 +50,7 @@ def _unet_cfg(data_dir, root, vae_run, steps, **over):
     base = {"text_encoder": str(root / "clip"), "data": {"jitter": 0.0}, "cache_latents": True,
             "ema_decay": 0.99, "sample_steps": 4, "sampling": {"steps": 8},
             "loop": {**FAST_LOOP, "max_steps": steps, "lr": 1e-3}}
-    return M.unet_config("tiny", data_dir, root / "split8.json", vae_run.dir, M._merge(base, over))
+    return unet_config("tiny", data_dir, root / "split8.json", vae_run.dir, merge(base, over))
 
 
 def _log(run):
@@ -72,10 +74,8 @@ def _fixed_loss(task, batch, n=8):
 
 
 def _unet_task(env, cfg):
-    train_ds, val_ds, _, vae, text = M._unet_parts(cfg)
-    data, scale = M._prepare_latents(cfg, train_ds, val_ds, vae)
-    torch.manual_seed(cfg.loop.seed)
-    return M.UNetTask(cfg, data, val_ds, vae, text, latent_scale=scale), data
+    task = _build_unet(cfg)[0]
+    return task, task.train_dataset()
 
 
 def test_unet_overfits_8_images(env):
@@ -135,7 +135,7 @@ def test_context_dropout_rate(env):
     cfg = _unet_cfg(env["data"], env["root"], env["vae_run"], steps=1)  # default caption_dropout 0.2
     assert cfg.data.caption_dropout == 0.2
     _, data = _unet_task(env, cfg)
-    assert isinstance(data, M.CachedLatents)
+    assert isinstance(data, CachedLatents)
     captions = []
     for epoch in range(250):
         data.set_epoch(epoch)
@@ -151,11 +151,11 @@ def test_unet_resume_is_exact(env):
     from harness.trainer import latest_checkpoint
 
     loop = {"max_steps": 6, "checkpoint_every": 3, "batch_size": 4, "grad_accum": 2}
-    straight = M.train_unet(_unet_cfg(env["data"], env["root"], env["vae_run"], 6, loop=loop), run_id="straight")
-    half = M.train_unet(_unet_cfg(env["data"], env["root"], env["vae_run"], 3, loop={**loop, "max_steps": 3}),
+    straight = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 6, loop=loop), run_id="straight")
+    half = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 3, loop={**loop, "max_steps": 3}),
                         run_id="half")
     assert latest_checkpoint(half).name == "step-0000003"
-    M.resume(half.dir, max_steps=6)
+    resume(half.dir, {"max_steps": 6, "epochs": None})
     from safetensors.torch import load_file
 
     a = load_file(str(latest_checkpoint(straight) / "trainable.safetensors"))
@@ -185,7 +185,7 @@ def test_generation_is_deterministic_and_batch_independent(env):
     assert not np.array_equal(batch[0], batch[2])  # same prompt, other seed
     info = gen.info()
     assert info["family"] == "msdm-unet" and info["steps"] == 6 and info["guidance"] == 4.5
-    assert info["weights"] == "ema"
+    assert info["weights"] == "final (ema)"
     for sampler in ("ddim",):
         g2 = load_generator(open_run(env["unet_run"].dir), {"steps": 4, "sampler": sampler, "eta": 0.0})
         _same_up_to_kernel_rounding(g2.generate(prompts[:1], seeds[:1])[0], g2.generate(prompts, seeds)[0])
@@ -235,8 +235,8 @@ def test_cli_train_vae_and_unet_and_bad_input(env, run_cli):
 
     code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
                              runs / "cli-vae", "--text-encoder", env["clip"], "--max-steps", "2", "--batch-size", "4",
-                             "--cache-latents", "--run-id", "cli-unet")
-    assert code == 2 and "cache_latents needs an augmentation-free dataset" in err  # default jitter 0.4
+                             "--jitter", "0.4", "--cache-latents", "--run-id", "cli-unet")
+    assert code == 2 and "cache_latents needs an augmentation-free dataset" in err
     code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
                              runs / "cli-unet-nope", "--text-encoder", env["clip"])
     assert code == 2 and "not a run directory" in err

@@ -55,6 +55,16 @@ def training_options(f):
                      help="DataLoader worker processes per GPU process that decode images (0 = in the training "
                           "process). Default: the CPU cores this process may use (os.sched_getaffinity) divided by "
                           "the processes on this node, minus one, at most 8."),
+        click.option("--select-best", type=click.Choice(["none", "val_loss", "fid"]), default=None,
+                     help="Keep the weights that score best at each validation in RUN/best (as the seed paper "
+                          "selected its model): val_loss, or fid where the family supports it and the Inception "
+                          "weights are present (default none: RUN/final only)."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="CUDA: trained modules and image batches in channels_last memory format (default off: "
+                          "faster for convolution-heavy models on tensor cores, measure before a long run)."),
+        click.option("--tf32/--no-tf32", default=None,
+                     help="CUDA: allow TF32 matmuls and cuDNN convolutions (default on, as diffusers' trainers "
+                          "recommend for Ampere and newer)."),
         click.option("--print-config", is_flag=True, default=False,
                      help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
                           "epoch) as JSON and exit, without loading weights or images."),
@@ -74,7 +84,8 @@ def training_options(f):
 
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
-             "checkpoint_every", "keep_last", "val_every", "sample_every", "log_every", "num_workers")
+             "checkpoint_every", "keep_last", "val_every", "sample_every", "log_every", "num_workers",
+             "select_best", "channels_last", "tf32")
 
 
 def pop_loop_overrides(kwargs: dict) -> dict:

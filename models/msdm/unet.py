@@ -16,7 +16,7 @@ gets dropout `attn_dropout` (None = `dropout`, as released), every FeedForward d
 keys/values of each cross-attention are projections of the CLIP last hidden state, with the padding mask, so padding
 tokens never receive attention.
 
-Parameter count of the paper preset: 323.7 M against the paper's 326.5 M (-0.9 %); `harness models info msdm`
+Parameter count of the paper preset: 323.7 M against the paper's 326.5 M (-0.8 %); `harness models info msdm`
 explains the residual (the embedding/pooling layers the paper does not describe), no knob was tuned to hit it.
 """
 
