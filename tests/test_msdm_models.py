@@ -110,3 +110,29 @@ def test_models_info_cli(run_cli):
     assert code == 0, err
     assert "323,741,960" in out and "13,365,094" in out and "123,060,480" in out
     assert "326.5 M" in out and "-0.8 %" in out and "not tuned" in out  # against the paper, residual explained
+
+
+def test_released_dropout_layout_and_attention_output_dropout():
+    from models.msdm.blocks import ResBlock
+
+    released = ResBlock(16, 16, 8, dropout=0.5, groups=4)
+    assert [type(m).__name__ for m in (released.dropout1, released.dropout)] == ["Dropout2d", "Dropout2d"]
+    ddpm = ResBlock(16, 16, 8, dropout=0.5, groups=4, dropout_layout="ddpm")
+    assert isinstance(ddpm.dropout, torch.nn.Dropout) and isinstance(ddpm.dropout1, torch.nn.Identity)
+    # channel-wise: a dropped channel is zero over the whole map
+    torch.manual_seed(0)
+    h = released.dropout1(torch.ones(1, 16, 4, 4))
+    per_channel = h.flatten(2)
+    assert all(bool((c == 0).all() or (c == 2).all()) for c in per_channel[0])
+    unet = _tiny_unet(dropout=0.3)
+    attn = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+    assert attn and all(a.dropout.p == 0.3 for a in attn)  # attn_dropout None = the UNet dropout, as released
+    assert all(a.dropout.p == 0.0 for a in _tiny_unet(dropout=0.3, attn_dropout=0.0).modules()
+               if isinstance(a, CrossAttention))
+    ca = CrossAttention(16, 8, head_dim=8, groups=4, dropout=0.5)
+    torch.nn.init.normal_(ca.to_out.weight)
+    x, ctx = torch.randn(1, 16, 4, 4), torch.randn(1, 3, 8)
+    ca.eval()
+    y_eval = ca(x, ctx)
+    ca.train()
+    assert not torch.allclose(ca(x, ctx), y_eval)  # dropout acts on the attention output in training

@@ -254,3 +254,137 @@ def test_cli_train_vae_and_unet_and_bad_input(env, run_cli):
     bad.write_text('{"loop": {"max_stepz": 3}}')
     code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--config", bad)
     assert code == 2 and "max_stepz" in err
+
+
+def test_vae_loss_terms_are_medfusion_per_sample_sums():
+    """A fixed batch: every logged term equals its hand-computed per-sample sum, averaged over the batch."""
+    from harness.msdm.config import VAELossConfig
+    from harness.msdm.vae_task import ssim, vae_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    aux = [torch.rand(2, 3, 16, 16, generator=g) * 2 - 1]
+    mean, logvar = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g) * 0.1
+
+    class FixedLPIPS(torch.nn.Module):  # stands in for VGG: one distance per image
+        def forward(self, a, b):
+            return (a - b).abs().mean((1, 2, 3))
+
+    cfg = VAELossConfig(mse_weight=1.0, perceptual_weight=0.5, ssim_weight=2.0, kl_weight=1e-6)
+    loss, terms = vae_loss(x, recon, mean, logvar, aux, cfg, FixedLPIPS())
+    n = 3 * 32 * 32
+    rec = [sum(float((recon[i, c, h, w] - x[i, c, h, w]) ** 2) for c in range(3) for h in range(32) for w in range(32))
+           for i in range(2)]
+    kl = [0.5 * float((mean[i] ** 2 + logvar[i].exp() - 1 - logvar[i]).sum()) for i in range(2)]
+    s = ssim((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+    lp = (recon - x).abs().mean((1, 2, 3))
+    assert float(terms["rec"]) == pytest.approx(np.mean(rec), rel=1e-5)
+    assert float(terms["kl"]) == pytest.approx(1e-6 * np.mean(kl), rel=1e-5)
+    assert float(terms["ssim"]) == pytest.approx(float((2.0 * n * (1 - s)).mean()), rel=1e-5)
+    assert float(terms["perceptual"]) == pytest.approx(float((0.5 * n * lp).mean()), rel=1e-5)
+    t = torch.nn.functional.interpolate(x, size=(16, 16), mode="nearest-exact")
+    assert torch.equal(t, x[:, :, 1::2, 1::2])  # the half-size target: every second pixel
+    a = aux[0]
+    aux_hand = ((a - t) ** 2).flatten(1).sum(1) + 2.0 * (3 * 16 * 16) * (1 - ssim((a + 1) / 2, (t + 1) / 2)) \
+        + 0.5 * (3 * 16 * 16) * (a - t).abs().mean((1, 2, 3))
+    assert float(terms["aux"]) == pytest.approx(float(aux_hand.mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-6)
+    # the KL at 1e-6 is a small fraction of the reconstruction, as in Medfusion (a per-pixel mean reconstruction
+    # would have made it C*H*W = 3072 times stronger relative to it)
+    assert float(terms["kl"]) < 1e-3 * float(terms["rec"])
+
+
+def test_vae_log_has_each_term(env):
+    rows = [r for r in _log(env["vae_run"]) if "loss" in r]
+    assert all({"rec", "ssim", "kl", "aux"} <= set(r) for r in rows)  # perceptual off (no VGG weights offline)
+    r = rows[-1]
+    assert r["loss"] == pytest.approx(r["rec"] + r["ssim"] + r["kl"] + r["aux"], rel=1e-4)
+
+
+def test_latent_scale_is_measured_on_sampled_latents_and_recorded(env):
+    from harness.msdm.data import encode_images, load_sides
+    from harness.msdm.unet_task import measure_latent_scale
+    from models.msdm.vae import MSDMAutoencoder
+
+    cfg = read_json(env["unet_run"].config_path)
+    train_ds, _, _ = load_sides(str(env["data"]), str(env["split"]), _unet_cfg(env["data"], env["root"],
+                                                                               env["vae_run"], 1).data)
+    vae = MSDMAutoencoder.from_pretrained(env["vae_run"].dir / "final" / "vae")
+    m, lv = encode_images(vae, train_ds, torch.device("cpu"))
+    assert cfg["latent_scale"] == pytest.approx(measure_latent_scale(m, lv, 0), rel=1e-5)
+    assert read_json(env["unet_run"].dir / "final" / "msdm.json")["latent_scale"] == cfg["latent_scale"]
+    # sampled, not the means: with wide posteriors the two differ
+    means, logvars = torch.zeros(64, 8, 4, 4) + torch.randn(64, 8, 4, 4) * 0.1, torch.zeros(64, 8, 4, 4)
+    assert measure_latent_scale(means, logvars, 0) == pytest.approx(1.0, rel=0.05)  # std ~ sqrt(1 + 0.01)
+    assert 1.0 / float(means.std()) > 5
+
+
+def test_print_config_tiny_and_paper_presets(env, run_cli):
+    import os
+
+    runs = Path(os.environ["HARNESS_RUNS_DIR"])
+    before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--preset", "paper",
+                             "--print-config")
+    assert code == 0, err
+    vae = json.loads(out)
+    loop = vae["loop"]
+    assert (loop["epochs"], loop["batch_size"], loop["lr"], vae["data"]["jitter"]) == (1001, 8, 1e-4, 0.0)
+    assert loop["derived"]["epoch_items"] == 8 and loop["derived"]["steps_per_epoch"] == 1.0
+    assert loop["max_steps"] == 1001 and vae["model"]["config"]["block_out_channels"] == [64, 128, 256, 512]
+    assert any("inferred" in s["source"] for s in vae["paper_sources"])
+
+    code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
+                             env["vae_run"].dir, "--preset", "paper", "--print-config")
+    assert code == 0, err
+    unet = json.loads(out)
+    assert (unet["loop"]["epochs"], unet["loop"]["batch_size"], unet["loop"]["lr"]) == (500, 64, 1e-4)
+    assert unet["data"]["captions"] == "all" and unet["data_counts"]["train_items"] == unet["data_counts"]["caption_rows"]
+    assert (unet["sampling"]["steps"], unet["sampling"]["guidance"]) == (150, 4.5)
+    assert unet["model"]["config"]["emb_dim"] == 1024
+
+    code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
+                             env["vae_run"].dir, "--preset", "tiny", "--epochs", "3", "--batch-size", "4",
+                             "--print-config")
+    assert code == 0, err
+    tiny = json.loads(out)["loop"]
+    assert tiny["epochs"] == 3 and tiny["max_steps"] == 6 and tiny["derived"]["micro_batches_per_epoch"] == 2
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--epochs", "2",
+                             "--max-steps", "5", "--print-config")
+    assert code == 2 and "not both" in err
+    assert (sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []) == before  # nothing written
+
+
+def test_resolution_must_fit_the_model_stride(env, run_cli):
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--preset", "tiny",
+                             "--resolution", "48")
+    assert code == 2 and "--resolution 48 is not a multiple of 32" in err and len(err.strip().splitlines()) == 1
+
+
+def test_select_best_val_loss_keeps_best_weights_and_generation_uses_them(env):
+    from harness.generate import load_generator
+
+    loop = {"max_steps": 4, "val_every": 2, "select_best": "val_loss", "batch_size": 4}
+    run = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 4, loop=loop), run_id="best")
+    prov = read_json(run.dir / "best" / "provenance.json")
+    vals = {r["step"]: r["val_loss"] for r in _log(run) if "val_loss" in r}
+    assert prov["metric"] == "val_loss" and prov["value"] == pytest.approx(min(vals.values()))
+    assert prov["step"] == min(vals, key=vals.get)
+    assert read_json(run.dir / "train_stats.json")["select_best"]["metric"] == "val_loss"
+    gen = load_generator(open_run(run.dir), {"steps": 2})
+    assert gen.info()["weights"].startswith("best")
+    assert load_generator(open_run(run.dir), {"steps": 2, "weights": "final"}).info()["weights"].startswith("final")
+
+
+def test_text_cache_survives_validation_and_follows_the_device(env):
+    from harness.msdm.sampling import TextCache
+    from harness.msdm.sampling import load_text
+
+    text = load_text(str(env["root"] / "clip"), 77)
+    cache = TextCache(text)
+    cache(["Generate an image with no polyps"])
+    cache.use(text)  # what the loop's unwrapping for a validation does: same encoder, same device
+    assert len(cache.cache) == 1
+    cache.use(text.to(torch.float64))
+    assert len(cache.cache) == 0  # another dtype: stale encodings dropped

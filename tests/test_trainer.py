@@ -339,3 +339,52 @@ def test_cli_loop_options():
                 ["--seed", "-1"], ["--epochs", "0"], ["--checkpoint-every", "-1"]):
         r = CliRunner().invoke(cmd, ["--split", "s", "--data", "d", *bad])
         assert r.exit_code == 2, bad
+
+
+class TermsTask(ToyTask):
+    def loss(self, batch, generator):
+        out = super().loss(batch, generator)
+        return out, {"half": out.detach() / 2}
+
+
+def test_loss_terms_are_logged_beside_the_loss(tmp_path):
+    run = create_run("toy", {}, {}, run_id="terms")
+    run_training(TermsTask(), _cfg(max_steps=4, log_every=2, checkpoint_every=0, val_every=0), run)
+    rows = [r for r in map(json.loads, (run.dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["half"] == pytest.approx(r["loss"] / 2, rel=1e-6) for r in rows)
+
+
+def test_select_best_needs_a_metric_the_family_has(tmp_path):
+    with pytest.raises(UserError, match="cannot compute it"):
+        run_training(ToyTask(), _cfg(select_best="fid"), create_run("toy", {}, {}, run_id="fid"))
+    run = create_run("toy", {}, {}, run_id="bestval")
+    run_training(ToyTask(), _cfg(select_best="val_loss", val_every=2, checkpoint_every=0), run)
+    prov = json.loads((run.dir / "best" / "provenance.json").read_text())
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, (run.dir / "train_log.jsonl").read_text().splitlines())
+            if "val_loss" in r}
+    assert prov["step"] == min(vals, key=vals.get) and (run.dir / "best" / "head.pt").is_file()
+
+
+def test_an_overflow_skipped_step_advances_nothing_but_the_data(monkeypatch, tmp_path):
+    """fp16: when the GradScaler skips an update (inf/nan gradients), step, scheduler and EMA (on_step_end) stay;
+    only the micro-batches consumed move on. (The GradScaler itself needs CUDA; the skip flag is simulated.)"""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    calls = {"n": 0}
+
+    def skipped(self):
+        calls["n"] += 1
+        return calls["n"] == 2  # the second optimizer step overflows
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(skipped))
+    task = ToyTask()
+    steps_seen = []
+    task.on_step_end = lambda step: steps_seen.append(step)
+    run = create_run("toy", {}, {}, run_id="skip")
+    stats = run_training(task, _cfg(max_steps=3, mixed_precision="fp16", checkpoint_every=0, val_every=0), run)
+    assert steps_seen == [1, 2, 3] and stats["steps"] == 3 and stats["skipped_steps"] == 1
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["micro_batches"] == 8  # 4 optimizer attempts x grad_accum 2
+    sched = torch.load(latest_checkpoint(run) / "scheduler.pt", weights_only=False)
+    assert sched["last_epoch"] == 3  # the scheduler stepped once per applied update
