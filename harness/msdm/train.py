@@ -148,6 +148,10 @@ def resume(run_dir: str | Path, loop_overrides: dict | None = None) -> Run:
     if run.family not in (VAE_FAMILY, UNET_FAMILY):
         raise UserError(f"not an MSDM run (family {run.family!r})", run.config_path)
     raw = run.config()
+    for key in ("seed", "batch_size", "grad_accum"):  # checked before config.json is touched
+        if loop_overrides and key in loop_overrides and loop_overrides[key] != raw.get("loop", {}).get(key):
+            raise UserError(f"cannot resume exactly with another {key} (the run has {raw['loop'].get(key)}); "
+                            "start a new run instead", run.config_path)
     if loop_overrides:
         raw = merge(raw, {"loop": loop_overrides})
     cfg = config_from_run(raw, run.family)
