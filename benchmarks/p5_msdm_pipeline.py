@@ -45,7 +45,8 @@ class _Collate:
         return collate(items)
 
 
-def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: float = 0.0) -> float:
+def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: float = 0.0,
+                cpu: list | None = None) -> float:
     """Items/s of the training loader over `items` items (after the workers' first batch). `wait_per_item` > 0
     stands for a GPU step: the training process waits (sleeps, using no CPU) that long per item after each batch,
     as it would wait for the GPU; the workers keep decoding meanwhile."""
@@ -54,13 +55,15 @@ def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: fl
     plan = ShardedBatches(len(dataset), batch, seed=0)
     it = iter(_micro_batch_loader(_Collate(), dataset, plan, 0, workers, pin=False))
     next(it)  # worker start-up and the first batch are not throughput
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while n < items:
         b = len(next(it)["pixels"])
         n += b
         if wait_per_item:
             time.sleep(wait_per_item * b)
     rate = n / (time.perf_counter() - t0)
+    if cpu is not None:  # CPU time of the training process itself per item (workers not counted)
+        cpu.append((time.process_time() - c0) / n)
     del it
     return rate
 
@@ -167,17 +170,21 @@ def main() -> None:
     rows = []
     for w in [0, *args.workers]:
         name = "main process (num_workers=0)" if w == 0 else f"{w} worker process(es)"
-        rows.append((name, loader_rate(ds, w, args.items, args.batch_size),
-                     loader_rate(ds, w, args.items, args.batch_size, wait_per_item=1 / a100)))
+        cpu: list[float] = []
+        rows.append((name, loader_rate(ds, w, args.items, args.batch_size, cpu=cpu),
+                     loader_rate(ds, w, args.items, args.batch_size, wait_per_item=1 / a100), cpu[0]))
     base, base_gpu = rows[0][1], rows[0][2]
     print("### 1. Training loader at 256 px (paper data config), dev images\n")
     print(f"| loader | items/s, loader alone | vs main | items/s with a GPU step in the loop (ESTIMATE: A100 step "
-          f"{1000 / a100:.2f} ms/item, simulated as a wait) | vs main |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r, g in rows:
-        print(f"| {name} | {r:.1f} | {r / base:.2f}x | {g:.1f} | {g / base_gpu:.2f}x |")
+          f"{1000 / a100:.2f} ms/item, simulated as a wait) | vs main | training-process CPU ms per item |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r, g, c in rows:
+        print(f"| {name} | {r:.1f} | {r / base:.2f}x | {g:.1f} | {g / base_gpu:.2f}x | {1000 * c:.2f} |")
     best_gpu = max(g for _, _, g in rows[1:])
     per_worker = base  # a worker decodes as fast as the main process does (it runs the same code on one core)
+    print(f"\ntraining-process CPU per item, main process / {args.workers[-1]} workers = "
+          f"**{rows[0][3] / rows[-1][3]:.1f}x** less: the time the training process no longer spends on data "
+          "(independent of how busy the machine is).")
     print(f"\nwith the GPU step in the loop, best with workers / main process = **{best_gpu / base_gpu:.2f}x** "
           f"(goal >= 2x on 2 cores: {'met' if best_gpu >= 2 * base_gpu else 'not met'}). Loader alone, the main "
           "process has the whole machine to itself and the workers add the cost of sending each float32 item "

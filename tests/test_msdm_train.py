@@ -388,3 +388,22 @@ def test_text_cache_survives_validation_and_follows_the_device(env):
     assert len(cache.cache) == 1
     cache.use(text.to(torch.float64))
     assert len(cache.cache) == 0  # another dtype: stale encodings dropped
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: Inception v3 on the CPU
+def test_select_best_fid_with_inception_weights(env, monkeypatch, tmp_path):
+    """FID selection end to end: generated images from validation captions against the validation images, through
+    torch-fidelity's Inception (random weights here: selection only, the run says UNVERIFIED)."""
+    from harness.errors import UserError
+    from harness.features import WEIGHTS, torch_hub_checkpoints, write_random_weights
+
+    loop = {"max_steps": 2, "val_every": 1, "select_best": "fid", "batch_size": 4}
+    cfg = _unet_cfg(env["data"], env["root"], env["vae_run"], 2, loop=loop, fid_images=4, sampling={"steps": 2})
+    with pytest.raises(UserError, match="needs the Inception weights"):
+        train(cfg, run_id="fid-missing")
+    write_random_weights("inception-v3-compat", torch_hub_checkpoints() / WEIGHTS["inception-v3-compat"].filename)
+    run = train(cfg, run_id="fid")
+    prov = read_json(run.dir / "best" / "provenance.json")
+    fids = [r["best_fid"] for r in _log(run) if "best_fid" in r]
+    assert prov["metric"] == "fid" and prov["value"] == pytest.approx(fids[-1]) and prov["value"] > 0
+    assert "UNVERIFIED" in read_json(run.config_path)["fid_weights"]
