@@ -180,8 +180,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r, g, c in rows:
         print(f"| {name} | {r:.1f} | {r / base:.2f}x | {g:.1f} | {g / base_gpu:.2f}x | {1000 * c:.2f} |")
-    best_gpu = max(g for _, _, g in rows[1:])
-    per_worker = base  # a worker decodes as fast as the main process does (it runs the same code on one core)
+    best_gpu = max(g for _, _, g, _ in rows[1:])
+    per_worker = 1 / rows[0][3]  # a worker spends what the main process spends per item: its CPU time, on one core
     print(f"\ntraining-process CPU per item, main process / {args.workers[-1]} workers = "
           f"**{rows[0][3] / rows[-1][3]:.1f}x** less: the time the training process no longer spends on data "
           "(independent of how busy the machine is).")
@@ -209,7 +209,7 @@ def main() -> None:
     print(f"FLOPs per item (fwd + bwd, VAE encode, self-conditioning p = 0.5; counted by torch.utils.flop_counter on "
           f"the meta device): {flops / 1e9:.0f} GFLOP\n")
     print(f"| where | step time per item | items/s the loader must deliver | workers needed (at {per_worker:.0f} "
-          "items/s per worker = the main-process rate measured above) |")
+          "items/s per worker = 1 / the main process's CPU time per item measured above) |")
     print("|---|---:|---:|---:|")
     meas = args.step_batch / s_step
     print(f"| measured: {dev_name}, fp32, batch {args.step_batch} | {1000 * s_step / args.step_batch:.0f} ms | "
@@ -219,8 +219,8 @@ def main() -> None:
         print(f"| ESTIMATE: {gpu}, {ASSUMED_MFU:.0%} of peak, batch 64 | {1000 / items_s:.2f} ms | {items_s:.0f} | "
               f"{-(-items_s // per_worker):.0f} |")
     print(f"\nGPU rows are estimates from the counted FLOPs and an assumed {ASSUMED_MFU:.0%} utilisation of the "
-          "datasheet bf16 peak (no GPU was available here); the worker counts assume one worker per free core, each "
-          "as fast as the main process measured above.")
+          "datasheet bf16 peak (no GPU was available here); the worker counts assume one free core per worker, each "
+          "spending the CPU time per item the main process spent above.")
 
 
 if __name__ == "__main__":
