@@ -443,6 +443,21 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
         raise
 
 
+def check_resumable(run: Run) -> Path:
+    """The checkpoint a resume of `run` would start from, after the checks that need no model: one exists and was
+    written by as many processes as this launch has. Families call it before their expensive set-up (data, latents);
+    `run_training(resume=True)` repeats the checks."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError("no complete checkpoint to resume from", run.checkpoints_dir)
+    saved = int(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("world_size", 1))
+    world = dist_state().num_processes
+    if saved != world:
+        raise UserError(f"cannot resume exactly: the checkpoint was trained on {saved} process(es), "
+                        f"this launch has {world} (the data order depends on it)", ckpt)
+    return ckpt
+
+
 def _remove_stale_temp_dirs(run: Run) -> None:
     """Temp dirs of checkpoints / final artefacts that a killed run left behind (never complete, never read)."""
     for parent, pattern in ((run.checkpoints_dir, ".step-*.tmp-*"), (run.dir, f".{FINAL_DIR}.tmp-*"),

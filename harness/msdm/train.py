@@ -23,7 +23,7 @@ from harness.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, VAE_FAMIL
                                  config_from_run, merge, unet_config, vae_config)
 from harness.msdm.data import CachedLatents, encode_images, load_sides
 from harness.runs import Run, create_run, open_run
-from harness.trainer import create_run_on_main, loop_description, resolve_loop, run_training
+from harness.trainer import check_resumable, create_run_on_main, loop_description, resolve_loop, run_training
 from models.msdm.presets import get_preset
 
 LATENT_SCALE_IMAGES = 256  # training images whose sampled latents set the scale (LDM: one batch; more is steadier)
@@ -147,6 +147,7 @@ def resume(run_dir: str | Path, loop_overrides: dict | None = None) -> Run:
     run = open_run(run_dir)
     if run.family not in (VAE_FAMILY, UNET_FAMILY):
         raise UserError(f"not an MSDM run (family {run.family!r})", run.config_path)
+    check_resumable(run)  # before data, text encoder and latents are loaded
     raw = run.config()
     for key in ("seed", "batch_size", "grad_accum"):  # checked before config.json is touched
         if loop_overrides and key in loop_overrides and loop_overrides[key] != raw.get("loop", {}).get(key):
