@@ -340,7 +340,8 @@ def test_print_config_tiny_and_paper_presets(env, run_cli):
     assert code == 0, err
     unet = json.loads(out)
     assert (unet["loop"]["epochs"], unet["loop"]["batch_size"], unet["loop"]["lr"]) == (500, 64, 1e-4)
-    assert unet["data"]["captions"] == "all" and unet["data_counts"]["train_items"] == unet["data_counts"]["caption_rows"]
+    counts = unet["data_counts"]
+    assert unet["data"]["captions"] == "all" and counts["train_items"] == counts["caption_rows"]
     assert (unet["sampling"]["steps"], unet["sampling"]["guidance"]) == (150, 4.5)
     assert unet["model"]["config"]["emb_dim"] == 1024
 

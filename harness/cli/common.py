@@ -47,7 +47,8 @@ def training_options(f):
         click.option("--keep-last", type=POSITIVE, default=None, help="Keep the last K checkpoints."),
         click.option("--val-every", type=NON_NEGATIVE, default=None,
                      help="Validation loss every N steps (fixed seed; 0 = only at the end)."),
-        click.option("--sample-every", type=NON_NEGATIVE, default=None, help="Sample grid PNG every N steps (0 = off)."),
+        click.option("--sample-every", type=NON_NEGATIVE, default=None,
+                     help="Sample grid PNG every N steps (0 = off)."),
         click.option("--log-every", type=POSITIVE, default=None,
                      help="Log the mean loss (and check it is finite) every N steps: the loop reads values from the "
                           "GPU only then (default 10)."),

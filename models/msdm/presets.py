@@ -55,7 +55,8 @@ def count_parameters(module: torch.nn.Module) -> int:
 PAPER_COUNTS = {"vae": 13.4e6, "unet": 326.5e6, "text_encoder (frozen)": 123e6}
 # Why the built counts differ from the paper's, where they do (structure follows the release; nothing is tuned).
 COUNT_NOTES = {
-    "vae": "released blocks (Medfusion VAE, hid 64/128/256/512, GroupNorm 8, deep supervision 1): 13.37 M, the paper's 13.4 M rounded",
+    "vae": "released blocks (Medfusion VAE, hid 64/128/256/512, GroupNorm 8, deep supervision 1): 13.37 M, "
+           "the paper's 13.4 M rounded",
     "unet": "released widths/blocks and emb_dim 1024; the -0.8 % residual lies in layers the paper does not "
             "describe (the text pooling and the time/text embedding MLPs), not tuned to hit the number",
     "text_encoder (frozen)": "CLIP ViT-L/14 text tower",

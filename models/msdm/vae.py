@@ -66,11 +66,13 @@ class MSDMAutoencoder(ModelMixin, ConfigMixin):
         self.dec_in = _ResBlock(latent_channels, ch[-1], norm_groups)
         # decoder[i] takes ch[i+1] -> ch[i]; run from the coarsest (i = len-2) to the finest (i = 0)
         self.decoder = nn.ModuleList(
-            nn.ModuleDict({"up": nn.Conv2d(ch[i + 1], ch[i], 3, padding=1), "res": _ResBlock(ch[i], ch[i], norm_groups)})
+            nn.ModuleDict({"up": nn.Conv2d(ch[i + 1], ch[i], 3, padding=1),
+                           "res": _ResBlock(ch[i], ch[i], norm_groups)})
             for i in range(len(ch) - 1))
         self.dec_out = zero_module(nn.Conv2d(ch[0], in_channels, 1))
         # aux head k reads the decoder's output at level k (1/2**k resolution)
-        self.aux_out = nn.ModuleList(zero_module(nn.Conv2d(ch[k], in_channels, 1)) for k in range(1, deep_supervision + 1))
+        self.aux_out = nn.ModuleList(zero_module(nn.Conv2d(ch[k], in_channels, 1))
+                                     for k in range(1, deep_supervision + 1))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar), each [B, latent, H/8, W/8]."""
