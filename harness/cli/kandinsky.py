@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from harness.cli.common import existing_dir, pop_loop_overrides, training_options
+from harness.cli.common import SEED, existing_dir, pop_loop_overrides, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -19,6 +19,7 @@ def register(cli: click.Group, train: click.Group, sweep: click.Group, models: c
     sweep.add_command(_sweep_command("prior"))
     sweep.add_command(_sweep_command("decoder"))
     models.commands["info"].add_command(models_kandinsky)
+    models.commands["make-tiny"].add_command(make_tiny_kandinsky)
 
 
 def lora_options(component: str):
@@ -262,3 +263,30 @@ def models_kandinsky(ranks, lora_targets):
     console.print(t)
     for comp in ("prior", "decoder"):
         console.print(plan_table(comp, parse_ranks(ranks), targets=lora_targets))
+
+
+@click.command(name="kandinsky22")
+@click.argument("out_dir", type=existing_dir)
+@click.option("--seed", type=SEED, default=0, help="Seed of the random initialisation.")
+def make_tiny_kandinsky(out_dir, seed):
+    """Write tiny, randomly initialised Kandinsky 2.2 prior and decoder pipelines (diffusers' layout, the ones the
+    tests use: models/kandinsky/testing.py) to OUT_DIR/prior and OUT_DIR/decoder, a few MB, in seconds.
+
+    Every Kandinsky command then runs offline on CPU (the images are noise; use it to smoke-test a setup). Use a
+    --resolution that is a multiple of 16 (the tiny MoVQ downsamples by 4, the UNet by 2 more), e.g. 32.
+
+    \b
+    Example:
+      harness models make-tiny kandinsky22 tiny-k22
+      harness train kandinsky-prior --split split.json --data DATA_DIR --prior tiny-k22/prior \\
+          --decoder tiny-k22/decoder --resolution 32 --max-steps 10
+    """
+    from harness.errors import UserError
+    from harness.progress import console
+    from models.kandinsky.testing import save_tiny_kandinsky
+
+    try:
+        prior_dir, decoder_dir = save_tiny_kandinsky(out_dir, seed=seed)
+    except FileExistsError as e:
+        raise UserError(f"{e}; choose an empty folder", out_dir) from None
+    console.print(f"[green]wrote[/] {prior_dir} and {decoder_dir}; use --prior {prior_dir} --decoder {decoder_dir}")
