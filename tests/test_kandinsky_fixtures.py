@@ -149,3 +149,31 @@ def test_make_tiny_writes_diffusers_layout_and_refuses_to_overwrite(tiny_kandins
     assert code == 2 and "already exists" in err and "Traceback" not in err
     assert (prior_dir / "prior" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert not [f for f in prior_dir.parent.iterdir() if f.name.startswith(".")]  # no temp folder left
+
+
+@pytest.mark.parametrize("version,key", [("0.35.0", "torch_dtype"), ("0.39.2", "torch_dtype"),
+                                         ("0.40.0", "dtype"), ("0.42.0.dev0", "dtype")])
+def test_dtype_keyword_matches_the_installed_diffusers(version, key):
+    from models.kandinsky.loading import dtype_kwargs
+
+    assert dtype_kwargs(torch.float16, version) == {key: torch.float16}
+
+
+def test_half_precision_load_on_a_diffusers_that_ignores_dtype(tiny_kandinsky, monkeypatch):
+    """diffusers 0.35-0.39 ignore `dtype=` (only `torch_dtype` is read): emulated by a from_pretrained that drops it.
+    The loader must still give bf16 weights there."""
+    import diffusers
+    from diffusers import KandinskyV22Pipeline
+
+    from models.kandinsky.loading import load_decoder
+
+    real = KandinskyV22Pipeline.from_pretrained.__func__
+
+    def old_from_pretrained(cls, *args, **kwargs):
+        kwargs.pop("dtype", None)  # what 0.39 does with an unknown keyword: nothing
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers, "__version__", "0.39.0")
+    monkeypatch.setattr(KandinskyV22Pipeline, "from_pretrained", classmethod(old_from_pretrained))
+    d = load_decoder(tiny_kandinsky[1], dtype="bf16")
+    assert d.unet.dtype == torch.bfloat16 and d.movq.dtype == torch.bfloat16

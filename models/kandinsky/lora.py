@@ -9,11 +9,14 @@ Adapters are written in diffusers' format, so a plain diffusers script loads the
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    prior = KandinskyV22PriorPipeline.from_pretrained("kandinsky-community/kandinsky-2-2-prior", dtype=torch.float16)
-    prior.prior.load_lora_adapter("runs/<prior-run>/adapter", prefix=None,
+    # torch_dtype= works on every diffusers >= 0.35 (0.40+ also reads dtype=, and warns that torch_dtype is deprecated)
+    prior = KandinskyV22PriorPipeline.from_pretrained("kandinsky-community/kandinsky-2-2-prior",
+                                                      torch_dtype=torch.float16)
+    prior.prior.load_lora_adapter("runs/<prior-run>/final", prefix=None,
                                   weight_name="pytorch_lora_weights.safetensors")
-    decoder = KandinskyV22Pipeline.from_pretrained("kandinsky-community/kandinsky-2-2-decoder", dtype=torch.float16)
-    decoder.unet.load_lora_adapter("runs/<decoder-run>/adapter", prefix=None,
+    decoder = KandinskyV22Pipeline.from_pretrained("kandinsky-community/kandinsky-2-2-decoder",
+                                                   torch_dtype=torch.float16)
+    decoder.unet.load_lora_adapter("runs/<decoder-run>/final", prefix=None,
                                    weight_name="pytorch_lora_weights.safetensors")
     prior.to("cuda"); decoder.to("cuda")
     emb, neg = prior("Generate an image containing a polyp", generator=torch.Generator().manual_seed(0)).to_tuple()
