@@ -21,6 +21,7 @@ see models/kandinsky/lora.py for the plain-diffusers snippet that loads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,8 @@ class KandinskyConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
-    image_embed_dropout: float = 0.0  # decoder only
+    image_embed_dropout: float = 0.0  # decoder only (default_config sets 0.1 for the decoder)
+    gradient_checkpointing: bool = False  # recompute activations in backward (memory of large batches)
     snr_gamma: float | None = None  # Min-SNR gamma (e.g. 5.0); None = plain MSE
     cache: bool = True
     cache_dir: str | None = None  # None = $HARNESS_CACHE_DIR/kandinsky-encoders or <runs>/.cache/kandinsky-encoders
@@ -117,6 +119,10 @@ class KandinskyConfig:
             raise UserError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
         self.generation.validate()
 
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings (the CLI prints them, runs log them)."""
+        return self.lora.warnings()
+
     def summary(self) -> dict[str, Any]:
         """Flat fields the leaderboard shows."""
         return {"component": self.component, "rank": self.lora.rank, "alpha": self.lora.lora_alpha,
@@ -125,11 +131,19 @@ class KandinskyConfig:
                 "preset": None, "caption_dropout": self.data.caption_dropout, "cache": self.cache}
 
 
+IMAGE_EMBED_DROPOUT = 0.1  # see default_config
+
+
 def default_config(component: Component) -> KandinskyConfig:
-    """Defaults per component: the prior drops 10 % of captions to "" (classifier-free guidance needs it)."""
+    """Defaults per component. Both train the unconditional branch that classifier-free guidance uses: the prior
+    drops 10 % of captions to ""; the decoder conditions 10 % of items on the zero-image embedding (the negative the
+    pipelines guide against). The original Kandinsky 2 decoder trainer does the same with an all-zero CLIP image
+    (kandinsky2/train_utils/data/dataset_unclip_2_1.py, `drop_image_prob`); 0.1 matches the prior's rate."""
     cfg = KandinskyConfig(component=component)
     if component == "prior":
         cfg.data.caption_dropout = 0.1
+    else:
+        cfg.image_embed_dropout = IMAGE_EMBED_DROPOUT
     return cfg
 
 
@@ -306,6 +320,10 @@ class KandinskyTask(TrainTask):
         with torch.random.fork_rng(devices=[]):  # LoRA A init depends on the run's seed only
             torch.manual_seed(cfg.loop.seed)
             add_lora(self.trained, cfg.lora)
+        if cfg.gradient_checkpointing:
+            from models.kandinsky.loading import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self.trained)
         # Checked in the tests: only these are trainable; everything else stays bit-identical.
         self._lora = lora_parameters(self.trained)
 
@@ -351,8 +369,11 @@ class KandinskyTask(TrainTask):
             base = _unwrap(self.prior)
             return prior_loss(self.prior, base.clip_mean, base.clip_std, self.noise_scheduler, batch, generator,
                               self.cfg.snr_gamma)
-        return decoder_loss(self.unet, self.noise_scheduler, batch, generator, self.zero_embed,
-                            self.cfg.image_embed_dropout, self.cfg.snr_gamma)
+        # Validation (modules in eval mode) measures the conditional loss: no image-embedding dropout, as the
+        # validation set has no caption dropout.
+        dropout = self.cfg.image_embed_dropout if _unwrap(self.unet).training else 0.0
+        return decoder_loss(self.unet, self.noise_scheduler, batch, generator, self.zero_embed, dropout,
+                            self.cfg.snr_gamma)
 
     def adapter_meta(self) -> dict[str, Any]:
         src = self.source_info.get(self.component, {})
@@ -376,7 +397,12 @@ class KandinskyTask(TrainTask):
     def sample_grid(self, step: int, path: Path) -> bool:
         """A 4-image strip for 4 validation captions at fixed seeds: the prior task pairs its in-training prior with
         the decoder (and decoder adapter) it will be generated with; the decoder task pairs the base prior (plus
-        prior adapter) with its in-training UNet."""
+        prior adapter) with its in-training UNet.
+
+        The generator reuses the task's own modules (the prior parts every task loads, the trained model, the
+        decoder's UNet and MoVQ); only the half a task does not train with - the decoder of a prior run - is loaded,
+        once. Modules that training does not keep on the device are moved there for the grid and back after, so a
+        grid costs no resident memory."""
         from PIL import Image
 
         if self._val is None:
@@ -385,7 +411,11 @@ class KandinskyTask(TrainTask):
         prompts = [c for c in needed_captions(base) if c][:4]
         if self._grid_generator is None:
             self._grid_generator = self._make_grid_generator()
-        images = self._grid_generator.generate(prompts, list(range(len(prompts))))
+        gen = self._grid_generator
+        device = next(_unwrap(self.trained).parameters()).device
+        visitors = [gen.p.prior, gen.p.text_encoder, gen.d.unet, gen.d.movq]
+        with _moved_to(visitors, device):
+            images = gen.generate(prompts, list(range(len(prompts))))
         strip = np.concatenate(images, axis=1)
         from harness.io import atomic_path
 
@@ -394,29 +424,38 @@ class KandinskyTask(TrainTask):
         return True
 
     def _make_grid_generator(self) -> "KandinskyGenerator":
-        from models.kandinsky.loading import load_decoder, load_prior
+        from models.kandinsky.loading import load_decoder
 
-        device = next(self.trained.parameters()).device
         gen = dataclasses.replace(self.cfg.generation, prior_steps=min(self.cfg.generation.prior_steps, 10),
                                   decoder_steps=min(self.cfg.generation.decoder_steps, 20))
         height = gen.height or self.cfg.data.resolution
         if self.component == "prior":
             prior_parts = dataclasses.replace(self.prior_parts, prior=_unwrap(self.prior))
-            if prior_parts.text_encoder.device != device:
-                prior_parts.text_encoder.to(device)
-                prior_parts.image_encoder.to(device)
-            decoder_parts = load_decoder(self.cfg.decoder, self.cfg.decoder_revision, self.cfg.base_dtype, device)
+            decoder_parts = load_decoder(self.cfg.decoder, self.cfg.decoder_revision, self.cfg.base_dtype, "cpu")
             ref = resolve_adapter(self.cfg.decoder_adapter, "decoder")
             if ref:
                 load_adapter(decoder_parts.unet, ref)
         else:
-            prior_parts = load_prior(self.cfg.prior, self.cfg.prior_revision, self.cfg.base_dtype, device)
+            prior_parts = self.prior_parts  # loaded by build_task; its prior is not trained here
             ref = resolve_adapter(self.cfg.prior_adapter, "prior")
             if ref:
                 load_adapter(prior_parts.prior, ref)
             decoder_parts = dataclasses.replace(self.decoder_parts, unet=_unwrap(self.unet))
-            decoder_parts.movq.to(device)
+        device = next(_unwrap(self.trained).parameters()).device
         return KandinskyGenerator(prior_parts, decoder_parts, gen, height, gen.width or height, device, info={})
+
+
+@contextlib.contextmanager
+def _moved_to(modules: list[nn.Module], device: torch.device):
+    """Move `modules` to `device` for the block, then each back to where it was."""
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 def _unwrap(m: nn.Module | None) -> nn.Module | None:
@@ -591,7 +630,7 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     # Check the paired adapter before an hour of training, not at generation time.
     other: Component = "decoder" if cfg.component == "prior" else "prior"
     resolve_adapter(cfg.decoder_adapter if other == "decoder" else cfg.prior_adapter, other)
-    logs: list[str] = []
+    logs: list[str] = [f"warning: {w}" for w in cfg.warnings()]
     task, hashes = build_task(cfg, log=logs.append)
     config = to_dict(cfg)
     config["summary"] = cfg.summary()

@@ -172,3 +172,34 @@ def load_decoder(source: str | Path = DEFAULT_DECODER, revision: str | None = No
 
 def scheduler_config(scheduler) -> dict[str, Any]:
     return json.loads(json.dumps(dict(scheduler.config), default=str))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute activations in the backward pass instead of storing them (the memory of a large batch).
+
+    The UNet has diffusers' own switch (`enable_gradient_checkpointing`, as diffusers' Kandinsky decoder trainer
+    uses). `PriorTransformer` has none, so each of its transformer blocks is wrapped here: the block's `forward` runs
+    under non-reentrant `torch.utils.checkpoint` while the model trains with gradients on. Parameter names do not
+    change, so checkpoints and exported adapters are the same; the gradients are the same up to float rounding.
+    """
+    if getattr(model, "_supports_gradient_checkpointing", False):
+        model.enable_gradient_checkpointing()
+        return model
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no gradient-checkpointing support")
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        if getattr(block, "_harness_checkpointed", False):
+            continue
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if model.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+        block._harness_checkpointed = True
+    return model
