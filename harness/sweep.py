@@ -134,30 +134,77 @@ def _config_hash(d: dict) -> str:
     return hashlib.sha256(dumps_json(d).encode()).hexdigest()[:10]
 
 
+MIN_GENERATED = 2000  # the seed paper's protocol size (N_gen of its FID)
+
+
+def images_per_prompt_for(n_prompts: int, minimum: int = MIN_GENERATED) -> int:
+    """The smallest K with n_prompts * K >= minimum (K >= 1)."""
+    return max(1, -(-minimum // max(1, n_prompts)))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts (for a message that names them)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_bases(base) -> None:
+    """Resolve the base pipelines once, before any rank: a wrong --prior/--decoder or a hub id that is not cached
+    offline is one line for the whole sweep, not one traceback per rank."""
+    from models.kandinsky.loading import resolve_source
+
+    for which in ("prior", "decoder"):
+        try:
+            resolve_source(getattr(base, which), getattr(base, f"{which}_revision"))
+        except FileNotFoundError as e:
+            raise UserError(f"--{which}: {e}") from None
+
+
 def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: int = 0, gen_batch_size: int = 8,
-              device: str | None = None, score: bool = True, gen_seed: int = 0) -> SweepResult:
-    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring."""
+              device: str | None = None, score: bool = True, gen_seed: int = 0,
+              images_per_prompt: int | None = None) -> SweepResult:
+    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring.
+
+    `images_per_prompt` None = enough for MIN_GENERATED images per rank. Everything that changes a rank's results
+    (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
+    them is refused in an explicit --sweep-dir and gets its own directory by default."""
     from harness.train_kandinsky import FAMILIES, resolve_adapter
 
     base.validate()
     family = FAMILIES[base.component]
     other = "decoder" if base.component == "prior" else "prior"
     resolve_adapter(base.decoder_adapter if other == "decoder" else base.prior_adapter, other)  # fail early
+    check_bases(base)
     base_dict = to_dict(base)
     base_dict["lora"]["rank"] = None  # the rank varies; everything else must match to continue a sweep
-    sweep_dir = Path(sweep_dir) if sweep_dir else runs_root() / "sweeps" / f"{family}-{_config_hash(base_dict)}"
+    val_prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
+    k = images_per_prompt if images_per_prompt is not None else images_per_prompt_for(len(val_prompts))
+    if k < 1:
+        raise UserError(f"--images-per-prompt must be >= 1, got {k}")
+    protocol = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": k}
+    sweep_dir = Path(sweep_dir) if sweep_dir else \
+        runs_root() / "sweeps" / f"{family}-{_config_hash({'base': base_dict, 'protocol': protocol})}"
     path = sweep_dir / "sweep.json"
     if path.is_file():
         record = read_json(path)
-        if record.get("base_config") != base_dict:
-            raise UserError("this sweep dir holds a sweep with another base config; pass another --sweep-dir", path)
+        diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
+                            {"base_config": base_dict, "protocol": protocol})
+        if diff:
+            raise UserError(f"this sweep dir holds a sweep with another base config or protocol ({'; '.join(diff)}); "
+                            "rerun with the same options to continue it, or pass another --sweep-dir", path)
     else:
-        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "ranks": {}}
-    prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
+        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "protocol": protocol,
+                  "ranks": {}}
+    # One line per generated image: prompt i of the validation list K times (each with its own image seed).
+    prompts = [p for p in val_prompts for _ in range(k)]
     prompts_file = sweep_dir / "val-prompts.txt"
     write_text(prompts_file, "".join(p + "\n" for p in prompts))
-    record["prompts"] = {"file": str(prompts_file), "n": len(prompts),
-                         "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
+    record["prompts"] = {"file": str(prompts_file), "n": len(prompts), "n_unique": len(val_prompts),
+                         "images_per_prompt": k, "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
     write_json(path, record)
 
     from harness.progress import console
@@ -171,8 +218,14 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
             _run_rank(base, r, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
             entry["status"] = "done"
             entry.pop("error", None)
+            entry.pop("traceback", None)
         except KeyboardInterrupt:
             entry["status"] = "interrupted"
+            write_json(path, record)
+            raise
+        except UserError as e:  # the user's setup: every other rank would fail the same way
+            entry["status"] = "failed"
+            entry["error"] = str(e)
             write_json(path, record)
             raise
         except Exception as e:  # noqa: BLE001 - one rank's crash must not stop the others
@@ -188,8 +241,7 @@ def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: l
               device: str | None, score: bool, gen_seed: int) -> None:
     from harness.generate import generate_images, load_generator
     from harness.runs import open_run
-    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, resume, train
-    from harness.trainer import latest_checkpoint
+    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, continue_run, train
     from models.kandinsky.counting import count_lora
 
     cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank),
@@ -200,13 +252,17 @@ def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: l
         pass
     run: Run | None = open_run(entry["run"]) if entry.get("run") and Path(entry["run"]).is_dir() else None
 
-    # 1. train (or resume a killed training)
+    # 1. train, or continue the recorded run of a killed training in its own directory (from its last checkpoint)
     if run is None or not (run.dir / ADAPTER_DIR / WEIGHT_NAME).is_file():
         entry["stage"] = "train"
-        if run is not None and latest_checkpoint(run) is not None:
-            run = resume(run)
+        if run is not None:
+            run = continue_run(run)
         else:
-            run = train(cfg)
+            def record_run(new: Run) -> None:  # before the first step: a kill from here on leaves a resumable record
+                entry["run"] = str(new.dir)
+                write_json(path, record)
+
+            run = train(cfg, on_run=record_run)
         entry["run"] = str(run.dir)
         write_json(path, record)
     stats = read_json(run.dir / "train_stats.json") if (run.dir / "train_stats.json").is_file() else {}

@@ -197,14 +197,20 @@ def _sweep_command(component: str) -> click.Command:
                                                   "optimizer memory) and exit; needs no data and no weights.")
     @click.option("--sweep-dir", type=existing_dir, default=None,
                   help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done ranks.")
-    @click.option("--n-prompts", type=int, default=0, show_default=True,
+    @click.option("--n-prompts", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Validation prompts to generate per rank (one caption per validation image; 0 = all).")
+    @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
+                  help="Images generated per validation prompt (each with its own seed). Default: the smallest K "
+                       "with n_prompts x K >= 2,000, the paper's protocol size (K = 10 for 200 validation images).")
+    @click.option("--gen-seed", type=SEED, default=0, show_default=True,
+                  help="Base seed of the generated images (image i gets a seed derived from it and i).")
     @click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Generation batch size.")
     @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
     @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
     @training_options
     @lora_options(component)
-    def cmd(ranks, dry_run, sweep_dir, n_prompts, gen_batch_size, device, score, **kwargs):
+    def cmd(ranks, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
+            **kwargs):
         from rich.console import Console
 
         from harness.errors import UserError
@@ -226,7 +232,7 @@ def _sweep_command(component: str) -> click.Command:
         kwargs.pop("run_id", None)
         cfg = build_config(component, kwargs)
         result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
-                           device=device, score=score)
+                           device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
         console.print(result.table())
         console.print(f"sweep record: {result.path}")
         if result.failed():

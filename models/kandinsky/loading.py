@@ -69,6 +69,9 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Source:
         if not (p / "model_index.json").is_file():
             raise FileNotFoundError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
         return Source(str(source), p.resolve(), revision, None)
+    text = str(source)
+    if p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:  # a path, not an "org/name" hub id
+        raise FileNotFoundError(f"cannot load {text!r}: no such pipeline folder")
     from diffusers import DiffusionPipeline
 
     try:
