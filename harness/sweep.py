@@ -152,6 +152,19 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+def sweep_protocol(base, n_prompts: int, gen_seed: int, images_per_prompt: int | None) -> dict[str, Any]:
+    """What a sweep's generation will be (for --print-config): needs the split only for the automatic K."""
+    out: dict[str, Any] = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": images_per_prompt,
+                           "min_generated": MIN_GENERATED, "generation": to_dict(base.generation)}
+    if base.data_dir and base.split_path:
+        n = len(validation_prompts(base.data_dir, base.split_path, n_prompts))
+        k = images_per_prompt or images_per_prompt_for(n)
+        out.update(images_per_prompt=k, n_val_prompts=n, n_generated=n * k)
+    elif images_per_prompt is None:
+        out["images_per_prompt"] = f"auto: ceil({MIN_GENERATED} / validation prompts)"
+    return out
+
+
 def check_bases(base) -> None:
     """Resolve the base pipelines once, before any rank: a wrong --prior/--decoder or a hub id that is not cached
     offline is one line for the whole sweep, not one traceback per rank."""

@@ -52,9 +52,9 @@ ADAPTER_DIR = "final"  # the trainer exports into RUN/final
 class GenerationConfig:
     """Sampling settings used by `harness generate` on a Kandinsky run (CLI --steps/--guidance set the decoder's)."""
 
-    prior_steps: int = 25
+    prior_steps: int = 25  # KandinskyV22PriorPipeline's default (and the paper's)
     prior_guidance: float = 4.0
-    decoder_steps: int = 100
+    decoder_steps: int = 100  # KandinskyV22Pipeline's default; the paper (and --preset paper) used 150
     decoder_guidance: float = 4.0
     height: int | None = None  # None = the training resolution (256 by default)
     width: int | None = None
@@ -93,6 +93,9 @@ class KandinskyConfig:
     decoder_adapter: str = "none"  # prior runs: which decoder adapter `generate` pairs with
     paraphrases_path: str | None = None  # prior only
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    preset: str | None = None  # the preset the config started from (recorded; see paper_preset)
+    # Keep the best adapter (validation metric every E epochs) and export it to final/; None = the last weights.
+    eval_every_epochs: float | None = None
 
     def validate(self) -> None:
         if self.component not in FAMILIES:
@@ -117,6 +120,10 @@ class KandinskyConfig:
                             "(the frozen encoders then run every step on the augmented pixels)")
         if self.cache_batch_size < 1:
             raise UserError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        if self.eval_every_epochs is not None and not self.eval_every_epochs > 0:
+            raise UserError(f"eval_every_epochs must be > 0, got {self.eval_every_epochs}")
+        if self.preset not in (None, "paper"):
+            raise UserError(f"preset must be paper or none, got {self.preset!r}")
         self.generation.validate()
 
     def warnings(self) -> list[str]:
@@ -128,7 +135,7 @@ class KandinskyConfig:
         return {"component": self.component, "rank": self.lora.rank, "alpha": self.lora.lora_alpha,
                 "targets": self.lora.targets, "dora": self.lora.dora, "rslora": self.lora.rslora,
                 "steps": self.loop.max_steps, "paraphrase_strategy": self.data.paraphrase_strategy,
-                "preset": None, "caption_dropout": self.data.caption_dropout, "cache": self.cache}
+                "preset": self.preset, "caption_dropout": self.data.caption_dropout, "cache": self.cache}
 
 
 IMAGE_EMBED_DROPOUT = 0.1  # see default_config
@@ -145,6 +152,81 @@ def default_config(component: Component) -> KandinskyConfig:
     else:
         cfg.image_embed_dropout = IMAGE_EMBED_DROPOUT
     return cfg
+
+
+Stage = Literal["train", "sweep"]
+PAPER_EPOCHS = {("prior", "train"): 100, ("decoder", "train"): 40, ("prior", "sweep"): 100, ("decoder", "sweep"): 100}
+
+
+def paper_preset(component: Component, stage: Stage = "train") -> KandinskyConfig:
+    """The seed paper's three-stage recipe. Common: AdamW lr 1e-4, batch 64 (the released default config; its
+    example config ran batch 256, fp16 and Min-SNR gamma 5), 256 px with padding, one item per caption row (the
+    paper's epoch is one pass over the ~18.2 k caption rows of the 1,800 training images), generation with 25
+    prior and 150 decoder steps. Epochs: prior 100 (train and sweep); decoder stage 1 (train) r = 32 for 40
+    epochs; decoder sweep 100 epochs."""
+    cfg = default_config(component)
+    cfg.preset = "paper"
+    cfg.loop.lr = 1e-4
+    cfg.loop.batch_size = 64
+    cfg.loop.epochs = PAPER_EPOCHS[(component, stage)]
+    cfg.data.resolution = 256
+    cfg.data.fit = "pad"
+    cfg.data.captions = "all"
+    cfg.generation.prior_steps = 25
+    cfg.generation.decoder_steps = 150
+    if component == "decoder" and stage == "train":
+        cfg.lora.rank = 32
+    return cfg
+
+
+def base_config(component: Component, preset: str | None, stage: Stage = "train") -> KandinskyConfig:
+    if preset in (None, "none"):
+        return default_config(component)
+    if preset == "paper":
+        return paper_preset(component, stage)
+    raise UserError(f"unknown preset {preset!r}; choose paper")
+
+
+def epoch_items(ds) -> int:
+    """Items of one epoch as the seed paper counts it: the caption rows of the training images (whatever
+    `captions` says: with "sample" an epoch is as many draws as there are rows)."""
+    base = ds.base if isinstance(ds, CachedItems) else ds
+    return base.stats()["n_caption_rows"]
+
+
+def resolved_config(cfg: KandinskyConfig) -> dict[str, Any]:
+    """`--print-config`: the config with the loop resolved against the training split (steps per epoch, total
+    steps, validation interval); reads prompt-gt.csv and SPLIT.json only (no weights, no images)."""
+    from harness.dataset import load_training_data
+    from harness.trainer import loop_description, resolve_loop
+
+    cfg.validate()
+    out = to_dict(cfg)
+    if not (cfg.data_dir and cfg.split_path):
+        out["loop"] = dict(out["loop"], derived=None)
+        out["note"] = "give --split and --data to derive the steps per epoch and the total steps"
+        return out
+    ds, _ = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data), None)
+    loop, plan = resolve_loop(_with_eval_interval(cfg.loop, cfg, epoch_items(ds)), epoch_items(ds))
+    out["loop"] = loop_description(loop, plan)
+    return out
+
+
+def _with_eval_interval(loop: LoopConfig, cfg: KandinskyConfig, n_items: int) -> LoopConfig:
+    """--eval-every-epochs E: validate (and keep the best adapter) every round(E x steps per epoch) steps."""
+    if cfg.eval_every_epochs is None:
+        return loop
+    from harness.trainer import resolve_loop
+
+    _, plan = resolve_loop(loop, n_items)
+    every = max(1, round(cfg.eval_every_epochs * plan.steps_per_epoch))
+    return dataclasses.replace(loop, val_every=every, select_best=best_metric())
+
+
+def best_metric() -> str:
+    """What --eval-every-epochs ranks by. The validation loss (fixed noise seeds, every dropout off): FID of
+    in-training generations is not wired in yet, so the run records "val_loss" as the metric it used."""
+    return "val_loss"
 
 
 def config_from_dict(d: dict[str, Any], where: str = "KandinskyConfig") -> KandinskyConfig:
@@ -342,6 +424,9 @@ class KandinskyTask(TrainTask):
     def val_dataset(self):
         return self._val
 
+    def epoch_items(self) -> int:
+        return epoch_items(self._train)
+
     def collate(self, items: list[dict]) -> dict:
         return collate_items(items) if "pixels" in items[0] else collate_features(items)
 
@@ -488,7 +573,9 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
     cfg.validate()
     paraphrases, para_sha = _load_paraphrases(cfg)
     train_cfg = dataclasses.replace(cfg.data)
-    val_cfg = dataclasses.replace(cfg.data, caption_dropout=0.0)  # validation measures the conditional loss
+    # Validation measures the conditional loss, each validation image once (its caption drawn at a fixed seed), so
+    # a few batches cover the whole side (4 x 64 >= the 200 validation images of the paper's split).
+    val_cfg = dataclasses.replace(cfg.data, caption_dropout=0.0, captions="sample")
     train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", train_cfg, paraphrases)
     try:
         val_ds, val_hashes = load_training_data(cfg.data_dir, cfg.split_path, "val", val_cfg, paraphrases)
@@ -525,8 +612,6 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
     from harness.distributed import state as dist_state
 
     from harness.encoder_cache import TensorStore, default_cache_dir, image_key, text_key, unique
-    from harness.images import open_rgb
-    from harness.dataset import preprocess_image
     from harness.progress import progress
     from models.kandinsky import encoders as E
 
@@ -535,7 +620,10 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
     bs = cfg.cache_batch_size
     devset = train_ds.devset
     datasets = [d for d in (train_ds, val_ds) if d is not None]
-    pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit}
+    # The cached pixels are the dataset's own un-augmented decode (clean_pixels): JPEGs decoded at the training
+    # scale ("draft"), which differs slightly from a full decode + resize, so it is part of the key.
+    pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit, "decode": "draft"}
+    where = {img: (d, i) for d in reversed(datasets) for i, img in enumerate(d.image_ids)}
     text_fp = prior_parts.fingerprints["text"]
     image_fp = prior_parts.fingerprints["image"]
     movq_fp = decoder_parts.fingerprints["movq"] if decoder_parts is not None else None
@@ -572,8 +660,7 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
                 decoder_parts.movq.to(device)
             for start in range(0, len(missing), bs):
                 ids = missing[start : start + bs]
-                pixels = torch.stack([preprocess_image(open_rgb(devset.image_path(i)), cfg.data.resolution,
-                                                       cfg.data.fit) for i in ids]).to(device)
+                pixels = torch.stack([where[i][0].clean_pixels(where[i][1]) for i in ids]).to(device)
                 embeds = E.clip_image_embeds(prior_parts.image_processor, prior_parts.image_encoder, pixels)
                 latents = E.movq_latents(decoder_parts.movq, pixels) if decoder_parts is not None else None
                 for j, i in enumerate(ids):
@@ -646,8 +733,52 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
             run.log(line)
         if on_run is not None:
             on_run(run)
-    run_training(task, cfg.loop, run)
+    _train(task, cfg, run)
     return run
+
+
+def _train(task: KandinskyTask, cfg: KandinskyConfig, run: Run, resume: bool = False) -> None:
+    from harness.distributed import state as dist_state
+
+    run_training(task, _with_eval_interval(cfg.loop, cfg, task.epoch_items()), run, resume=resume)
+    if cfg.eval_every_epochs is not None and dist_state().is_main_process:
+        export_best(run)
+
+
+def export_best(run: Run) -> dict[str, Any] | None:
+    """Put the best adapter (run/best, kept by the loop's select_best) into run/final - what generation, the sweep
+    and a plain diffusers load read - and the last one into run/last. final/selection.json and adapter_meta.json
+    say which metric chose it, its value, its step and its epoch."""
+    import os
+    import shutil
+
+    from harness.io import read_json, write_json
+
+    stats = read_json(run.dir / "train_stats.json")
+    sel = stats.get("select_best") or {}
+    best = run.dir / "best"
+    if sel.get("step") is None or not (best / WEIGHT_NAME).is_file():
+        return None
+    per_epoch = stats["loop"]["derived"]["steps_per_epoch"]
+    selection = {"metric": sel["metric"], "value": sel["value"], "step": sel["step"],
+                 "epoch": round(sel["step"] / per_epoch, 3), "last_step": stats["steps"],
+                 "last_epoch": round(stats["steps"] / per_epoch, 3), "last_weights": "last/"}
+    tmp = run.dir / f".final-best.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    meta = read_json(tmp / "adapter_meta.json")
+    meta["selected"] = selection
+    write_json(tmp / "adapter_meta.json", meta)
+    write_json(tmp / "selection.json", selection)
+    last = run.dir / "last"
+    shutil.rmtree(last, ignore_errors=True)
+    os.replace(run.dir / ADAPTER_DIR, last)
+    os.replace(tmp, run.dir / ADAPTER_DIR)
+    stats["exported"] = selection
+    write_json(run.dir / "train_stats.json", stats)
+    run.log(f"final/ = best adapter by {selection['metric']} ({selection['value']:.5g}) from step {selection['step']} "
+            f"(epoch {selection['epoch']}); the last weights are in last/")
+    return selection
 
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
@@ -657,12 +788,14 @@ def resume(run: Run, max_steps: int | None = None) -> Run:
     cfg = config_from_run(run)
     if max_steps is not None and max_steps != cfg.loop.max_steps:
         cfg.loop.max_steps = max_steps
+        cfg.loop.epochs = None  # an epoch count would take precedence over the new step count
         full = run.config()
         full["loop"]["max_steps"] = max_steps
+        full["loop"]["epochs"] = None
         full["summary"]["steps"] = max_steps
         write_json(run.config_path, full)
     task, _ = build_task(cfg, log=run.log)
-    run_training(task, cfg.loop, run, resume=True)
+    _train(task, cfg, run, resume=True)
     return run
 
 
@@ -677,7 +810,7 @@ def continue_run(run: Run) -> Run:
     task, _ = build_task(cfg, log=run.log)
     (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
     run.log("no checkpoint yet: training again from step 0 in the same run")
-    run_training(task, cfg.loop, run)
+    _train(task, cfg, run)
     return run
 
 

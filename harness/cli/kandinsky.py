@@ -60,7 +60,17 @@ def lora_options(component: str):
                      help="One item per image (sample) or per caption row (all)."),
         click.option("--base-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="dtype of the frozen weights (LoRA stays fp32)."),
-        click.option("--warmup-steps", type=int, default=None, help="Linear LR warm-up steps."),
+        click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear LR warm-up steps."),
+        click.option("--prior-steps", type=click.IntRange(min=1), default=None,
+                     help="Prior sampling steps of `harness generate` / the sweep (default 25: "
+                          "KandinskyV22PriorPipeline's and the paper's)."),
+        click.option("--decoder-steps", type=click.IntRange(min=1), default=None,
+                     help="Decoder sampling steps (default 100: KandinskyV22Pipeline's; the paper and --preset "
+                          "paper use 150)."),
+        click.option("--prior-guidance", type=click.FloatRange(min=0), default=None,
+                     help="Prior guidance scale (default 4.0, the pipeline's)."),
+        click.option("--decoder-guidance", type=click.FloatRange(min=0), default=None,
+                     help="Decoder guidance scale (default 4.0, the pipeline's)."),
     ]
     if component == "prior":
         opts.append(click.option("--caption-dropout", type=float, default=None,
@@ -79,15 +89,37 @@ def lora_options(component: str):
     return deco
 
 
-def build_config(component: str, kwargs: dict[str, Any]):
-    """defaults(component) <- --config file <- CLI options, then the typed config (unknown keys are errors)."""
+PRESET_HELP = ("paper: the seed paper's recipe - AdamW lr 1e-4, batch 64 (the released default config; its example "
+               "config ran batch 256, fp16, Min-SNR gamma 5: add --batch-size 256 --mixed-precision fp16 "
+               "--snr-gamma 5 for that), 256 px padded, one epoch = one pass over the caption rows (~18.2 k for "
+               "1,800 training images), {epochs}, generation with 25 prior and 150 decoder steps (the paper's; "
+               "diffusers' default is 100). Options given with it override its values.")
+
+
+def preset_option(component: str, stage: str):
+    epochs = {("prior", "train"): "100 epochs", ("decoder", "train"): "stage-1 decoder r=32 for 40 epochs",
+              ("prior", "sweep"): "100 epochs per rank", ("decoder", "sweep"): "100 epochs per rank"}
+    return click.option("--preset", type=click.Choice(["paper"]), default=None,
+                        help=PRESET_HELP.format(epochs=epochs[(component, stage)]))
+
+
+def eval_option(f):
+    return click.option("--eval-every-epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Every E epochs compute the validation loss (fixed noise seeds, dropout off), keep the "
+                             "best adapter and export it to RUN/final/ with the epoch it came from (last weights "
+                             "in RUN/last/); as the paper kept its best epoch. Default: the last weights.")(f)
+
+
+def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
+    """defaults(component) or --preset <- --config file <- CLI options, then the typed config (unknown keys are
+    errors)."""
     from harness.config import to_dict
     from harness.errors import UserError
     from harness.io import read_json
-    from harness.train_kandinsky import config_from_dict, default_config
+    from harness.train_kandinsky import base_config, config_from_dict
 
     loop = pop_loop_overrides(kwargs)
-    d = to_dict(default_config(component))  # type: ignore[arg-type]
+    d = to_dict(base_config(component, kwargs.pop("preset", None), stage))  # type: ignore[arg-type]
     config_file = kwargs.pop("config_file", None)
     if config_file:
         file_cfg = read_json(config_file)
@@ -96,7 +128,7 @@ def build_config(component: str, kwargs: dict[str, Any]):
         if file_cfg.get("component", component) != component:
             raise UserError(f"config is for the {file_cfg['component']}, not the {component}", config_file)
         _merge(d, file_cfg)
-    over: dict[str, Any] = {"loop": {k: v for k, v in loop.items() if v is not None}, "lora": {}, "data": {}}
+    over: dict[str, Any] = {"loop": dict(loop), "lora": {}, "data": {}}  # None in loop = clear (epochs)
     if kwargs.get("warmup_steps") is not None:
         over["loop"]["warmup_steps"] = kwargs["warmup_steps"]
     for opt, key in (("rank", "rank"), ("alpha", "alpha"), ("lora_targets", "targets"), ("dora", "dora"),
@@ -109,7 +141,7 @@ def build_config(component: str, kwargs: dict[str, Any]):
     if kwargs.get("seed") is not None:
         over["data"]["seed"] = kwargs["seed"]
     for opt in ("prior", "decoder", "snr_gamma", "cache", "image_embed_dropout", "base_dtype",
-                "gradient_checkpointing"):
+                "gradient_checkpointing", "eval_every_epochs"):
         if kwargs.get(opt) is not None:
             over[opt] = kwargs[opt]
     if kwargs.get("cache_dir") is not None:
@@ -123,6 +155,10 @@ def build_config(component: str, kwargs: dict[str, Any]):
             over[key] = str(kwargs[opt])
     if loop.get("seed") is not None:
         over["data"]["seed"] = loop["seed"]
+    gen = {k: kwargs[k] for k in ("prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance")
+           if kwargs.get(k) is not None}
+    if gen:
+        over["generation"] = gen
     _merge(d, over)
     d["component"] = component
     cfg = config_from_dict(d, where=str(config_file) if config_file else "options")
@@ -147,14 +183,24 @@ def _train_command(component: str) -> click.Command:
 
     @click.command(name=FAMILY[component])
     @training_options
+    @preset_option(component, "train")
+    @eval_option
     @lora_options(component)
     def cmd(**kwargs):
+        from harness.cli.common import print_config
         from harness.progress import console
         from harness.runs import open_run
-        from harness.train_kandinsky import resume, train
+        from harness.train_kandinsky import resolved_config, resume, train
 
         resume_run = kwargs.pop("resume_run", None)
         run_id = kwargs.pop("run_id", None)
+        if kwargs.pop("print_config", False):
+            if resume_run:
+                from harness.errors import UserError
+
+                raise UserError("--print-config shows a new run's config; a run's own is in RUN/config.json")
+            print_config(resolved_config(build_config(component, kwargs)))
+            return
         if resume_run:
             run = resume(open_run(resume_run), max_steps=kwargs.get("max_steps"))
         else:
@@ -208,6 +254,8 @@ def _sweep_command(component: str) -> click.Command:
     @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
     @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
     @training_options
+    @preset_option(component, "sweep")
+    @eval_option
     @lora_options(component)
     def cmd(ranks, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
             **kwargs):
@@ -224,13 +272,26 @@ def _sweep_command(component: str) -> click.Command:
             console.print(plan_table(component, rank_list, alpha=alpha, targets=kwargs.get("lora_targets") or "paper",
                                      dora=bool(kwargs.get("dora")), rslora=bool(kwargs.get("rslora"))))
             return
+        if kwargs.pop("print_config", False):
+            from harness.cli.common import print_config
+            from harness.sweep import sweep_protocol
+            from harness.train_kandinsky import resolved_config
+
+            kwargs.pop("resume_run", None)
+            kwargs.pop("run_id", None)
+            cfg = build_config(component, kwargs, stage="sweep")
+            resolved = resolved_config(cfg)
+            resolved["lora"]["rank"] = None  # each sweep rank
+            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), ranks=rank_list)
+            print_config(resolved)
+            return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
             if kwargs.get(opt) is None:
-                raise UserError(f"{name} is required (except with --dry-run)")
+                raise UserError(f"{name} is required (except with --dry-run and --print-config)")
         if kwargs.pop("resume_run", None):
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         kwargs.pop("run_id", None)
-        cfg = build_config(component, kwargs)
+        cfg = build_config(component, kwargs, stage="sweep")
         result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
                            device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
         console.print(result.table())
