@@ -118,15 +118,31 @@ class SweepResult:
     def table(self):
         from rich.table import Table
 
-        t = Table(title=f"{self.record['family']} sweep ({self.path.parent})")
-        for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+        best = self.record.get("best_rank")
+        t = Table(title=f"{self.record['family']} sweep ({self.path.parent})"
+                        + (f"; best rank {best} by FID, '≈' = indistinguishable from it (paired bootstrap 95 %)"
+                           if best is not None else ""))
+        for col in ("rank", "status", "run", "trainable", "val loss", "FID [95 % CI]", "P", "R", "F1", "vs best",
+                    "metrics / error"):
             t.add_column(col)
         for r, v in sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0])):
-            what = v.get("metrics_summary") or v.get("error", "")
+            iv = v.get("intervals") or {}
+
+            def cell(key: str, fmt: str = ".3f") -> str:
+                if key not in iv:
+                    return "-"
+                i = iv[key]
+                return f"{i['value']:{fmt}} [{i['low']:{fmt}}, {i['high']:{fmt}}]"
+
+            vs = v.get("vs_best") or {}
+            mark = "best" if vs.get("best") else ("≈" if vs.get("indistinguishable") else
+                                                    (f"worse (+{vs['diff']:.2f})" if "diff" in vs else "-"))
+            what = v.get("error", "") if v.get("status") == "failed" else v.get("metrics_summary", "")
             val = v.get("val_loss")
             t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
                       f"{v['trainable']:,}" if v.get("trainable") else "-",
-                      f"{val:.4f}" if isinstance(val, float) else "-", what)
+                      f"{val:.4f}" if isinstance(val, float) else "-", cell("fid", ".2f"), cell("precision"),
+                      cell("recall"), cell("f1"), mark, what)
         return t
 
 
@@ -247,6 +263,13 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
             entry["traceback"] = traceback.format_exc(limit=8)
             console.print(f"[red]rank {r} failed:[/] {entry['error']}")
         write_json(path, record)
+    if score:
+        best = mark_best(record)
+        if best is not None:
+            record["best_rank"] = best
+            plot = plot_sweep(record, sweep_dir / "sweep.png")
+            record["plot"] = str(plot) if plot else None
+        write_json(path, record)
     return SweepResult(path, record)
 
 
@@ -312,6 +335,9 @@ def _score(run: Run, sweep_dir: Path) -> dict[str, Any]:
         return {"metrics_summary": "not scored (harness.score not installed)"}
     result = score_mod.score_run(run, score_mod.ScoreConfig())
     out: dict[str, Any] = {"metrics": str(result.path), "metrics_summary": result.summary_line()}
+    feats = rank_features(run)
+    if feats:
+        out["intervals"] = _intervals(feats)
     try:
         lb = importlib.import_module("harness.leaderboard")
     except ModuleNotFoundError:
@@ -319,3 +345,93 @@ def _score(run: Run, sweep_dir: Path) -> dict[str, Any]:
     board, _ = lb.write_leaderboard(out=sweep_dir / "leaderboard.md")  # every scored run under the runs root
     out["leaderboard"] = str(board)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics: bootstrap intervals per rank and which ranks are indistinguishable from the best (harness/stats.py).
+
+N_BOOT = 200
+
+
+def rank_features(run: Run) -> dict[str, Any] | None:
+    """The features `harness score` cached for this run's FID (Inception pool3) and precision/recall (its PRC
+    extractor's layer), generated and real side: {"fid": (gen, real), "prc": (gen, real)}; None when not scored."""
+    from harness.features import load_cached
+
+    if not run.metrics_path.is_file():
+        return None
+    m = read_json(run.metrics_path)
+    keys = m.get("feature_cache", {})
+    out: dict[str, Any] = {}
+    for metric, layer_of in (("fid", lambda v: "2048"), ("prc", lambda v: v.get("layer"))):
+        info = m.get("metrics", {}).get(metric, {})
+        if info.get("status") != "ok":
+            continue
+        ex, layer = info.get("extractor"), layer_of(info)
+        blobs = [load_cached(keys.get(f"{ex}/{side}", {}).get("key", "")) for side in ("gen", "real")]
+        if any(b is None for b in blobs):
+            continue
+        out[metric] = tuple(b["features"][layer].numpy() for b in blobs)
+    return out or None
+
+
+def _intervals(feats: dict[str, Any]) -> dict[str, Any]:
+    from harness import stats
+
+    out: dict[str, Any] = {}
+    if "fid" in feats:
+        out.update(stats.bootstrap(stats.FID(), *feats["fid"], n_boot=N_BOOT))
+    if "prc" in feats:
+        out.update(stats.bootstrap(stats.PRC(k=3), *feats["prc"], n_boot=N_BOOT))
+    return {k: {"value": v.value, **v.to_dict()} for k, v in out.items()}
+
+
+def mark_best(record: dict[str, Any]) -> int | None:
+    """Compare every scored rank with the best one (lowest FID) by the paired bootstrap of the FID difference
+    (same real features; image i of both runs comes from prompt i); each rank gets `vs_best` with the difference,
+    its 95 % interval and whether the interval holds 0 (statistically indistinguishable). Kept in sweep.json per
+    (rank run, best run), so a rerun does not recompute it."""
+    from harness import stats
+    from harness.runs import open_run
+
+    scored = {r: v for r, v in record["ranks"].items()
+              if v.get("status") == "done" and "fid" in (v.get("intervals") or {})}
+    if not scored:
+        return None
+    best = min(scored, key=lambda r: scored[r]["intervals"]["fid"]["value"])
+    best_feats = rank_features(open_run(scored[best]["run"]))
+    for r, v in scored.items():
+        if r == best:
+            v["vs_best"] = {"best": True, "best_run": scored[best]["run"]}
+            continue
+        if v.get("vs_best", {}).get("best_run") == scored[best]["run"]:
+            continue
+        feats = rank_features(open_run(v["run"]))
+        if not (feats and best_feats and "fid" in feats and "fid" in best_feats):
+            v["vs_best"] = {"best": False, "best_run": None, "error": "features no longer in the feature cache"}
+            continue
+        c = stats.compare(stats.FID(), feats["fid"][0], best_feats["fid"][0], best_feats["fid"][1],
+                          n_boot=N_BOOT)["fid"]
+        v["vs_best"] = {"best": False, "best_run": scored[best]["run"], "indistinguishable": c.indistinguishable,
+                        **c.to_dict()}
+    return int(best)
+
+
+def plot_sweep(record: dict[str, Any], out: Path) -> Path | None:
+    """FID / precision / recall / F1 against rank, with the 95 % bootstrap intervals as error bars."""
+    from harness.plots import sweep_plot
+
+    points = []
+    for r, v in record["ranks"].items():
+        iv = v.get("intervals") or {}
+        if not iv:
+            continue
+        p: dict[str, Any] = {"rank": int(r), "series": record["family"]}
+        for key in ("fid", "precision", "recall", "f1"):
+            if key in iv:
+                p[key], p[f"{key}_low"], p[f"{key}_high"] = iv[key]["value"], iv[key]["low"], iv[key]["high"]
+        points.append(p)
+    if not points:
+        return None
+    n = record.get("prompts", {}).get("n")
+    return sweep_plot(points, out, f"{record['family']} sweep: 95 % bootstrap intervals (N_gen = {n})")

@@ -165,3 +165,55 @@ def test_sweep_cli_end_to_end(tiny_kandinsky, mini_data, tmp_path, run_cli):
     assert rec["family"] == "kandinsky-decoder" and rec["ranks"]["2"]["status"] == "done"
     code, out, err = run_cli(*args)  # rerun: nothing to do
     assert code == 0 and "skipped" in err + out
+
+
+def test_sweep_intervals_marks_and_plot(tiny_kandinsky, mini_data, tmp_path, monkeypatch):
+    """Each scored rank gets bootstrap intervals (harness.stats) and a paired comparison with the best rank; the
+    table says which ranks are indistinguishable from the best; the plot has the intervals. The score stack needs
+    Inception/VGG weights, so the run's features are synthetic here: rank 2 = the real distribution, rank 3 = a
+    shift far below the noise of 300 images, rank 5 = a shift far above it."""
+    import numpy as np
+
+    import harness.score as score_mod
+    import harness.sweep as sweep
+    from harness.runs import open_run
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 8))
+    shift = {2: 0.0, 3: 0.02, 5: 1.0}
+    gen = {r: rng.normal(size=(300, 8)) for r in shift}
+
+    def features(run):
+        r = open_run(run.dir).config()["summary"]["rank"]
+        g = gen[r] + shift[r]
+        return {"fid": (g, real), "prc": (g, real)}
+
+    class FakeResult:
+        def __init__(self, run):
+            self.path = run.dir / "metrics.json"
+
+        def summary_line(self):
+            return "scored"
+
+    monkeypatch.setattr(score_mod, "score_run", lambda run, cfg=None, **k: FakeResult(run))
+    monkeypatch.setattr(sweep, "rank_features", features)
+    monkeypatch.setattr(sweep, "N_BOOT", 50)
+    cfg = tiny_config("prior", tiny_kandinsky, mini_data, tmp_path, loop={"max_steps": 1})
+    res = sweep.run_sweep(cfg, [2, 3, 5], sweep_dir=tmp_path / "sw", n_prompts=1, gen_batch_size=2, device="cpu",
+                          images_per_prompt=1)
+    rec = res.record
+    assert rec["best_rank"] in (2, 3)
+    for r in ("2", "3", "5"):
+        iv = rec["ranks"][r]["intervals"]
+        assert set(iv) == {"fid", "precision", "recall", "f1"}
+        assert iv["fid"]["low"] <= iv["fid"]["value"] <= iv["fid"]["high"] and iv["fid"]["n_boot"] == 50
+    other = "3" if rec["best_rank"] == 2 else "2"
+    assert rec["ranks"][other]["vs_best"]["indistinguishable"] is True
+    assert rec["ranks"]["5"]["vs_best"]["indistinguishable"] is False and rec["ranks"]["5"]["vs_best"]["low"] > 0
+    assert (tmp_path / "sw" / "sweep.png").is_file()
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(res.table())
+    text = console.export_text()
+    assert "best rank" in text and "≈" in text and "worse" in text
