@@ -1,15 +1,25 @@
 """Rank-grid sweeps of Kandinsky LoRA: for each rank train -> generate the validation prompts -> score -> record.
 
-The seed paper's three-stage recipe, as commands:
-    harness train kandinsky-decoder --split S --data D --rank 32 ...                      # 1. decoder r=32
-    harness sweep kandinsky-prior --split S --data D --decoder-adapter runs/<decoder-r32> # 2. prior ranks
-    harness sweep kandinsky-decoder --split S --data D --prior-adapter runs/<best prior>  # 3. decoder ranks
+The seed paper's three-stage recipe, as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over
+the caption rows, 25 prior + 150 decoder sampling steps):
+    harness train kandinsky-decoder --split S --data D --preset paper          # 1. decoder r=32, 40 epochs
+    harness sweep kandinsky-prior --split S --data D --preset paper --decoder-adapter runs/<decoder-r32>
+                                                                               # 2. prior ranks, 100 epochs each
+    harness sweep kandinsky-decoder --split S --data D --preset paper --prior-adapter runs/<best prior>
+                                                                               # 3. decoder ranks, 100 epochs each
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory, the
-stage reached, the metrics, or the error of a crash. A crash in one rank is recorded and the sweep goes on; running
-the same command again skips finished ranks, resumes a rank whose training was killed from its last checkpoint,
-and finishes generation/scoring where they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the
-base config>, so the same command finds its own record; a different base config in the same dir is refused.
+Per rank: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
+score against the validation images, then bootstrap 95 % intervals (harness/stats.py) and a paired comparison of
+each rank's FID with the best rank's: the summary table marks the ranks statistically indistinguishable from it.
+
+State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory
+(recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
+crash. A crash in one rank is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
+it, once). Running the same command again skips finished ranks, continues a rank whose training was killed
+(SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
+they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the base config and protocol>, so the same
+command finds its own record; another base config or protocol (n_prompts, generation seed, images per prompt,
+sampling steps/guidance) in the same dir is refused, naming the differences.
 
 `--dry-run` needs no data and no weights: the trainable-parameter counts come from the real architectures built on
 the meta device (models/kandinsky/counting.py) and equal the paper's tables.

@@ -214,7 +214,7 @@ def resolved_config(cfg: KandinskyConfig) -> dict[str, Any]:
 
 def _with_eval_interval(loop: LoopConfig, cfg: KandinskyConfig, n_items: int) -> LoopConfig:
     """--eval-every-epochs E: validate (and keep the best adapter) every round(E x steps per epoch) steps."""
-    if cfg.eval_every_epochs is None:
+    if cfg.eval_every_epochs is None or loop.select_best != "none":  # a recorded run keeps its metric
         return loop
     from harness.trainer import resolve_loop
 
@@ -224,9 +224,23 @@ def _with_eval_interval(loop: LoopConfig, cfg: KandinskyConfig, n_items: int) ->
 
 
 def best_metric() -> str:
-    """What --eval-every-epochs ranks by. The validation loss (fixed noise seeds, every dropout off): FID of
-    in-training generations is not wired in yet, so the run records "val_loss" as the metric it used."""
-    return "val_loss"
+    """What --eval-every-epochs ranks by: FID of generations for the validation captions (one per validation image,
+    the run's sampling settings) against the validation images when the Inception weights of `harness score` are
+    on this machine; else the validation loss (fixed noise seeds, every dropout off). The run records which."""
+    return "fid" if _fid_weights() is not None else "val_loss"
+
+
+def _fid_weights():
+    """The verified Inception weights `harness score` uses, if present (never downloads mid-training)."""
+    try:
+        from harness.features import MissingWeights, resolve_weights
+        from harness.score import INCEPTION
+    except ImportError:
+        return None
+    try:
+        return resolve_weights(INCEPTION, None, allow_download=False)
+    except (MissingWeights, UserError):
+        return None
 
 
 def config_from_dict(d: dict[str, Any], where: str = "KandinskyConfig") -> KandinskyConfig:
@@ -383,6 +397,7 @@ class KandinskyTask(TrainTask):
         self.source_info = source_info or {}
         self.data_hashes = data_hashes or {}
         self._grid_generator: KandinskyGenerator | None = None
+        self._fid_generator: KandinskyGenerator | None = None
         self.prior_parts, self.decoder_parts = prior_parts, decoder_parts
         uncached = not cfg.cache
         if self.component == "prior":
@@ -508,11 +523,63 @@ class KandinskyTask(TrainTask):
             Image.fromarray(strip).save(tmp, format="PNG")
         return True
 
-    def _make_grid_generator(self) -> "KandinskyGenerator":
+    def selection_metric(self, name: str) -> float | None:
+        """FID of one image per validation caption (fixed seeds, the run's sampling settings) against the validation
+        images, through `harness score`'s extractor and feature cache (the real side is computed once)."""
+        if name != "fid" or self._val is None:
+            return None
+        weights = _fid_weights()
+        if weights is None:
+            return None
+        import tempfile
+
+        from PIL import Image
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+        from harness.features import ImageSet, TorchFidelityExtractor, extract_features
+        from harness.generate import image_seed
+        from harness.score import INCEPTION, _identity
+
+        base = self._val.base if isinstance(self._val, CachedItems) else self._val
+        base.set_epoch(0)
+        prompts = [base.caption_for(i, item_rng(base.cfg.seed, 0, i))[1] for i in range(len(base))]
+        if self._fid_generator is None:
+            self._fid_generator = self._make_grid_generator(self.cfg.generation)
+        gen = self._fid_generator
+        device = next(_unwrap(self.trained).parameters()).device
+        identity = _identity(INCEPTION, ("2048",), weights)
+        extractor: list = []
+
+        def make():
+            if not extractor:
+                extractor.append(TorchFidelityExtractor(INCEPTION, ("2048",), weights, device))
+            return extractor[0]
+
+        real = ImageSet("validation images", [base.devset.image_path(i) for i in base.image_ids])
+        with tempfile.TemporaryDirectory(prefix="kandinsky-fid-") as tmp:
+            paths = []
+            with _moved_to([gen.p.prior, gen.p.text_encoder, gen.d.unet, gen.d.movq], device):
+                for start in range(0, len(prompts), 8):
+                    chunk = list(range(start, min(start + 8, len(prompts))))
+                    images = gen.generate([prompts[i] for i in chunk], [image_seed(0, i + 1) for i in chunk])
+                    for i, im in zip(chunk, images):
+                        paths.append(Path(tmp) / f"{i + 1:05d}.png")
+                        Image.fromarray(im).save(paths[-1])
+            fake = extract_features(ImageSet("in-training generations", paths), identity, make, use_cache=False)
+        reals = extract_features(real, identity, make)
+        out = fid_statistics_to_metric(fid_features_to_statistics(fake.features["2048"]),
+                                       fid_features_to_statistics(reals.features["2048"]), verbose=False)
+        return float(out["frechet_inception_distance"])
+
+    def _make_grid_generator(self, gen: GenerationConfig | None = None) -> "KandinskyGenerator":
         from models.kandinsky.loading import load_decoder
 
-        gen = dataclasses.replace(self.cfg.generation, prior_steps=min(self.cfg.generation.prior_steps, 10),
-                                  decoder_steps=min(self.cfg.generation.decoder_steps, 20))
+        if gen is None:  # the sample strip: a preview, fewer steps
+            gen = dataclasses.replace(self.cfg.generation, prior_steps=min(self.cfg.generation.prior_steps, 10),
+                                      decoder_steps=min(self.cfg.generation.decoder_steps, 20))
+        if self._grid_generator is not None:  # share the loaded modules (the prior task's decoder) between both
+            g = self._grid_generator
+            return KandinskyGenerator(g.p, g.d, gen, g.height, g.width, g.device, info={})
         height = gen.height or self.cfg.data.resolution
         if self.component == "prior":
             prior_parts = dataclasses.replace(self.prior_parts, prior=_unwrap(self.prior))
@@ -723,6 +790,7 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     resolve_adapter(cfg.decoder_adapter if other == "decoder" else cfg.prior_adapter, other)
     logs: list[str] = [f"warning: {w}" for w in cfg.warnings()]
     task, hashes = build_task(cfg, log=logs.append)
+    cfg.loop = _with_eval_interval(cfg.loop, cfg, task.epoch_items())  # recorded: val_every and the metric
     config = to_dict(cfg)
     config["summary"] = cfg.summary()
     config["sources"] = task.source_info
@@ -740,7 +808,7 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
 def _train(task: KandinskyTask, cfg: KandinskyConfig, run: Run, resume: bool = False) -> None:
     from harness.distributed import state as dist_state
 
-    run_training(task, _with_eval_interval(cfg.loop, cfg, task.epoch_items()), run, resume=resume)
+    run_training(task, cfg.loop, run, resume=resume)
     if cfg.eval_every_epochs is not None and dist_state().is_main_process:
         export_best(run)
 

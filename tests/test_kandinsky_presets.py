@@ -87,3 +87,26 @@ def test_eval_every_epochs_exports_the_best_adapter_with_its_epoch(tiny_kandinsk
     assert adapter_content_hash(run.dir / "final") == adapter_content_hash(run.dir / "best")
     assert adapter_content_hash(run.dir / "last") != adapter_content_hash(run.dir / "final")
     assert stats["exported"]["epoch"] == 2.0
+
+
+def test_eval_every_epochs_selects_by_fid_when_inception_weights_exist(tiny_kandinsky, mini_data, tmp_path,
+                                                                       monkeypatch):
+    """With the scoring Inception on the machine the best epoch is chosen by FID of generations for the validation
+    captions (randomly initialised Inception here: the value is meaningless, the wiring is what is tested)."""
+    import math
+
+    import harness.train_kandinsky as tk
+    from harness.features import resolve_weights, write_random_weights
+    from harness.score import INCEPTION
+
+    path = write_random_weights(INCEPTION, tmp_path / "inception.pth")
+    monkeypatch.setattr(tk, "_fid_weights", lambda: resolve_weights(INCEPTION, path, allow_unverified=True))
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_config("decoder", tiny_kandinsky, mini_data, tmp_path, eval_every_epochs=1.0,
+                      loop={"epochs": 2, "batch_size": 2, "checkpoint_every": 0})
+    run = tk.train(cfg)
+    sel = json.loads((run.dir / "final" / "selection.json").read_text())
+    assert sel["metric"] == "fid" and math.isfinite(sel["value"]) and sel["epoch"] in (1.0, 2.0)
+    log = [json.loads(line) for line in (run.dir / "train_log.jsonl").read_text().splitlines()]
+    assert sum("best_fid" in rec for rec in log) >= 1
+    assert json.loads((run.dir / "config.json").read_text())["loop"]["select_best"] == "fid"

@@ -26,8 +26,11 @@ def lora_options(component: str):
     """LoRA, base-model and objective options of one component (unset = the typed config's default)."""
     other = "decoder" if component == "prior" else "prior"
     opts = [
-        click.option("--rank", type=int, default=None, help="LoRA rank r (default 4)."),
-        click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)."),
+        click.option("--rank", type=int, default=None,
+                     help="LoRA rank r (default 4, diffusers' LoRA trainers' default; --preset paper: 32 for the "
+                          "stage-1 decoder)."),
+        click.option("--alpha", type=float, default=None,
+                     help="LoRA alpha (default = rank, i.e. scale 1: the paper's parameter tables)."),
         click.option("--lora-targets", type=click.Choice(["paper", "paper+added-kv"]), default=None,
                      help="paper: to_q,to_k,to_v,to_out.0 (reproduces the paper's counts); paper+added-kv also "
                           "adds the decoder's add_k_proj,add_v_proj (the image-embedding path)."),
@@ -222,10 +225,17 @@ def _train_command(component: str) -> click.Command:
     Frozen-encoder outputs are computed once into the encoder cache (--no-cache recomputes every step).
     The adapter is written in diffusers format to RUN/final/pytorch_lora_weights.safetensors.
 
+    --preset paper is the seed paper's recipe ({'100 epochs' if component == 'prior' else 'stage 1: r = 32, 40 epochs'}
+    at batch 64, lr 1e-4); --epochs counts passes over the caption rows, as the paper does; --eval-every-epochs
+    keeps the best epoch's adapter in RUN/final/. --print-config shows the resolved config and the derived steps.
+
     \b
     Examples:
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --preset paper --print-config
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --preset paper --eval-every-epochs 5 \\
+          --mixed-precision bf16 --gradient-checkpointing {example_extra}
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --rank 32 --max-steps 5000 \\
-          --batch-size 16 --mixed-precision bf16 {example_extra}
+          --batch-size 16 --mixed-precision bf16
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --{component} /models/k22 --rank 4
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --resume runs/{FAMILY[component]}-r32-...
     """
@@ -307,13 +317,18 @@ def _sweep_command(component: str) -> click.Command:
     cmd.help = f"""Rank-grid sweep of the {component} LoRA: per rank train -> generate the validation prompts -> score.
 
     Each rank is recorded in sweep.json (run, status, metrics or the error); a crash in one rank is recorded and the
-    sweep goes on; rerunning the same command skips finished ranks and resumes a killed training.
+    sweep goes on; rerunning the same command skips finished ranks and continues a killed training in its own run
+    directory from its last checkpoint. Each rank generates --images-per-prompt images per validation caption
+    (default: N_gen >= 2,000) and is scored against the validation images; the table gives each rank's FID,
+    precision, recall and F1 with bootstrap 95 % intervals and marks the ranks statistically indistinguishable
+    from the best (paired bootstrap of the FID difference); sweep.png plots them against rank.
 
     \b
     Examples:
       harness sweep {FAMILY[component]} --ranks 4,8,16,32,64,128 --dry-run
-      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --ranks 4,8,16,24,32,40,48,56,64,128 \\
-          --{other}-adapter {pair} --max-steps 5000
+      harness sweep {FAMILY[component]} --preset paper --print-config
+      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --preset paper \\
+          --{other}-adapter {pair} --eval-every-epochs 10 --mixed-precision bf16
     """
     return cmd
 
