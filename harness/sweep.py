@@ -126,16 +126,30 @@ class SweepResult:
         return [int(r) for r, v in self.record["ranks"].items() if v.get("status") == "failed"]
 
     def table(self):
+        """Per rank: status, run, trainable parameters, losses and metrics. Once ranks carry bootstrap intervals the
+        table shows FID / P / R / F1 with their 95 % intervals and which ranks are indistinguishable from the best
+        (the run ids and errors stay in sweep.json)."""
         from rich.table import Table
 
+        ranks = sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0]))
         best = self.record.get("best_rank")
-        t = Table(title=f"{self.record['family']} sweep ({self.path.parent})"
-                        + (f"; best rank {best} by FID, '≈' = indistinguishable from it (paired bootstrap 95 %)"
-                           if best is not None else ""))
-        for col in ("rank", "status", "run", "trainable", "val loss", "FID [95 % CI]", "P", "R", "F1", "vs best",
-                    "metrics / error"):
+        title = f"{self.record['family']} sweep ({self.path.parent})"
+        if best is None:
+            t = Table(title=title)
+            for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+                t.add_column(col)
+            for r, v in ranks:
+                what = v.get("metrics_summary") or v.get("error", "")
+                val = v.get("val_loss")
+                t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
+                          f"{v['trainable']:,}" if v.get("trainable") else "-",
+                          f"{val:.4f}" if isinstance(val, float) else "-", what)
+            return t
+        t = Table(title=f"{title}; best rank {best} by FID; '≈' = statistically indistinguishable from it "
+                        "(paired bootstrap 95 % interval of the FID difference holds 0)")
+        for col in ("rank", "status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
             t.add_column(col)
-        for r, v in sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0])):
+        for r, v in ranks:
             iv = v.get("intervals") or {}
 
             def cell(key: str, fmt: str = ".3f") -> str:
@@ -147,12 +161,8 @@ class SweepResult:
             vs = v.get("vs_best") or {}
             mark = "best" if vs.get("best") else ("≈" if vs.get("indistinguishable") else
                                                     (f"worse (+{vs['diff']:.2f})" if "diff" in vs else "-"))
-            what = v.get("error", "") if v.get("status") == "failed" else v.get("metrics_summary", "")
-            val = v.get("val_loss")
-            t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
-                      f"{v['trainable']:,}" if v.get("trainable") else "-",
-                      f"{val:.4f}" if isinstance(val, float) else "-", cell("fid", ".2f"), cell("precision"),
-                      cell("recall"), cell("f1"), mark, what)
+            t.add_row(r, v.get("status", "?"), f"{v['trainable']:,}" if v.get("trainable") else "-",
+                      cell("fid", ".2f"), cell("precision"), cell("recall"), cell("f1"), mark)
         return t
 
 

@@ -89,7 +89,7 @@ def test_sweep_continues_a_sigkilled_training_in_the_same_run(tiny_kandinsky, mi
     import time
 
     repo = Path(__file__).resolve().parents[1]
-    args = _sweep_args(tiny_kandinsky, mini_data, tmp_path, "--max-steps", "60", "--checkpoint-every", "1",
+    args = _sweep_args(tiny_kandinsky, mini_data, tmp_path, "--max-steps", "30", "--checkpoint-every", "1",
                        "--keep-last", "2")
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1")
@@ -112,14 +112,14 @@ def test_sweep_continues_a_sigkilled_training_in_the_same_run(tiny_kandinsky, mi
     assert run_dir is not None, err.decode()[-2000:]
     assert not (run_dir / "final").exists()  # killed mid-training
     killed_at = max(int(p.name[5:]) for p in run_dir.glob("checkpoints/step-*") if (p / "trainer_state.json").is_file())
-    assert 1 <= killed_at < 60
+    assert 1 <= killed_at < 30
 
     code, out, err = run_cli(*args)
     assert code == 0, err
     rec = json.loads(rec_path.read_text())
     assert rec["ranks"]["2"]["status"] == "done" and Path(rec["ranks"]["2"]["run"]) == run_dir
     stats = json.loads((run_dir / "train_stats.json").read_text())
-    assert stats["start_step"] >= killed_at and stats["steps"] == 60  # continued, not restarted
+    assert stats["start_step"] >= killed_at and stats["steps"] == 30  # continued, not restarted
     assert f"resumed from step-{stats['start_step']:07d}" in (run_dir / "log.txt").read_text()
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
     runs = [d for d in (tmp_path / "runs").iterdir() if d.is_dir() and d.name.startswith("kandinsky-prior")]
@@ -133,7 +133,8 @@ def test_sweep_refuses_a_rerun_with_another_protocol(tiny_kandinsky, mini_data, 
     code, out, err = run_cli(*base)
     assert code == 0, err
     changes = [("--n-prompts", "2", "n_prompts"), ("--gen-seed", "7", "gen_seed"),
-               ("--images-per-prompt", "2", "images_per_prompt"), ("--max-steps", "2", "max_steps")]
+               ("--images-per-prompt", "2", "images_per_prompt"), ("--max-steps", "2", "max_steps"),
+               ("--decoder-steps", "7", "decoder_steps"), ("--decoder-guidance", "2.5", "decoder_guidance")]
     for opt, value, key in changes:
         changed = list(base)
         if opt in changed:
