@@ -216,7 +216,9 @@ def _train_command(component: str) -> click.Command:
         stats = json.loads((run.dir / "train_stats.json").read_text(encoding="utf-8"))
         console.print(f"[green]trained[/] {run.dir}: {stats['steps']} steps, loss {stats['final_loss']:.4f}"
                       + (f", val {stats['val_loss']:.4f}" if stats.get("val_loss") is not None else "")
-                      + f"; adapter in {run.dir / 'final'}")
+                      + f"; adapter in {run.dir / 'final'}"
+                      + (f" (best by {stats['exported']['metric']}: epoch {stats['exported']['epoch']:g}, "
+                         f"step {stats['exported']['step']}; last weights in last/)" if stats.get("exported") else ""))
 
     cmd.help = f"""Train a LoRA adapter on the Kandinsky 2.2 {component} (only the LoRA weights train).
 
