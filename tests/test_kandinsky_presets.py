@@ -53,8 +53,10 @@ def test_paper_preset_per_stage_with_derived_steps(command, component, epochs, r
 def test_cli_options_override_the_preset_and_max_steps_clears_epochs(mini_data, run_cli):
     base = ["train", "kandinsky-prior", "--preset", "paper", "--print-config", "--split", mini_data[1], "--data",
             mini_data[0]]
-    d = _json(run_cli(*base, "--lr", "3e-4", "--max-steps", "7", "--batch-size", "2")[1])
+    d = _json(run_cli(*base, "--lr", "3e-4", "--max-steps", "7", "--batch-size", "2", "--decoder-steps", "60",
+                      "--gen-dtype", "bf16")[1])
     assert d["loop"]["lr"] == 3e-4 and d["loop"]["epochs"] is None and d["loop"]["max_steps"] == 7
+    assert d["generation"]["decoder_steps"] == 60 and d["generation"]["dtype"] == "bf16"
     d = _json(run_cli(*base, "--epochs", "3", "--batch-size", "2", "--eval-every-epochs", "1")[1])
     per_epoch = d["loop"]["derived"]["steps_per_epoch"]
     assert d["loop"]["epochs"] == 3 and d["loop"]["val_every"] == round(per_epoch)

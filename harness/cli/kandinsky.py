@@ -74,6 +74,9 @@ def lora_options(component: str):
                      help="Prior guidance scale (default 4.0, the pipeline's)."),
         click.option("--decoder-guidance", type=click.FloatRange(min=0), default=None,
                      help="Decoder guidance scale (default 4.0, the pipeline's)."),
+        click.option("--gen-dtype", "gen_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="dtype of the sampling models for `harness generate` / the sweep (default fp32; bf16 or "
+                          "fp16 on a GPU, as diffusers' Kandinsky examples load them)."),
     ]
     if component == "prior":
         opts.append(click.option("--caption-dropout", type=float, default=None,
@@ -160,6 +163,8 @@ def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
         over["data"]["seed"] = loop["seed"]
     gen = {k: kwargs[k] for k in ("prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance")
            if kwargs.get(k) is not None}
+    if kwargs.get("gen_dtype") is not None:
+        gen["dtype"] = kwargs["gen_dtype"]
     if gen:
         over["generation"] = gen
     _merge(d, over)
