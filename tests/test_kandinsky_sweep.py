@@ -218,3 +218,30 @@ def test_sweep_intervals_marks_and_plot(tiny_kandinsky, mini_data, tmp_path, mon
     console.print(res.table())
     text = console.export_text()
     assert "best rank" in text and "≈" in text and "worse" in text
+
+
+def test_rank_features_reads_what_harness_score_cached(tmp_path, sample_dir, monkeypatch):
+    """The sweep's intervals are computed from the very features `harness score` extracted (feature cache keys in
+    metrics.json), so the interval's centre is the reported FID. Random Inception weights: wiring, not values."""
+    import numpy as np
+
+    from harness.features import write_random_weights
+    from harness.generate import TestPatternGenerator, generate_images
+    from harness.runs import create_run
+    from harness.score import INCEPTION, ScoreConfig, score_run
+    from harness.sweep import _intervals, rank_features
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    run = create_run("test", {}, {})
+    generate_images(TestPatternGenerator(size=64), [f"prompt {i}" for i in range(6)], run.images_dir)
+    real = tmp_path / "real"
+    real.mkdir()
+    for p in sorted((sample_dir / "images").iterdir())[:6]:
+        (real / p.name).write_bytes(p.read_bytes())
+    w = write_random_weights(INCEPTION, tmp_path / "inception.pth")
+    result = score_run(run, ScoreConfig(real=str(real), metrics=["fid"], inception_weights=w, device="cpu",
+                                        allow_unverified_weights=True))
+    feats = rank_features(run)
+    assert set(feats) == {"fid"} and feats["fid"][0].shape == (6, 2048) and feats["fid"][1].shape == (6, 2048)
+    iv = _intervals(feats)
+    assert np.isclose(iv["fid"]["value"], result.metrics["fid"]["value"], rtol=1e-5)
