@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from test_kandinsky_fixtures import _one_torch_thread, mini_data, tiny_config, tiny_kandinsky  # noqa: F401 (fixtures)
 
 
@@ -220,6 +222,7 @@ def test_sweep_intervals_marks_and_plot(tiny_kandinsky, mini_data, tmp_path, mon
     assert "best rank" in text and "≈" in text and "worse" in text
 
 
+@pytest.mark.slow  # builds and runs a random Inception (~10 s on CPU)
 def test_rank_features_reads_what_harness_score_cached(tmp_path, sample_dir, monkeypatch):
     """The sweep's intervals are computed from the very features `harness score` extracted (feature cache keys in
     metrics.json), so the interval's centre is the reported FID. Random Inception weights: wiring, not values."""
