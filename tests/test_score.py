@@ -104,7 +104,13 @@ def test_metrics_json_records_provenance(scene, weights):
     assert any("< 2048" in w for w in d["warnings"])
     assert d["config"]["real"] == str(scene["real"]) and d["seed"]["rng_seed"] == 2020
     on_disk = json.loads((scene["run"].dir / "metrics.json").read_text())  # the last scoring (vs its own images)
+    results = on_disk.pop("results")
     assert on_disk == scene["same"] and on_disk["real"]["sha256"] == on_disk["generated"]["sha256"]
+    # each real set keeps its own result: scoring against the run's own images did not overwrite the first one
+    assert set(results) == {"dir:real | match", "dir:images | match"}
+    assert results["dir:real | match"]["metrics"]["fid"]["value"] == d["metrics"]["fid"]["value"]
+    assert d["real"]["preprocess"]["mode"] == "match" and d["real"]["preprocess"]["size"] == 64
+    assert d["generated"]["resolution"] == [64, 64] and len(d["generated"]["sample"]) == N
 
 
 def test_cache_hit_skips_the_network_and_one_changed_image_invalidates(tmp_path, weights, monkeypatch):
