@@ -32,11 +32,17 @@ def scored(run_id, *, real=("val:aaaaaaaa", VAL), n=(200, 5000), fid=None, isc=N
     for k, why in (not_computed or {}).items():
         metrics[k] = {"status": "not computed", "reason": why}
     gen_sha = "g" * 64
+    sample = []
     if images:
+        from harness.features import ImageSet
+
         generate_images(TestPatternGenerator(32), [f"prompt number {i}" for i in range(5)], run.images_dir)
+        files = sorted(run.images_dir.glob("*.png"))
+        gen_sha = ImageSet("x", files).sha256
+        sample = [{"filename": f.name, "prompt": f"prompt number {i}"} for i, f in enumerate(files)]
     write_json(run.metrics_path, {
         "format": "harness-metrics/1", "run_id": run_id, "family": family, "scored": "2026-11-22T10:00:00",
-        "real": {"label": real[0], "sha256": real[1], "n": n[0]}, "generated": {"n": n[1], "sha256": gen_sha},
+        "real": {"label": real[0], "sha256": real[1], "n": n[0]}, "generated": {"n": n[1], "sha256": gen_sha, "sample": sample},
         "extractors": {"inception-v3-compat": {"weights": {"sha256": "6726825d" + "0" * 56}}},
         "unverified_weights": unverified, "metrics": metrics, "warnings": []})
     return run
@@ -77,7 +83,7 @@ def test_groups_best_marks_and_exclusions(tmp_path):
     assert "200/5000" in row8 and "2026-11-22 10:00" in row8
     small = next(line for line in lines if "`r-small-n`" in line)
     assert "**" not in small  # alone in its group: nothing to beat
-    assert "## all-dev (leaks training images) · N_real 2000 · N_gen 5000" in text
+    assert "## all-dev (leaks training images) · real preprocessing native · N_real 2000 · N_gen 5000" in text
     assert "r-test-weights" in text.split("## Not listed")[1] and "| 1.000 |" not in text
     assert "`r-nothing`: no metric computed" in text and "6726825d.pth" in text
 
