@@ -70,6 +70,15 @@ def _source(s: Scored, metric: str) -> tuple[str, str] | None:
     return m.get("extractor", ""), m.get("layer", "")
 
 
+def _values(s: Scored, metric: str) -> dict[str, float]:
+    m = s.doc["metrics"][metric]
+    if metric == "fid":
+        return {"fid": m["value"]}
+    if metric == "kid":
+        return {"kid": m["mean"]}
+    return {k: m[k] for k in ("precision", "recall", "f1")}
+
+
 def compare_scored(targets: list[Path], *, metrics: tuple[str, ...] = COMPARABLE, n_boot: int = 200,
                    seed: int = 2020, real_key: str | None = None) -> list[dict[str, Any]]:
     """A (the first target) against each other target; one dict per (B, metric) with harness.stats.Comparison's
@@ -108,7 +117,8 @@ def compare_scored(targets: list[Path], *, metrics: tuple[str, ...] = COMPARABLE
                                 seed)
             else:
                 est = stats.PRC(a.doc["metrics"]["prc"].get("k", 3))
-            for c in stats.compare(est, ga, gb, real, n_boot=n_boot, seed=seed).values():
+            points = (_values(a, metric), _values(b, metric))  # the numbers metrics.json holds, not recomputed
+            for c in stats.compare(est, ga, gb, real, n_boot=n_boot, seed=seed, points=points).values():
                 rows.append({"a_label": a.label, "b_label": b.label, **c.to_dict()})
     if not rows:
         raise UserError("no metric the runs have in common among " + ", ".join(metrics) + " (score them with "

@@ -203,7 +203,7 @@ class RealSet:
     captions: list[list[str]] | None = None  # each image's captions (dev set only)
 
 
-def _find_key(d: Any, names: tuple[str, ...], accept: Callable[[str], bool] = bool) -> str | None:
+def find_config_value(d: Any, names: tuple[str, ...], accept: Callable[[str], bool] = bool) -> str | None:
     """First string value under any of `names` that `accept`s, searching nested dicts (trainer configs nest their
     data options; a key such as "split" may also hold a side name, hence the predicate)."""
     if isinstance(d, dict):
@@ -211,7 +211,7 @@ def _find_key(d: Any, names: tuple[str, ...], accept: Callable[[str], bool] = bo
             if isinstance(d.get(n), str) and accept(d[n]):
                 return d[n]
         for v in d.values():
-            found = _find_key(v, names, accept)
+            found = find_config_value(v, names, accept)
             if found:
                 return found
     return None
@@ -233,7 +233,7 @@ def resolve_real_set(run: Run | None, cfg: ScoreConfig) -> RealSet:
     from harness.data import load_devset
 
     config = run.config() if run else {}
-    data_dir = cfg.data or _find_key(config, ("data_dir", "data"), lambda v: Path(v).is_dir())
+    data_dir = cfg.data or find_config_value(config, ("data_dir", "data"), lambda v: Path(v).is_dir())
     if not data_dir:
         raise UserError(f"--real {cfg.real}: the run's config names no dev-set directory; pass --data DATA_DIR")
     devset = load_devset(Path(data_dir))
@@ -245,7 +245,7 @@ def resolve_real_set(run: Run | None, cfg: ScoreConfig) -> RealSet:
     else:
         from harness.split import check_split_matches, load_split
 
-        split_path = cfg.split or _find_key(config, ("split_path", "split"), lambda v: v.endswith(".json"))
+        split_path = cfg.split or find_config_value(config, ("split_path", "split"), lambda v: v.endswith(".json"))
         if not split_path:
             raise UserError("--real val: the run's config names no split; pass --split SPLIT.json --data DATA_DIR "
                             "(or --real all / --real DIR)")
@@ -295,9 +295,9 @@ class RealPreprocess:
         from harness.dataset import _fit
         from harness.images import open_rgb, to_rgb
 
-        code = (uint8_chw, open_rgb, to_rgb) if self.mode == "native" else (RealPreprocess.load, open_rgb, to_rgb,
-                                                                            _fit)
-        return f"{self.mode}:{self.size}:{self.fit}:{code_id(*code)}"
+        if self.mode == "native":
+            return native_preprocess_id()
+        return f"{self.mode}:{self.size}:{self.fit}:{code_id(RealPreprocess.load, open_rgb, to_rgb, _fit)}"
 
     @property
     def label(self) -> str:
@@ -311,6 +311,13 @@ class RealPreprocess:
         return {"mode": self.mode, "size": self.size, "fit": self.fit, "label": self.label, "id": self.preprocess_id}
 
 
+def native_preprocess_id() -> str:
+    """Files at native size as torch-fidelity receives them (the generated side, and real under `native`)."""
+    from harness.images import open_rgb, to_rgb
+
+    return f"native:{code_id(uint8_chw, open_rgb, to_rgb)}"
+
+
 def real_preprocess(cfg: ScoreConfig, gen: GeneratedSet) -> RealPreprocess:
     if cfg.real_preprocess == "native":
         return RealPreprocess("native")
@@ -322,7 +329,7 @@ def real_preprocess(cfg: ScoreConfig, gen: GeneratedSet) -> RealPreprocess:
     if cfg.real_preprocess == "center-crop":
         return RealPreprocess("center-crop", res[0], "crop")
     config = gen.run.config() if gen.run else {}
-    fit = _find_key(config, ("fit",), lambda v: v in ("pad", "crop")) or "pad"
+    fit = find_config_value(config, ("fit",), lambda v: v in ("pad", "crop")) or "pad"
     return RealPreprocess("match", res[0], fit)
 
 
@@ -673,9 +680,7 @@ def _identity(name: str, layers: tuple[str, ...], weights: ResolvedWeights, devi
 
         pre = f"{OrganisersInception.preprocess_id}:{code_id(OrganisersInception, preprocess)}"
     else:
-        from harness.images import open_rgb, to_rgb
-
-        pre = real_preprocess_id or f"native:{code_id(uint8_chw, open_rgb, to_rgb)}"
+        pre = real_preprocess_id or native_preprocess_id()
     return {"extractor": name, "layers": sorted(layers), "weights_sha256": weights.sha256, "preprocess": pre,
             "dtype": "float32", **runtime_identity(device)}
 
@@ -763,7 +768,8 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
                                        fid_features_to_statistics(real[layer]), verbose=False)
         res = {**base, "layer": layer, "value": out["frechet_inception_distance"]}
         if cfg.bootstrap:
-            res["interval"] = stats.bootstrap(stats.FID(), gen[layer], real[layer], **boot)["fid"].to_dict()
+            res["interval"] = stats.bootstrap(stats.FID(), gen[layer], real[layer], point={"fid": res["value"]},
+                                              **boot)["fid"].to_dict()
         return res
     if metric == "is":
         if n_gen < cfg.isc_splits:
@@ -782,7 +788,8 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
                "mean": out["kernel_inception_distance_mean"], "std": out["kernel_inception_distance_std"]}
         if cfg.bootstrap:
             est = stats.KID(cfg.kid_subsets, size, cfg.rng_seed)
-            res["interval"] = stats.bootstrap(est, gen["2048"], real["2048"], **boot)["kid"].to_dict()
+            res["interval"] = stats.bootstrap(est, gen["2048"], real["2048"], point={"kid": res["mean"]},
+                                              **boot)["kid"].to_dict()
         strata = _kid_strata(ctx, gen["2048"], real["2048"])
         if strata is not None:
             res["strata"] = strata
@@ -798,7 +805,8 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
                ("" if extractor == "vgg16" else " (Inception features, not the paper's VGG16)"),
                "precision": out["precision"], "recall": out["recall"], "f1": out["f_score"]}
         if cfg.bootstrap:
-            iv = stats.bootstrap(stats.PRC(k), gen[layer], real[layer], **boot)
+            iv = stats.bootstrap(stats.PRC(k), gen[layer], real[layer], point={n: res[n] for n in stats.PRC.names},
+                                 **boot)
             res["intervals"] = {name: iv[name].to_dict() for name in ("precision", "recall", "f1")}
         return res
     # imageclef2024

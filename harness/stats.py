@@ -269,11 +269,13 @@ def _check(n_boot: int, level: float) -> None:
 
 
 def bootstrap(estimator: Estimator, gen: Any, real: Any, *, n_boot: int = DEFAULT_BOOTSTRAP,
-              seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL) -> dict[str, Interval]:
-    """Point estimate and bootstrap interval of each of the estimator's metrics (resampling both sides)."""
+              seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL,
+              point: dict[str, float] | None = None) -> dict[str, Interval]:
+    """Point estimate and bootstrap interval of each of the estimator's metrics (resampling both sides). `point`:
+    the estimator's values when already computed (torch-fidelity's FID at 2048-d costs seconds)."""
     _check(n_boot, level)
     gen, real = _f64(gen), _f64(real)
-    point = estimator.point(gen, real)
+    point = point or estimator.point(gen, real)
     state = estimator.prepare(gen, real)
     rng = np.random.default_rng(seed)
     reps = {name: np.empty(n_boot) for name in estimator.names}
@@ -286,14 +288,16 @@ def bootstrap(estimator: Estimator, gen: Any, real: Any, *, n_boot: int = DEFAUL
 
 
 def compare(estimator: Estimator, gen_a: Any, gen_b: Any, real: Any, *, n_boot: int = DEFAULT_BOOTSTRAP,
-            seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL) -> dict[str, Comparison]:
-    """value(A) - value(B) per metric against the same real features, with a paired bootstrap interval."""
+            seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL,
+            points: tuple[dict[str, float], dict[str, float]] | None = None) -> dict[str, Comparison]:
+    """value(A) - value(B) per metric against the same real features, with a paired bootstrap interval. `points`:
+    the values of A and B when already computed (e.g. read from metrics.json)."""
     _check(n_boot, level)
     gen_a, gen_b, real = _f64(gen_a), _f64(gen_b), _f64(real)
     if gen_a.shape[1] != gen_b.shape[1] or gen_a.shape[1] != real.shape[1]:
         raise ValueError("A, B and the real features must have the same dimension")
     paired = len(gen_a) == len(gen_b)
-    pa, pb = estimator.point(gen_a, real), estimator.point(gen_b, real)
+    pa, pb = points or (estimator.point(gen_a, real), estimator.point(gen_b, real))
     sa, sb = estimator.prepare(gen_a, real), estimator.prepare(gen_b, real)
     rng = np.random.default_rng(seed)
     reps = {name: np.empty(n_boot) for name in estimator.names}

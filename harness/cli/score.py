@@ -115,6 +115,15 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
         click.echo(f"updated {out}")
 
 
+def _console():
+    """stdout console; piped output (files, CI logs) gets a wide fixed width instead of rich's 80-column wrap."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 def _iv(d, digits: int) -> str:
     if not isinstance(d, dict) or "low" not in d:
         return ""
@@ -164,7 +173,7 @@ def print_result(result) -> None:
     prompts = data.get("prompts") or {}
     if prompts.get("matches") is False:
         table.caption = f"[bold yellow]⚠ {prompts['warning']}[/]"
-    Console().print(table)
+    _console().print(table)
     if "imageclef2024" in result.metrics and result.metrics["imageclef2024"].get("status") == "ok":
         Console(stderr=True, highlight=False).print("imageclef2024 " + result.metrics["imageclef2024"]["label"])
 
@@ -193,7 +202,6 @@ def compare(targets, metrics_text: str, bootstrap: int, seed: int, real_key, out
       harness compare runs/kandinsky-r32-... runs/kandinsky-r64-...
       harness compare runs/best runs/r4 runs/r8 runs/r16 --metrics fid --out ranks.json
     """
-    from rich.console import Console
     from rich.table import Table
 
     from harness.compare import compare_scored
@@ -214,11 +222,11 @@ def compare(targets, metrics_text: str, bootstrap: int, seed: int, real_key, out
             verdict = "indistinguishable"
         else:
             better = (r["diff"] < 0) == lower_better
-            verdict = f"[green]A better[/]" if better else "[red]B better[/]"
+            verdict = "[green]A better[/]" if better else "[red]B better[/]"
         digits = 5 if r["metric"] == "kid" else 4
         table.add_row(r["b_label"], r["metric"], f"{r['a']:.{digits}f}", f"{r['b']:.{digits}f}",
                       f"{r['diff']:+.{digits}f}", f"[{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]", verdict)
-    Console(width=None).print(table)
+    _console().print(table)
     if out_path:
         write_json(out_path, {"format": "harness-compare/1", "targets": [str(t) for t in targets], "rows": rows})
         click.echo(f"wrote {out_path}")
@@ -267,7 +275,6 @@ def cache_info_cmd() -> None:
     Examples:
       harness cache info
     """
-    from rich.console import Console
     from rich.table import Table
 
     from harness.features import cache_info
@@ -279,7 +286,7 @@ def cache_info_cmd() -> None:
     for kind in ("sets", "images", "metrics"):
         d = info[kind]
         table.add_row(kind, str(d["files"]), f"{d['bytes'] / 1e6:.1f}", f"{d['oldest_days']:.1f}")
-    Console().print(table)
+    _console().print(table)
 
 
 @cache.command("prune")
