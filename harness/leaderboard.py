@@ -261,13 +261,15 @@ DIGITS = {"FID": 3, "KID": 4, "IS": 3, "precision": 3, "recall": 3, "F1": 3, "20
 
 def table_cells(group: list[Row], markdown: bool = True) -> list[list[str]]:
     best = best_values(group)
+    # a column is only marked where at least two rows have a value (otherwise there is nothing to beat)
+    contested = {col for col, (attr, _) in BEST.items() if sum(getattr(r, attr) is not None for r in group) > 1}
     out = []
     for r in group:
         cells = {}
         for col, (attr, _) in BEST.items():
             v = getattr(r, attr)
             text = _fmt(v, DIGITS[col])
-            if v is not None and best.get(col) == v and len(group) > 1:
+            if v is not None and best.get(col) == v and col in contested:
                 text = f"**{text}**" if markdown else f"[bold green]{text}[/]"
             iv = r.intervals.get(INTERVALS.get(col, ""))
             if v is not None and iv:
