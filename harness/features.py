@@ -238,6 +238,15 @@ class ImageSet:
         return len(self.paths)
 
 
+def stat_fingerprint(paths: list[Path]) -> str:
+    """Hash of (name, size, mtime) of files: a cheap "unchanged since" check before hashing their bytes."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------- extractors
 
 

@@ -79,6 +79,7 @@ class Row:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # attribute -> (low, high)
     not_computed: dict[str, str] = field(default_factory=dict)
     gen_sha256: str = ""
+    gen_fingerprint: str | None = None
     run_dir: Path | None = None
     grid: str | None = None  # link relative to leaderboard.md
     sample: list[dict[str, str]] = field(default_factory=list)  # first scored images (filename, prompt, sha256)
@@ -124,7 +125,8 @@ def row_from_metrics(data: dict[str, Any], run_dir: Path | None = None, config: 
         group=(real.get("sha256", ""), prep.get("id") or preprocess, int(real.get("n", 0)), int(gen.get("n", 0))),
         prc_features=prc_features, preprocess=preprocess,
         resolution=f"{res[0]}×{res[1]}" if isinstance(res, list) and len(res) == 2 else "—",
-        sources=sources, gen_sha256=str(gen.get("sha256", "")), run_dir=run_dir,
+        sources=sources, gen_sha256=str(gen.get("sha256", "")), gen_fingerprint=gen.get("stat_fingerprint"),
+        run_dir=run_dir,
         sample=[s for s in gen.get("sample", []) if isinstance(s, dict) and s.get("filename")],
         unverified=bool(data.get("unverified_weights")),
         prompt_mismatch=(data.get("prompts") or {}).get("matches") is False,
@@ -156,21 +158,38 @@ class Collected:
     skipped: list[str]  # "run: why" for metrics files left out
 
 
-def current_images_sha256(run_dir: Path) -> str | None:
-    """Hash of the run's manifest images now (as harness.score computes it), None when they are gone."""
-    from harness.errors import UserError
-    from harness.features import ImageSet
-    from harness.generate import MANIFEST, read_manifest
+class ImagesNow:
+    """The run's manifest images as they are now, hashed lazily (a stat fingerprint equal to the one recorded at
+    scoring time means unchanged, without reading 5,000 files)."""
 
-    images_dir = run_dir / "images"
-    manifest = images_dir / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        rows = read_manifest(manifest)
-        return ImageSet("now", [images_dir / r["filename"] for r in rows]).sha256 if rows else None
-    except (UserError, OSError, KeyError, ValueError):
-        return "missing-images"  # some images gone: whatever was scored is not what is there
+    def __init__(self, run_dir: Path):
+        from harness.generate import MANIFEST, read_manifest
+
+        self.paths: list[Path] | None = None
+        self.broken = False
+        self._sha: str | None = None
+        manifest = run_dir / "images" / MANIFEST
+        if manifest.is_file():
+            try:
+                self.paths = [run_dir / "images" / r["filename"] for r in read_manifest(manifest)]
+            except Exception:  # noqa: BLE001 - an unreadable manifest means the scored images cannot be confirmed
+                self.broken = True
+        self.broken = self.broken or (self.paths is not None and not all(p.is_file() for p in self.paths))
+
+    @property
+    def gone(self) -> bool:
+        return self.paths is None and not self.broken
+
+    def matches(self, sha256: str, fingerprint: str | None) -> bool:
+        from harness.features import ImageSet, stat_fingerprint
+
+        if self.broken or not self.paths:
+            return False
+        if fingerprint and stat_fingerprint(self.paths) == fingerprint:
+            return True
+        if self._sha is None:
+            self._sha = ImageSet("now", self.paths).sha256
+        return self._sha == sha256
 
 
 def _results(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -194,14 +213,16 @@ def collect(root: Path | None = None, include_unverified: bool = False, check_st
         except (ValueError, KeyError, TypeError) as e:
             skipped.append(f"{run.id}: unreadable metrics.json ({e})")
             continue
-        now = current_images_sha256(run.dir) if check_stale else None
+        now = ImagesNow(run.dir) if check_stale else None
         for row in run_rows:
             if row.unverified and not include_unverified:
                 skipped.append(f"{run.id} ({row.real_label}): scored with unverified (test) weights")
                 continue
             if now is None:
-                row.unchecked = check_stale
-            elif row.gen_sha256 and now != row.gen_sha256:
+                continue
+            if now.gone:
+                row.unchecked = True
+            elif not now.matches(row.gen_sha256, row.gen_fingerprint):
                 skipped.append(f"{run.id} ({row.real_label}): STALE - its images changed since they were scored "
                                f"on {row.date}; run `harness score {run.dir}` again")
                 continue

@@ -47,6 +47,7 @@ from harness.features import (
     extract_features,
     resolve_weights,
     runtime_identity,
+    stat_fingerprint,
     uint8_chw,
 )
 from harness.io import read_json, write_json
@@ -539,6 +540,7 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         "seed": {"rng_seed": cfg.rng_seed, "generation_base_seed": gen.generation.get("base_seed")},
         "summary": config.get("summary", {}),
         "generated": {"dir": str(gen.dir.resolve()), "n": n_gen, "sha256": gen.images.sha256,
+                      "stat_fingerprint": stat_fingerprint(gen.images.paths),
                       "resolution": list(gen.resolution) if gen.resolution else None, "sample": sample,
                       "generation": gen.generation, "data": gen.run.data_hashes() if gen.run else {}},
         "real": {"kind": real.kind, "label": real.label, "n": n_real, "sha256": real.images.sha256,
@@ -576,8 +578,9 @@ def prompt_match(gen: GeneratedSet, real: RealSet) -> dict[str, Any]:
     if gen.prompts is None:
         return {"matches": None, "reason": "generated set has no manifest: its prompts are unknown"}
     real_caps = {c for caps in real.captions for c in caps}
+    gen_prompts = set(gen.prompts)
     inside = sum(p in real_caps for p in gen.prompts)
-    covered = sum(any(c in set(gen.prompts) for c in caps) for caps in real.captions)
+    covered = sum(any(c in gen_prompts for c in caps) for caps in real.captions)
     out = {"matches": inside == len(gen.prompts), "prompts_in_real_captions": inside, "n_prompts": len(gen.prompts),
            "real_images_covered": covered, "n_real": len(real.captions)}
     if not out["matches"]:

@@ -265,3 +265,20 @@ def test_fd_dinov2_and_clip_are_not_computed_offline(tmp_path, monkeypatch):
     from harness.features import default_layer
 
     assert default_layer("dinov2-vit-l-14", "fid") == "dinov2" and default_layer("clip-vit-l-14", "fid") == "clip"
+
+
+def test_imageclef2024_scores_the_manifest_images_not_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    clef = write_random_weights("imageclef2024", tmp_path / "clef.pth", seed=0)
+    run = create_run("test-pattern", {"size": 16})
+    generate_images(TestPatternGenerator(16), [f"p{i}" for i in range(10)], run.images_dir)
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(run.images_dir / "00011.png")  # stray, not listed
+    real = tmp_path / "real"
+    generate_images(TestPatternGenerator(16), [f"q{i}" for i in range(4)], real, base_seed=1)
+    cfg = ScoreConfig(real=str(real), metrics=["imageclef2024"], imageclef_weights=clef, device="cpu",
+                      allow_unverified_weights=True, bootstrap=0)
+    data = score_run(run, cfg).data
+    m = data["metrics"]["imageclef2024"]
+    assert m["status"] == "ok" and m["n_gen"] == 10 and data["generated"]["n"] == 10
+    feats = load_cached(data["feature_cache"]["imageclef2024/gen"]["key"])["features"]["softmax"]
+    assert len(feats) == 10 and (feats[0] - feats[1]).abs().max() > 0  # random weights still separate images
