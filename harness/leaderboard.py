@@ -294,7 +294,7 @@ def table_cells(group: list[Row], markdown: bool = True) -> list[list[str]]:
                 text = f"**{text}**" if markdown else f"[bold green]{text}[/]"
             iv = r.intervals.get(INTERVALS.get(col, ""))
             if v is not None and iv:
-                d = max(DIGITS[col] - 1, 1)
+                d = DIGITS[col] if col == "KID" else DIGITS[col] - 1
                 text += f" [{iv[0]:.{d}f}, {iv[1]:.{d}f}]"
             cells[col] = text
         star = "★" if r.fid is not None and r.fid == best.get("FID") else ""

@@ -571,6 +571,20 @@ def _sample(gen: GeneratedSet) -> list[dict[str, str]]:
             for p, q, h in list(zip(gen.images.paths, prompts, gen.images.hashes))[:SAMPLE_GRID]]
 
 
+def split_val_factor(gen: GeneratedSet, real: RealSet) -> int | None:
+    """K when the generated prompts are exactly `--prompts split:val --images-per-prompt K` of this real set."""
+    from harness.prompts import validation_prompts
+
+    if real.kind != "val" or not gen.prompts or len(gen.prompts) % len(real.images):
+        return None
+    k = len(gen.prompts) // len(real.images)
+    try:
+        same = validation_prompts(real.info["data_dir"], real.info["split"], k) == gen.prompts
+    except (UserError, KeyError):
+        return None
+    return k if same else None
+
+
 def prompt_match(gen: GeneratedSet, real: RealSet) -> dict[str, Any]:
     """Whether the generated prompts are the real set's captions (else the score measures the prompt mix too)."""
     if real.captions is None:
@@ -583,6 +597,9 @@ def prompt_match(gen: GeneratedSet, real: RealSet) -> dict[str, Any]:
     covered = sum(any(c in gen_prompts for c in caps) for caps in real.captions)
     out = {"matches": inside == len(gen.prompts), "prompts_in_real_captions": inside, "n_prompts": len(gen.prompts),
            "real_images_covered": covered, "n_real": len(real.captions)}
+    k = split_val_factor(gen, real)
+    if k:
+        out["source"] = f"split:val x{k}"
     if not out["matches"]:
         out["warning"] = (f"PROMPT MISMATCH: {len(gen.prompts) - inside} of {len(gen.prompts)} generated prompts are "
                           f"not captions of the real set ({real.label}); the score then measures the prompt mix, not "
@@ -698,11 +715,28 @@ def _short(v: dict[str, Any]) -> str:
 
 
 def _gen_strata(ctx: _Context) -> list[str] | None:
+    """Stratum of each generated image: that of the real images its prompt is a caption of (most common, ties by
+    name), so split:val prompts land in their image's stratum; else parsed from the prompt alone (a lone caption
+    rarely names the procedure: "unknown/<finding>")."""
+    from collections import Counter
+
     from harness.captions import image_strata
 
     if ctx.gen.prompts is None or ctx.real.captions is None:
         return None
-    return [image_strata([p]) for p in ctx.gen.prompts]
+    real_strata = [image_strata(caps) for caps in ctx.real.captions]
+    k = split_val_factor(ctx.gen, ctx.real)
+    if k:  # generated from `--prompts split:val`: image i is a caption of validation image i // k
+        return [real_strata[i // k] for i in range(len(ctx.gen.prompts))]
+    by_caption: dict[str, Counter] = {}
+    for caps, stratum in zip(ctx.real.captions, real_strata):
+        for c in set(caps):
+            by_caption.setdefault(c, Counter())[stratum] += 1
+    out = []
+    for p in ctx.gen.prompts:
+        votes = by_caption.get(p)
+        out.append(min(votes, key=lambda k: (-votes[k], k)) if votes else image_strata([p]))
+    return out
 
 
 def _strata_signature(ctx: _Context) -> Any:

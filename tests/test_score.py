@@ -256,6 +256,6 @@ def test_bad_inputs_are_user_errors(tmp_path, run_cli):
 
 
 def test_help_has_examples(run_cli):
-    for cmd in ("score", "leaderboard"):
-        code, out, _ = run_cli(cmd, "--help")
+    for cmd in ("score", "leaderboard", "compare", "cache info", "cache prune"):
+        code, out, _ = run_cli(*cmd.split(), "--help")
         assert code == 0 and "Examples" in out and f"harness {cmd}" in out

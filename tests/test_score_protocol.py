@@ -128,9 +128,11 @@ def test_split_val_prompts_strata_and_prompt_mismatch(tmp_path, sample_dir, spli
                       bootstrap=0)
     data = score_run(run, cfg).data
     assert data["prompts"]["matches"] is True and data["prompts"]["real_images_covered"] == 8
+    assert data["prompts"]["source"] == "split:val x2"
     assert not any("PROMPT MISMATCH" in w for w in data["warnings"])
     strata = data["metrics"]["kid"]["strata"]
     assert sum(s["n_gen"] for s in strata.values()) == 16 and sum(s["n_real"] for s in strata.values()) == 8
+    assert all(s["n_gen"] == 2 * s["n_real"] for s in strata.values())  # each image in its source image's stratum
     assert all("/" in name for name in strata)
     ok = [s for s in strata.values() if s["status"] == "ok"]
     assert all(np.isfinite(s["mean"]) and s["subset_size"] == min(s["n_gen"], s["n_real"]) for s in ok)

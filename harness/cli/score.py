@@ -166,10 +166,15 @@ def print_result(result) -> None:
             feats += " [red](UNVERIFIED weights)[/]"
         table.add_row(name, value, str(m["n_gen"]), str(m["n_real"] if m["n_real"] is not None else "—"), feats)
         if name == "kid":
-            for stratum, s in (m.get("strata") or {}).items():
-                text = (f"{s['mean']:.5f} ± {s['std']:.5f}" if s.get("status") == "ok"
-                        else f"[dim]{s.get('reason', 'not computed')}[/]")
-                table.add_row(f"  kid {stratum}", text, str(s["n_gen"]), str(s["n_real"]), "")
+            strata = m.get("strata") or {}
+            for stratum, s in strata.items():
+                if s.get("status") == "ok":
+                    table.add_row(f"  kid {stratum}", f"{s['mean']:.5f} ± {s['std']:.5f} (subsets of "
+                                  f"{s['subset_size']})", str(s["n_gen"]), str(s["n_real"]), "")
+            few = sorted(k for k, s in strata.items() if s.get("status") != "ok")
+            if few:
+                table.add_row("  kid strata", f"[dim]{len(few)} with < 2 images on a side: {', '.join(few)}[/]",
+                              "", "", "")
     prompts = data.get("prompts") or {}
     if prompts.get("matches") is False:
         table.caption = f"[bold yellow]⚠ {prompts['warning']}[/]"
@@ -179,7 +184,8 @@ def print_result(result) -> None:
 
 
 @click.command()
-@click.argument("targets", metavar="A B [...]", nargs=-1, required=True, type=existing_dir)
+@click.argument("targets", metavar="A B [...]", nargs=-1, required=True,
+                type=click.Path(exists=False, path_type=Path))
 @click.option("--metrics", "metrics_text", default="fid,kid,prc", show_default=True,
               help="Comma list from fid,kid,prc (the runs' cached features are reused).")
 @click.option("--bootstrap", type=click.IntRange(min=1), default=200, show_default=True,
@@ -191,7 +197,8 @@ def print_result(result) -> None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparisons as JSON.")
 def compare(targets, metrics_text: str, bootstrap: int, seed: int, real_key, out_path) -> None:
-    """Compare scored runs (or scored image folders): A against each of B, C, ... on the same real features.
+    """Compare scored runs, scored image folders or metrics files (score --out): A against each of B, C, ... on
+    the same real features.
 
     Paired bootstrap (generated images of both runs resampled with the same indices when they share the prompt
     list; real images resampled once per replicate for both): prints A - B with its 95 % interval, and
