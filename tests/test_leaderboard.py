@@ -22,7 +22,7 @@ INC_SHA = "6726825d" + "0" * 56
 
 def scored(run_id, *, real=("val:aaaaaaaa", VAL), n=(200, 5000), fid=None, isc=None, prc=None, fd=None,
            summary=None, family="kandinsky-prior", unverified=False, images=False, not_computed=None, kid=None,
-           fid_iv=None, inc_sha=INC_SHA, preprocess=None, resolution=None, extra_results=()):
+           fid_iv=None, inc_sha=INC_SHA, preprocess=None, resolution=None, extra_results=(), mismatch=False):
     run = create_run(family, {"summary": summary or {}}, run_id=run_id)
     metrics = {}
     if fid is not None:
@@ -55,7 +55,8 @@ def scored(run_id, *, real=("val:aaaaaaaa", VAL), n=(200, 5000), fid=None, isc=N
         "real": {"label": real[0], "sha256": real[1], "n": n[0], **({"preprocess": preprocess} if preprocess else {})},
         "generated": {"n": n[1], "sha256": gen_sha, "sample": sample, "resolution": resolution},
         "extractors": {"inception-v3-compat": {"weights": {"sha256": inc_sha}}},
-        "unverified_weights": unverified, "metrics": metrics, "warnings": []}
+        "unverified_weights": unverified, "metrics": metrics, "warnings": [],
+        "prompts": {"matches": False if mismatch else None}}
     if extra_results:
         doc["results"] = {"first": dict(doc), **{f"r{i}": {**doc, **e} for i, e in enumerate(extra_results)}}
     write_json(run.metrics_path, doc)
@@ -150,7 +151,7 @@ def test_tables_split_only_where_numbers_are_not_comparable(tmp_path):
 
 def test_intervals_results_per_real_set_and_unverified_label(tmp_path, run_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    scored("r-iv", fid=41.5, fid_iv=(39.25, 44.75),
+    scored("r-iv", fid=41.5, fid_iv=(39.25, 44.75), mismatch=True,
            extra_results=[{"real": {"label": "all-dev (leaks training images)", "sha256": "b" * 64, "n": 2000}}])
     scored("r-test-weights", fid=1.0, unverified=True)
     rows = collect().rows
@@ -158,6 +159,7 @@ def test_intervals_results_per_real_set_and_unverified_label(tmp_path, run_cli, 
                                                                          "val:aaaaaaaa"]
     text = write_leaderboard(tmp_path / "lb.md", plots=False)[0].read_text()
     assert "41.500 [39.25, 44.75]" in text and "r-test-weights" not in text.split("## Not listed")[0]
+    assert "`r-iv` ⚠" in text  # its prompts are not the real set's captions
     code, out, err = run_cli("leaderboard", "--include-unverified", "--no-plots")
     assert code == 0, err
     board = (tmp_path / "leaderboard.md").read_text()

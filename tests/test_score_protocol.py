@@ -107,7 +107,8 @@ def test_split_val_prompts_strata_and_prompt_mismatch(tmp_path, sample_dir, spli
     from harness.data import load_devset
 
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     split_path, split = split8
     run = _val_run(sample_dir, split_path, split)
     code, _, err = run_cli("generate", run.dir, "--prompts", "split:val", "--images-per-prompt", "2")
@@ -148,9 +149,9 @@ def test_split_val_prompts_strata_and_prompt_mismatch(tmp_path, sample_dir, spli
     d = json.loads(other.metrics_path.read_text())
     assert d["prompts"]["matches"] is False and d["prompts"]["prompts_in_real_captions"] == 0
     assert any("PROMPT MISMATCH" in w for w in d["warnings"]) and "PROMPT MISMATCH" in out
-    # the board is rebuilt beside the runs root the run is in, and marks the row
-    board = (tmp_path / "runs").parent / "leaderboard.md"
-    assert board.is_file()
+    # the board of the runs root the run is in is rebuilt (beside that root, not in the working directory)
+    assert other.dir.parent == tmp_path / "runs" and not (tmp_path / "elsewhere" / "leaderboard.md").exists()
+    assert "updated " + str(tmp_path / "leaderboard.md") in out
 
 
 def test_rescoring_merges_per_metric_and_keeps_real_sets_apart(tmp_path, inception, monkeypatch):

@@ -110,8 +110,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
         from harness.leaderboard import write_leaderboard
 
         root = run.dir.parent
-        out, _ = write_leaderboard(leaderboard_path or root.parent / "leaderboard.md", root,
-                                   include_unverified=allow_unverified_weights)
+        out, _ = write_leaderboard(leaderboard_path or root.parent / "leaderboard.md", root)
         click.echo(f"updated {out}")
 
 
