@@ -59,7 +59,8 @@ DEFAULT_METRICS = ("fid", "is", "prc", "kid", "imageclef2024")
 MIN_N = 2048  # below this FID is biased and the 2048-d covariance is rank-deficient
 NOT_COMPUTED = "not computed"
 INCEPTION = "inception-v3-compat"
-INCEPTION_LAYERS = ("2048", "logits_unbiased")  # pool3 for FID/KID(/PRC), logits for IS: one pass, one cache entry
+# torch-fidelity's default layers: pool3 "2048" for FID/KID(/PRC), "logits_unbiased" for IS - one pass, one entry
+INCEPTION_LAYERS = ("2048", "logits_unbiased")
 # FD on other feature spaces (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics", and EDM2
 # use DINOv2 ViT-L/14; CLIP ViT-L/14 is their CLIP baseline): extractors torch-fidelity 0.4 registers.
 FD_EXTRACTORS = {"fd-dinov2": "dinov2-vit-l-14", "fd-clip": "clip-vit-l-14"}
@@ -798,7 +799,7 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
     boot = {"n_boot": cfg.bootstrap, "seed": cfg.rng_seed}
 
     if metric == "fid" or metric in FD_EXTRACTORS:
-        layer = "2048" if metric == "fid" else next(iter(gen))
+        layer = default_layer(extractor, "fid")
         if min(n_gen, n_real) < 2:
             return _not_computed(f"{metric} needs at least 2 images on each side")
         out = fid_statistics_to_metric(fid_features_to_statistics(gen[layer]),
@@ -811,23 +812,25 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
     if metric == "is":
         if n_gen < cfg.isc_splits:
             return _not_computed(f"IS over {cfg.isc_splits} splits needs at least {cfg.isc_splits} generated images")
-        out = isc_features_to_metric(gen["logits_unbiased"], cfg.isc_splits, True, cfg.rng_seed)
-        return {**base, "n_real": None, "layer": "logits_unbiased", "splits": cfg.isc_splits,
+        layer = default_layer(extractor, "isc")
+        out = isc_features_to_metric(gen[layer], cfg.isc_splits, True, cfg.rng_seed)
+        return {**base, "n_real": None, "layer": layer, "splits": cfg.isc_splits,
                 "mean": out["inception_score_mean"], "std": out["inception_score_std"]}
     if metric == "kid":
         size = min(cfg.kid_subset_size, n_gen, n_real)
         if size < 2:
             return _not_computed("KID needs at least 2 images on each side")
-        out = kid_features_to_metric(gen["2048"], real["2048"], kid_subsets=cfg.kid_subsets, kid_subset_size=size,
+        layer = default_layer(extractor, "kid")
+        out = kid_features_to_metric(gen[layer], real[layer], kid_subsets=cfg.kid_subsets, kid_subset_size=size,
                                      rng_seed=cfg.rng_seed, verbose=False)
-        res = {**base, "layer": "2048", "subsets": cfg.kid_subsets, "subset_size": size,
+        res = {**base, "layer": layer, "subsets": cfg.kid_subsets, "subset_size": size,
                "subset_size_requested": cfg.kid_subset_size,
                "mean": out["kernel_inception_distance_mean"], "std": out["kernel_inception_distance_std"]}
         if cfg.bootstrap:
             est = stats.KID(cfg.kid_subsets, size, cfg.rng_seed)
-            res["interval"] = stats.bootstrap(est, gen["2048"], real["2048"], point={"kid": res["mean"]},
+            res["interval"] = stats.bootstrap(est, gen[layer], real[layer], point={"kid": res["mean"]},
                                               **boot)["kid"].to_dict()
-        strata = _kid_strata(ctx, gen["2048"], real["2048"])
+        strata = _kid_strata(ctx, gen[layer], real[layer])
         if strata is not None:
             res["strata"] = strata
         return res
@@ -835,7 +838,7 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
         k = cfg.prc_neighborhood
         if min(n_gen, n_real) <= k:
             return _not_computed(f"precision/recall with k={k} needs more than {k} images on each side")
-        layer = next(iter(gen)) if extractor == "vgg16" else "2048"
+        layer = default_layer(extractor, "prc")
         out = prc_features_to_metric(gen[layer], real[layer], prc_neighborhood=k, prc_batch_size=10000,
                                      save_cpu_ram=False, verbose=False)
         res = {**base, "layer": layer, "k": k, "features": f"{extractor} {layer}" +
