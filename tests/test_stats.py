@@ -90,3 +90,17 @@ def test_compare_unpaired_sizes_and_bad_input():
         stats.compare(stats.FID(), gauss(10, d=4), gauss(10, d=5), gauss(10, d=4))
     with pytest.raises(ValueError):
         stats.bootstrap(stats.FID(), gauss(10), gauss(10), n_boot=0)
+
+
+def test_given_points_are_used_not_recomputed(monkeypatch):
+    g, r = gauss(50, 0.3, 18), gauss(50, 0.0, 19)
+    ref = stats.bootstrap(stats.FID(), g, r, n_boot=20)["fid"]
+
+    def boom(self, gen, real):
+        raise AssertionError("point recomputed")
+
+    monkeypatch.setattr(stats.FID, "point", boom)
+    got = stats.bootstrap(stats.FID(), g, r, n_boot=20, point={"fid": ref.value})["fid"]
+    assert got == ref
+    c = stats.compare(stats.FID(), g, g, r, n_boot=10, points=({"fid": ref.value}, {"fid": ref.value}))["fid"]
+    assert c.diff == 0 and c.indistinguishable
