@@ -850,11 +850,12 @@ def _compute(metric: str, ctx: _Context) -> dict[str, Any]:
             res["intervals"] = {name: iv[name].to_dict() for name in ("precision", "recall", "f1")}
         return res
     # imageclef2024
-    from harness.imageclef2024 import IS_SPLITS, LABEL, frechet_distance, inception_score
+    from harness.imageclef2024 import IS_SPLITS, frechet_distance, inception_score, label_for, weights_kind
 
     g, rl = gen["softmax"].numpy(), real["softmax"].numpy()
     if len(g) < IS_SPLITS or len(rl) < 2:
         return _not_computed(f"the 2024 metric needs >= {IS_SPLITS} generated and >= 2 real images")
     isc = inception_score(g)
-    return {**base, "n_gen": len(g), "n_real": len(rl), "label": LABEL, "fd": frechet_distance(rl, g),
+    return {**base, "n_gen": len(g), "n_real": len(rl), "label": label_for(w.path),
+            "network_weights": weights_kind(w.path), "fd": frechet_distance(rl, g),
             "is_mean": isc["mean"], "is_std": isc["std"], "is_median": isc["median"], "is_splits": isc["splits"]}

@@ -40,7 +40,9 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Local weights-inception-2015-12-05-6726825d.pth (FID, IS, KID).")
 @click.option("--vgg-weights", type=existing_file, default=None, help="Local vgg16-397923af.pth (precision/recall).")
 @click.option("--imageclef-weights", type=existing_file, default=None,
-              help="Local inception_v3_google-0cc3c7bd.pth (torchvision ImageNet InceptionV3, imageclef2024).")
+              help="imageclef2024 network: Keras' inception_v3_weights_tf_dim_ordering_tf_kernels.h5 (the "
+                   "organisers' weights, preferred) or torchvision's inception_v3_google-0cc3c7bd.pth (labelled an "
+                   "approximation); the file's content decides.")
 @click.option("--clip-weights", type=existing_file, default=None,
               help="Local OpenAI CLIP ViT-L-14.pt TorchScript file (fd-clip).")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
