@@ -163,6 +163,12 @@ def open_for_training(path: Path, resolution: int, fit: str) -> Image.Image:
     return to_rgb(img)
 
 
+def training_view(path: Path, resolution: int, fit: str = "pad") -> Image.Image:
+    """The image at `path` exactly as training sees it before augmentation (decode, resize, pad/crop to R x R):
+    what `clean_pixels` caches and what `harness score --real-preprocess match` compares generated images with."""
+    return _place(_resize(open_for_training(path, resolution, fit), resolution, fit), resolution, fit)
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     a = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
@@ -251,8 +257,7 @@ class CaptionedImages(torch.utils.data.Dataset):
     def clean_pixels(self, i: int) -> torch.Tensor:
         """Image at position `i` of `image_ids`, decoded exactly as items are, without any augmentation."""
         path = self.devset.image_path(self.image_ids[i])
-        return preprocess_image(open_for_training(path, self.cfg.resolution, self.cfg.fit), self.cfg.resolution,
-                                self.cfg.fit)
+        return _to_tensor(training_view(path, self.cfg.resolution, self.cfg.fit))
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

@@ -283,10 +283,9 @@ class RealPreprocess:
     def load(self, path: Path) -> torch.Tensor:
         if self.mode == "native":
             return uint8_chw(path)
-        from harness.dataset import _fit
-        from harness.images import open_rgb
+        from harness.dataset import training_view
 
-        img = _fit(open_rgb(path), int(self.size), self.fit or "pad")  # type: ignore[arg-type]
+        img = training_view(path, int(self.size), self.fit or "pad")
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
     def shape_key(self, path: Path) -> Any:
@@ -294,12 +293,14 @@ class RealPreprocess:
 
     @property
     def preprocess_id(self) -> str:
-        from harness.dataset import _fit
-        from harness.images import open_rgb, to_rgb
+        from harness import dataset
+        from harness.images import to_rgb
 
         if self.mode == "native":
             return native_preprocess_id()
-        return f"{self.mode}:{self.size}:{self.fit}:{code_id(RealPreprocess.load, open_rgb, to_rgb, _fit)}"
+        code = code_id(RealPreprocess.load, dataset.training_view, dataset.open_for_training, dataset._resize,
+                       dataset._place, dataset._scale, to_rgb)
+        return f"{self.mode}:{self.size}:{self.fit}:{code}"
 
     @property
     def label(self) -> str:

@@ -182,7 +182,7 @@ def test_missing_weights_are_not_computed_with_a_clear_message(tmp_path, monkeyp
 
 
 def test_weights_resolution_checks_sha256(tmp_path, weights, monkeypatch):
-    with pytest.raises(UserError, match="does not match the published weights-inception"):
+    with pytest.raises(UserError, match="is not the published weights-inception"):
         resolve_weights(INC, weights[INC])
     with pytest.raises(UserError, match="not found"):
         resolve_weights(INC, tmp_path / "nope.pth")
@@ -205,7 +205,7 @@ def test_weights_resolution_checks_sha256(tmp_path, weights, monkeypatch):
     got = resolve_weights(INC, None, allow_download=False)
     assert got.verified and got.source == "torch-home" and got.path == dst.resolve()
     dst.write_bytes(b"tampered")  # same name, other bytes
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError, match="is not the published"):
         resolve_weights(INC, None, allow_download=False)
 
 
