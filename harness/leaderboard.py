@@ -116,7 +116,8 @@ def row_from_metrics(data: dict[str, Any], run_dir: Path | None = None, config: 
                if isinstance(v, dict) and v.get("status") == "ok"}
     res = gen.get("resolution")
     row = Row(
-        run_id=data.get("run_id") or (run_dir.name if run_dir else "?"),
+        # The folder's name, not the id recorded at scoring time: a copied run (`cp -r runs/a runs/b`) is its own row.
+        run_id=run_dir.name if run_dir else (data.get("run_id") or "?"),
         family=(config or {}).get("family") or data.get("family") or "?",
         summary=(config or {}).get("summary") or data.get("summary") or {},
         real_label=real.get("label", "?"), real_sha256=real.get("sha256", ""),

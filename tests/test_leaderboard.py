@@ -182,3 +182,12 @@ def test_stale_rows_are_not_shown_and_grids_use_the_scored_images(tmp_path):
     text = out.read_text()
     assert got.rows == [] and any("STALE" in s and "r-img" in s for s in got.skipped)
     assert "`r-img`" not in text.split("## Not listed")[0] and "harness score" in text.split("## Not listed")[1]
+
+
+def test_a_copied_run_is_its_own_row_named_by_its_folder(tmp_path):
+    import shutil
+
+    run = scored("r-orig", fid=40.0, images=True)
+    shutil.copytree(run.dir, run.dir.parent / "r-copy")  # metrics.json inside still says run_id "r-orig"
+    _, got = write_leaderboard(tmp_path / "lb.md")
+    assert sorted(r.run_id for r in got.rows) == ["r-copy", "r-orig"]
