@@ -192,6 +192,9 @@ def blind_jpeg(path: Path, size: int) -> bytes:
         side = min(w, h)
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
         sq = im.crop(box).resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
+    # A fresh image from the pixels alone: PIL carries `info` (a JPEG's COM comment, dpi, ICC profile) through
+    # crop/resize and would write it back out.
+    sq = Image.frombytes("RGB", sq.size, sq.tobytes())
     buf = io.BytesIO()
     sq.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0", optimize=False, progressive=False)
     return buf.getvalue()
