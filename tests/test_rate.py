@@ -332,3 +332,19 @@ def test_summarize_refuses_turing_answers_in_a_likert_only_study(tmp_path, sampl
     s = json.loads((out / "summary.json").read_text())
     assert s["sources"][REAL_SOURCE]["all"]["likert"]["mean"] == 4.0 and "turing_vs_real" not in \
         s["sources"][runs[0].id]["all"] and s["agreement"] == {}
+
+
+def test_make_warns_when_a_source_cannot_be_balanced_like_the_others(tmp_path, sample_dir):
+    from harness.generate import TestPatternGenerator, generate_images
+    from harness.runs import create_run
+
+    runs, split = make_runs(tmp_path, sample_dir, n_runs=1)
+    lopsided = create_run("test-pattern", {"size": 16, "data_dir": str(sample_dir), "split": str(split)}, tag="poly")
+    prompts = ["Generate an image containing a polyp."] * 7 + ["Generate an image with no polyps."]
+    generate_images(TestPatternGenerator(size=16), prompts, lopsided.images_dir)
+    said: list[str] = []
+    made = make_study(MakeConfig(runs=[r.dir for r in runs] + [lopsided.dir], out=tmp_path / "s", per_source=6,
+                                 by="finding", split=split), log=said.append)
+    assert made.per_source[lopsided.id] == {"abnormal": 5, "normal": 1}
+    assert made.per_source[REAL_SOURCE] == {"abnormal": 3, "normal": 3}
+    assert len(said) == 1 and "not balanced the same way" in said[0] and f"{lopsided.id}: abnormal 5, normal 1" in said[0]
