@@ -54,7 +54,7 @@ class WebDriver:
                 break
             except OSError:
                 time.sleep(0.1)
-        caps = {"browserName": "chrome", "goog:chromeOptions": {
+        caps = {"browserName": "chrome", "goog:loggingPrefs": {"browser": "ALL"}, "goog:chromeOptions": {
             "binary": CHROMIUM,
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}", "--no-first-run",
@@ -74,7 +74,7 @@ class WebDriver:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())["value"] if path != "/session" else json.loads(r.read())["value"]
+                return json.loads(r.read())["value"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"webdriver {method} {path}: {e.read()[:500]!r}") from None
 
@@ -117,6 +117,9 @@ class WebDriver:
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.cmd("GET", "/screenshot")))
         return path
+
+    def console_errors(self) -> list[str]:
+        return [e["message"] for e in self.cmd("POST", "/se/log", {"type": "browser"}) if e["level"] == "SEVERE"]
 
     def quit(self) -> None:
         try:
@@ -217,10 +220,24 @@ def test_rate_page_in_chromium(tmp_path, sample_dir, run_cli):
                           "e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).length")
         assert unlabeled == 0
 
+        # a second rater on the same browser starts afresh; switching back restores the first one's answers
+        wd.resize(1366, 768)
+        wd.click("#switch")
+        wd.type("#rater", "dr_b")
+        wd.click("#begin")
+        assert wd.text("progress") == f"1 / {n}" and wd.text("rated") == "0 rated"
+        wd.keys("5", "r")
+        assert wd.text("rated") == "1 rated"
+        wd.click("#switch")
+        wd.type("#rater", "dr_a")
+        wd.click("#begin")
+        assert wd.text("rated") == f"{n} rated" and wd.text("rater-name") == "dr_a"
+
         wd.click("#export")
         target = downloads / "ratings-dr_a.csv"
         wait_for(lambda: target.is_file() and target.stat().st_size > 0)
         time.sleep(0.3)
+        assert wd.console_errors() == []  # no script error anywhere on the way
     finally:
         wd.quit()
 
