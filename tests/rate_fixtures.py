@@ -7,7 +7,9 @@ import csv
 import io
 from pathlib import Path
 
+from harness.data import load_devset
 from harness.generate import TestPatternGenerator, generate_images
+from harness.io import sha256_file
 from harness.rating.study import CSV_COLUMNS
 from harness.runs import create_run
 from harness.split import write_split
@@ -16,8 +18,6 @@ from harness.split import write_split
 def make_runs(tmp_path: Path, sample_dir: Path, n_runs: int = 2, n_images: int = 16, val_images: int = 12):
     split = tmp_path / "split.json"
     content = write_split(sample_dir, split, val_images=val_images, seed=0)
-    from harness.data import load_devset
-
     ds = load_devset(sample_dir)
     # prompts: the captions of the split's validation images, cycling (normal and abnormal findings both occur)
     caps = [c for img in content["val"] for c in ds.captions_by_image()[img]]
@@ -25,7 +25,7 @@ def make_runs(tmp_path: Path, sample_dir: Path, n_runs: int = 2, n_images: int =
     runs = []
     for k in range(n_runs):
         run = create_run("test-pattern", {"size": 24 + 8 * k, "data_dir": str(sample_dir), "split": str(split)},
-                         data={"split_sha256": __import__("harness.io", fromlist=["x"]).sha256_file(split)},
+                         data={"split_sha256": sha256_file(split)},
                          tag=f"model{k}")
         generate_images(TestPatternGenerator(size=24 + 8 * k), prompts, run.images_dir, base_seed=k)
         runs.append(run)
