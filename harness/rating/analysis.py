@@ -31,7 +31,7 @@ import numpy as np
 
 from harness import __version__
 from harness.errors import UserError
-from harness.io import dumps_json, read_json, sha256_file, write_json, write_text
+from harness.io import read_json, sha256_file, write_json, write_text
 from harness.rating.study import CSV_COLUMNS, REAL_SOURCE, load_key
 
 RESULT_FORMAT = "harness-reader-study/1"
