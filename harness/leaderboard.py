@@ -409,7 +409,12 @@ def write_leaderboard(out: Path = Path("leaderboard.md"), root: Path | None = No
             if r.has_numbers:
                 r.grid = _grid_for(r, plots_dir)
         sweep_links = _sweep_plots(got.rows, plots_dir)
-    write_text(out, render_markdown(got.rows, got.skipped, sweep_links))
+    text = render_markdown(got.rows, got.skipped, sweep_links)
+    # Reader studies (`harness rate summarize`): their own table, from each run's reader_study.json.
+    from harness.rating.analysis import reader_study_markdown
+
+    study = reader_study_markdown(root)
+    write_text(out, text + ("\n" + study if study else ""))
     return out, got
 
 
