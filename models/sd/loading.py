@@ -72,8 +72,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm(hidden)
+    base = getattr(text_encoder, "module", text_encoder)  # DDP-wrapped while the text encoder trains
+    return base.text_model.final_layer_norm(hidden)
 
 
 def diffusers_clip_skip(clip_skip: int) -> int | None:
