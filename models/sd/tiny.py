@@ -20,7 +20,7 @@ TINY_VAE = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                 down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
                 up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4)
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                   set_alpha_to_one=False, num_train_timesteps=1000)
+                   set_alpha_to_one=False, num_train_timesteps=1000, steps_offset=1)
 
 
 def save_tiny_sd(out_dir: str | Path, corpus: Iterable[str] | None = None, seed: int = 0,
