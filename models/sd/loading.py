@@ -73,7 +73,10 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
     base = getattr(text_encoder, "module", text_encoder)  # DDP-wrapped while the text encoder trains
-    return base.text_model.final_layer_norm(hidden)
+    # transformers 5 flattened CLIPTextModel (no .text_model); 4.x nests it. diffusers 0.42's own clip_skip path
+    # reads .text_model and fails on transformers 5, so generation passes these embeddings to the pipeline.
+    inner = getattr(base, "text_model", base)
+    return inner.final_layer_norm(hidden)
 
 
 def diffusers_clip_skip(clip_skip: int) -> int | None:

@@ -2,7 +2,9 @@
 its fine-tuned components, sampled with DDIM, Euler or DPM-Solver++ (2M).
 
 Image k depends only on (prompts[k], seeds[k]): the pipeline gets one torch.Generator per image (diffusers draws
-each sample's initial latents from its own generator; the three samplers add no other noise).
+each sample's initial latents from its own generator; the three samplers add no other noise). Prompt embeddings
+(clip skip included, kohya numbering) are computed here once per unique prompt and handed to the pipeline; with
+clip skip 1 and no negative prompt they are exactly what `pipe(prompt)` computes itself (empty negative prompt "").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from harness.families.sd.config import SDGenerationConfig
 from harness.generate import Generator
 from harness.runs import Run
 from models.sd.adapters import WEIGHT_NAME
-from models.sd.loading import diffusers_clip_skip
+from models.sd.loading import encode_prompts
 
 FINAL = "final"
 
@@ -80,13 +82,23 @@ class SDGenerator(Generator):
         self.pipe, self.gen, self.clip_skip = pipe, gen, clip_skip
         self.height, self.width, self.device, self._info = height, width, torch.device(device), info
         self.pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
+        self._emb: dict[str, torch.Tensor] = {}
+
+    def _embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompt embeddings with the run's clip skip, computed once per unique prompt."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._emb]
+        if new:
+            with torch.no_grad():
+                e = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, new, self.clip_skip)
+            self._emb.update({p: e[j : j + 1] for j, p in enumerate(new)})
+        return torch.cat([self._emb[p] for p in prompts])
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        neg = [self.gen.negative_prompt] * len(prompts) if self.gen.negative_prompt else None
-        out = self.pipe(list(prompts), negative_prompt=neg, generator=gens, num_inference_steps=self.gen.steps,
-                        guidance_scale=self.gen.guidance, height=self.height, width=self.width,
-                        clip_skip=diffusers_clip_skip(self.clip_skip), output_type="np").images
+        neg = self._embeds([self.gen.negative_prompt] * len(prompts))
+        out = self.pipe(prompt_embeds=self._embeds(prompts), negative_prompt_embeds=neg, generator=gens,
+                        num_inference_steps=self.gen.steps, guidance_scale=self.gen.guidance, height=self.height,
+                        width=self.width, output_type="np").images
         return [np.clip(np.round(im * 255), 0, 255).astype(np.uint8) for im in out]
 
     def info(self) -> dict[str, Any]:
