@@ -163,3 +163,21 @@ def test_min_snr_weights():
     snr = torch.tensor([0.5, 5.0, 50.0])
     assert torch.allclose(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
     assert torch.allclose(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+
+
+def test_train_sd_cli_end_to_end_and_resume(run_cli, tiny_sd, sd_data, tmp_path):
+    import json
+
+    data, split = sd_data
+    common = ("train", "sd", "--split", split, "--data", data, "--base", tiny_sd, "--resolution", "32",
+              "--batch-size", "2", "--method", "bitfit", "--cache-dir", tmp_path / "cache", "--checkpoint-every", "2",
+              "--val-every", "2")
+    code, out, err = run_cli(*common, "--max-steps", "2", "--run-id", "cli-bitfit")
+    assert code == 0, err
+    run = tmp_path / "runs" / "cli-bitfit"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["family"] == "sd" and cfg["summary"]["method"] == "bitfit" and cfg["sources"]["prediction_type"]
+    code, out, err = run_cli("train", "sd", "--split", split, "--data", data, "--resume", run, "--max-steps", "3")
+    assert code == 0, err
+    assert json.loads((run / "train_stats.json").read_text())["steps"] == 3
+    assert (run / "final" / "unet" / "config.json").is_file()
