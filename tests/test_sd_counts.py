@@ -31,11 +31,13 @@ def test_method_counts_on_the_real_unet():
     # DoRA adds one magnitude per output feature of each adapted layer: 99,840 on SD 1.5
     assert trainable_counts("dora", ["unet"], rank=4)["unet"]["trainable"] == LORA_R4 + 99_840
     assert trainable_counts("bitfit", ["unet"])["unet"]["trainable"] == UNET_BIASES
-    # DiffFit: biases + GroupNorm/LayerNorm weights + 3 scales in each of the 16 transformer blocks
+    # DiffFit: biases + GroupNorm/LayerNorm weights + 3 channel scales in each of the 16 transformer blocks
+    # (widths 320 x 2, 640 x 2, 1280 x 2 down, 1280 mid, 1280/640/320 x 3 up: 12,480 channels)
     norms = count(_norm_weights(build_on_meta("unet", shipped_config("unet"))))
+    assert norms == 100_160
     difffit = trainable_counts("difffit", ["unet"])["unet"]
-    assert difffit["trainable"] == UNET_BIASES + norms + 48 == 443_892
-    assert difffit["total"] == UNET + 48
+    assert difffit["trainable"] == UNET_BIASES + norms + 3 * 12_480 == 481_284
+    assert difffit["total"] == UNET + 3 * 12_480
     assert trainable_counts("full", ["unet", "vae"]) == {"unet": {"total": UNET, "trainable": UNET},
                                                          "vae": {"total": VAE, "trainable": VAE}}
     te = trainable_counts("lora", ["text_encoder"], rank=4)["text_encoder"]["trainable"]
@@ -45,7 +47,7 @@ def test_method_counts_on_the_real_unet():
 def test_models_info_sd_prints_the_counts(run_cli):
     code, out, err = run_cli("models", "info", "sd")
     assert code == 0, err
-    for n in ("859,520,964", "343,684", "123,060,480", "83,653,863", "797,184", "897,024", "443,892"):
+    for n in ("859,520,964", "343,684", "123,060,480", "83,653,863", "797,184", "897,024", "481,284"):
         assert n in out, n
 
 

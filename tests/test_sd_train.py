@@ -66,8 +66,13 @@ def test_method_lowers_loss_trains_what_it_claims_and_freezes_the_rest(tiny_sd, 
         assert trained_names == {f"unet.{n}" for n, _ in task.unet.named_parameters() if n.endswith(".bias")}
     if method == "difffit":
         scales = [n for n in trained_names if n.endswith(SCALE_NAME)]
-        blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in task.unet.modules())
-        assert len(scales) == 3 * blocks > 0
+        blocks = [m for m in task.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert len(scales) == 3 * len(blocks) > 0
+        widths = sum(3 * b.norm1.normalized_shape[0] for b in blocks)
+        norm_weights = sum(m.weight.numel() for m in task.unet.modules()
+                           if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None)
+        biases = sum(p.numel() for n, p in task.unet.named_parameters() if n.endswith(".bias"))
+        assert sum(p.numel() for p in task.trainable_parameters()) == biases + norm_weights + widths
         assert all(n.endswith((".bias", ".weight", SCALE_NAME)) for n in trained_names)
         assert all(n.endswith(SCALE_NAME) or "norm" in n or n.endswith(".bias") for n in trained_names)
     if method in ("lora", "dora"):
@@ -93,7 +98,7 @@ def test_method_lowers_loss_trains_what_it_claims_and_freezes_the_rest(tiny_sd, 
     changed = set()
     for k, v in before.items():
         if k in folded:
-            assert torch.allclose(after[k], v * folded[k], atol=1e-6), k
+            assert torch.allclose(after[k], v * folded[k][:, None], atol=1e-6), k
             continue
         if k.endswith(SCALE_NAME):
             continue

@@ -88,24 +88,25 @@ def _scale_hook(module: nn.Module, args, output):
 def add_difffit_scales(unet: nn.Module) -> list[nn.Parameter]:
     """DiffFit on the SD U-Net: trainable bias terms, normalisation weights and per-block scale factors.
 
-    The paper (Xie et al. 2023, Sec. 3) fine-tunes a DiT's bias terms, normalisation layers and class embedding and
-    inserts learnable scalars gamma, initialised to 1, that multiply the residual branches of each block:
-    x <- x + gamma_1 * MHSA(x) and x <- x + gamma_2 * FFN(x). Translated to the SD U-Net (whose attention lives in
-    `BasicTransformerBlock`s; there is no class embedding, text conditions through cross-attention):
-      * every transformer block gets three scalars, multiplying the outputs of self-attention (attn1),
-        cross-attention (attn2) and the feed-forward (ff), before each is added to the residual stream
-        (16 blocks x 3 = 48 scalars on SD 1.5);
+    The paper (Xie et al. 2023, Sec. 3 and its Algorithm 1) fine-tunes a DiT's bias terms, normalisation layers and
+    class embedding, and adds learnable scale factors gamma = ones(d) (one per channel of the block width d,
+    initialised to 1) that multiply the residual branches of every block: x <- x + gamma_1 * MHSA(x) and
+    x <- x + gamma_2 * FFN(x). Translated to the SD U-Net, whose attention lives in `BasicTransformerBlock`s (there is
+    no class embedding: text conditions through cross-attention; the same translation as mkshing/DiffFit-pytorch):
+      * every transformer block gets three channel vectors gamma, multiplying the outputs of self-attention
+        (attn1), cross-attention (attn2) and the feed-forward (ff) just before each is added to the residual
+        stream (16 blocks on SD 1.5: 3 x 12,480 = 37,440 scale parameters); ResNet blocks get none;
       * every bias term and every GroupNorm/LayerNorm weight trains; everything else stays frozen.
     The scale is a forward hook on those modules, so the model's forward code is unchanged; gamma = 1 leaves the
-    model exactly as loaded. `fold_difffit_scales` multiplies gamma into the last Linear of each scaled module (exact,
-    since the module output is affine in that layer) so the exported U-Net is a plain diffusers model.
+    model exactly as loaded. `fold_difffit_scales` multiplies gamma into the rows of the last Linear of each scaled
+    module (exact: the module output is affine in that layer) so the exported U-Net is a plain diffusers model.
     Returns the trainable parameters (biases, norm weights, scales), each once.
     """
     scales = []
     for m, last in _scaled_modules(unet):
         if not hasattr(m, SCALE_NAME):
-            m.register_parameter(SCALE_NAME, nn.Parameter(torch.ones((), device=last.weight.device,
-                                                                     dtype=last.weight.dtype)))
+            w = last.weight
+            m.register_parameter(SCALE_NAME, nn.Parameter(torch.ones(w.shape[0], device=w.device, dtype=w.dtype)))
             m._difffit_hook = m.register_forward_hook(_scale_hook)
         scales.append(getattr(m, SCALE_NAME))
     params = _unique(bias_parameters(unet) + _norm_weights(unet) + scales)
@@ -116,14 +117,14 @@ def add_difffit_scales(unet: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def fold_difffit_scales(unet: nn.Module) -> int:
-    """Multiply each DiffFit scale into its module's last Linear and remove the scale and its hook; returns how
-    many were folded."""
+    """Multiply each DiffFit scale into its module's last Linear (row-wise) and remove the scale and its hook;
+    returns how many were folded."""
     n = 0
     for m, last in _scaled_modules(unet):
         if not hasattr(m, SCALE_NAME):
             continue
         g = getattr(m, SCALE_NAME).detach()
-        last.weight.mul_(g.to(last.weight.dtype))
+        last.weight.mul_(g.to(last.weight.dtype)[:, None])
         if last.bias is not None:
             last.bias.mul_(g.to(last.bias.dtype))
         m._difffit_hook.remove()
