@@ -112,6 +112,16 @@ def test_presets_are_the_table_rows():
     assert (p8.method, p8.rank, p8.alpha, p9.method, p9.rank, p9.alpha) == ("lora", 16, 32.0, "dora", 32, 64.0)
     assert build_config({"preset": "pixelup-10", "data_dir": "d", "split_path": "s"}).method == "bitfit"
     assert build_config({"preset": "pixelup-11", "data_dir": "d", "split_path": "s"}).method == "difffit"
+    # a preset named in a --config file is applied, not only recorded
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "c.json"
+        f.write_text(json.dumps({"preset": "pixelup-9", "snr_gamma": 5.0}))
+        fc = build_config({"config_file": f, "data_dir": "d", "split_path": "s"})
+    assert (fc.method, fc.rank, fc.alpha, fc.snr_gamma, fc.preset) == ("dora", 32, 64.0, 5.0, "pixelup-9")
     # command-line options override the preset; an explicit --max-steps replaces its epochs
     over = build_config({"preset": "dasilva-m3", "data_dir": "d", "split_path": "s", "rank": 8, "max_steps": 7})
     assert over.rank == 8 and over.epochs is None and over.loop.max_steps == 7

@@ -190,3 +190,45 @@ def test_resume_is_exact_with_ema(tiny_sd, sd_data, tmp_path):
     task, _ = build_task(cfg2)
     run_training(task, cfg2.loop, run, resume=True)
     assert all(torch.equal(a, b) for a, b in zip(straight, params(task)))
+
+
+def test_sample_grid_during_training(tiny_sd, sd_data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from harness.families.sd.task import build_task
+    from harness.runs import create_run
+    from harness.trainer import run_training
+
+    cfg = sd_config(tiny_sd, sd_data, tmp_path, steps=2, method="difffit")
+    cfg.loop.sample_every = 2
+    cfg.generation.steps = 2
+    task, h = build_task(cfg)
+    run = create_run("sd", {}, h, run_id="grid")
+    run_training(task, cfg.loop, run)
+    img = np.array(Image.open(run.dir / "samples" / "step-0000002.png"))
+    base = task.val_dataset().base
+    n = min(4, len({c for pool in base.pools for c in pool}))
+    assert img.shape == (32, 32 * n, 3)  # the first (up to) 4 distinct validation captions
+
+
+def test_paraphrases_are_cached_up_front(tiny_sd, sd_data, tmp_path):
+    import dataclasses
+
+    from harness.data import load_devset
+    from harness.families.sd.task import build_task
+
+    originals = sorted({r.prompt for r in load_devset(sd_data[0]).rows})
+    para = tmp_path / "para.jsonl"
+    para.write_text("".join(json.dumps({"original": o, "paraphrases": [f"{o} (rephrased {k})" for k in range(2)]})
+                            + "\n" for o in originals))
+    cfg = sd_config(tiny_sd, sd_data, tmp_path, paraphrases_path=str(para))
+    cfg.data = dataclasses.replace(cfg.data, paraphrase_strategy="replace-all")
+    task, hashes = build_task(cfg)
+    assert len(hashes["paraphrases_sha256"]) == 64
+    ds = task.train_dataset()
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert "(rephrased" in item["caption"] and item["prompt_embeds"].shape == (77, 32)

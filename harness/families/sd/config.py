@@ -77,6 +77,7 @@ class SDConfig:
     cache_batch_size: int = 16
     base_dtype: str = "fp32"
     export_kohya: bool = False
+    paraphrases_path: str | None = None
     preset: str | None = None
     data: DatasetConfig = field(default_factory=_sd_data)
     loop: LoopConfig = field(default_factory=LoopConfig)

@@ -217,6 +217,35 @@ class SDTask(TrainTask):
         kl = dist.kl().mean() / dist.mean[0].numel()
         return F.mse_loss(recon.float(), pixels.float()) + self.cfg.vae_kl_weight * kl
 
+    def sample_grid(self, step: int, path: Path) -> bool:
+        """A strip of 4 images for the first 4 validation captions at seeds 0..3, sampled from the in-training
+        modules with the run's generation settings (at most 20 steps)."""
+        import numpy as np
+        from PIL import Image
+        from diffusers import StableDiffusionPipeline
+
+        from harness.families.sd.generate import SDGenerator
+        from harness.io import atomic_path
+
+        val = self._val
+        if val is None:
+            return False
+        base = val.base if isinstance(val, CachedSDItems) else val
+        prompts = list(dict.fromkeys(c for pool in base.pools for c in pool))[:4]
+        pipe = StableDiffusionPipeline(vae=unwrap(self.vae), text_encoder=unwrap(self.text_encoder),
+                                       tokenizer=self.tokenizer, unet=unwrap(self.unet),
+                                       scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        gen = dataclasses.replace(self.cfg.generation, steps=min(self.cfg.generation.steps, 20))
+        device = next(unwrap(self.unet).parameters()).device
+        h, w = gen.height or self.cfg.data.resolution, gen.width or self.cfg.data.resolution
+        images = SDGenerator(pipe, gen, self.cfg.clip_skip, h, w, device, {}).generate(prompts,
+                                                                                       list(range(len(prompts))))
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.concatenate(images, axis=1)).save(tmp, format="PNG")
+        return True
+
     # -- export ---------------------------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> None:
         from harness.io import write_json
@@ -259,11 +288,16 @@ def _load_parts(cfg: SDConfig) -> SDParts:
 def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tuple[SDTask, dict]:
     from harness.dataset import load_training_data
 
+    from harness.train_kandinsky import _load_paraphrases
+
     cfg.validate()
-    train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data))
+    paraphrases, para_sha = _load_paraphrases(cfg)  # same file format and checks as the Kandinsky prior
+    train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data),
+                                          paraphrases)
+    hashes["paraphrases_sha256"] = para_sha
     try:
         val_ds, vh = load_training_data(cfg.data_dir, cfg.split_path, "val",
-                                        dataclasses.replace(cfg.data, caption_dropout=0.0))
+                                        dataclasses.replace(cfg.data, caption_dropout=0.0), paraphrases)
     except UserError as e:
         if "no images on this side" not in str(e):
             raise
@@ -301,7 +335,9 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
     stats: dict[str, Any] = {"dir": str(store.root)}
     with dist_state().main_process_first(), progress() as bar:
         if cache_text:
-            caps = unique([c for d in datasets for pool in d.pools for c in pool] + [""])
+            from harness.train_kandinsky import needed_captions
+
+            caps = unique(c for d in datasets for c in needed_captions(d))  # pools, paraphrases and ""
             fp = parts.fingerprints["text"] + f":clip_skip={cfg.clip_skip}"
             text_keys = {c: text_key(fp, c) for c in caps}
             t = bar.add_task("cache prompts", total=len(caps))
