@@ -27,7 +27,8 @@ def _err_line(err: str) -> str:
     (["--method", "lora", "--ema"], "--ema applies to --method full"),
     (["--text-encoder-lr", "1e-5"], "--text-encoder-lr needs the text encoder"),
     (["--noise-offset", "0.1", "--multires-noise-iterations", "6"], "exclude each other"),
-    (["--method", "full", "--export", "kohya"], "--export kohya writes LoRA/DoRA adapters"),
+    (["--method", "full", "--export", "kohya"], "--export kohya writes LoRA adapters"),
+    (["--method", "dora", "--export", "kohya"], "no DoRA magnitude"),
     (["--optimizer", "prodigy"], 'pip install -e ".[optim]"'),
     (["--preset", "dasilva-m1"], None),  # AdamW8bit: bitsandbytes missing here, or no CUDA
     (["--resolution", "30"], "multiple of 8"),

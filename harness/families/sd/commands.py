@@ -89,8 +89,8 @@ def sd_options(f):
         click.option("--base-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="dtype of the frozen weights (adapters and trained parameters stay fp32)."),
         click.option("--export", "export", type=click.Choice(["diffusers", "kohya"]), default=None,
-                     help="Adapter layouts to write: diffusers (always) and kohya (also RUN/final/"
-                          "kohya_lora.safetensors for the SD WebUI / ComfyUI)."),
+                     help="Adapter layouts to write: diffusers (always) and kohya (LoRA only: also RUN/final/"
+                          "kohya_lora.safetensors for the SD WebUI / ComfyUI, via diffusers' converter)."),
         click.option("--sample-scheduler", type=click.Choice(SCHEDULERS), default=None,
                      help="Sampler `harness generate` uses on this run (default ddim; dpmpp = DPM-Solver++ 2M)."),
         click.option("--negative-prompt", type=str, default=None, help="Negative prompt for generation (default none)."),

@@ -144,8 +144,9 @@ class SDConfig:
             raise UserError("--base-dtype applies to frozen weights; --method full trains them in fp32")
         if self.base_dtype != "fp32" and self.loop.mixed_precision != self.base_dtype:
             raise UserError(f"--base-dtype {self.base_dtype} needs --mixed-precision {self.base_dtype}")
-        if self.export_kohya and not self.adapter:
-            raise UserError("--export kohya writes LoRA/DoRA adapters; --method full|bitfit|difffit save whole models")
+        if self.export_kohya and self.method != "lora":
+            raise UserError(f"--export kohya writes LoRA adapters (diffusers' kohya converter has no DoRA magnitude "
+                            f"and full/BitFit/DiffFit save whole models); --method is {self.method}")
         if self.data.resolution % 8:
             raise UserError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got "
                             f"{self.data.resolution}")
