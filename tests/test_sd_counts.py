@@ -54,3 +54,15 @@ def test_models_info_sd_prints_the_counts(run_cli):
 def test_models_info_sd_reads_a_pipeline_folder(run_cli, tmp_path):
     code, _, err = run_cli("models", "info", "sd", "--base", str(tmp_path))
     assert code == 2 and "model_index.json" in err
+
+
+def test_models_info_sd_counts_a_pipeline_folder(run_cli, tmp_path):
+    from models.sd.tiny import save_tiny_sd
+
+    tiny = save_tiny_sd(tmp_path / "tiny")
+    code, out, err = run_cli("models", "info", "sd", "--base", str(tiny), "--rank", "2")
+    assert code == 0, err
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
+    assert f"{sum(p.numel() for p in unet.parameters()):,}" in out and str(tiny) in "".join(out.split())
