@@ -30,7 +30,7 @@ def _snapshot(task) -> dict[str, torch.Tensor]:
 
 METHOD_CASES = [
     ("lora", ["unet"], {}),
-    ("lora", ["unet", "text_encoder"], {"text_encoder_lr": 5e-4}),
+    ("lora", ["unet", "text_encoder"], {"text_encoder_lr": 5e-4, "gradient_checkpointing": True}),
     ("dora", ["unet"], {}),
     ("bitfit", ["unet"], {}),
     ("difffit", ["unet"], {}),
