@@ -1,7 +1,7 @@
 """P4: MSDM UNet training step - fp32 re-encoding every step vs cached VAE posteriors (+ bf16 autocast + channels_last).
 
 Three configurations train the same UNet from the same seed on the shipped 64 px sample through the real loop
-(`harness.train_msdm.UNetTask` + `harness.trainer.run_training`):
+(`harness.msdm.unet_task.UNetTask` + `harness.trainer.run_training`):
   A  fp32, the VAE encodes every batch (what the public scripts do)
   B  fp32, VAE posteriors (mean, logvar) cached once, z drawn from them each step
   C  B + bf16 autocast + channels_last UNet
@@ -39,8 +39,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from harness import train_msdm as M
     from harness.data import load_devset
+    from harness.msdm.config import VAE_FAMILY, unet_config
+    from harness.msdm.data import load_sides
+    from harness.msdm.sampling import load_text
+    from harness.msdm.train import _prepare_latents
+    from harness.msdm.unet_task import UNetTask
     from harness.runs import create_run
     from harness.sample import sample_dir
     from harness.split import write_split
@@ -57,7 +61,7 @@ def main() -> None:
     preset = get_preset(args.preset)
     # The VAE's quality does not matter for step time; a fixed random init stands in for a trained one.
     torch.manual_seed(args.seed)
-    vae_run = create_run(M.VAE_FAMILY, {"preset": args.preset, "data": {"resolution": preset.resolution}},
+    vae_run = create_run(VAE_FAMILY, {"preset": args.preset, "data": {"resolution": preset.resolution}},
                          run_id="vae")
     MSDMAutoencoder(**preset.vae).save_pretrained(vae_run.dir / "final" / "vae")
 
@@ -68,16 +72,19 @@ def main() -> None:
     }
     results = {}
     for name, c in configs.items():
-        cfg = M.unet_config(args.preset, data, tmp / "split.json", vae_run.dir, {
+        cfg = unet_config(args.preset, data, tmp / "split.json", vae_run.dir, {
             "text_encoder": str(clip), "data": {"jitter": 0.0}, "cache_latents": c["cache"], "latent_scale": 1.0,
             "loop": {"seed": args.seed, "max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-3,
-                     "mixed_precision": c["mp"], "checkpoint_every": 0, "val_every": 0, "log_every": 1}})
-        train_ds, val_ds, _, vae, text = M._unet_parts(cfg)
+                     "mixed_precision": c["mp"], "checkpoint_every": 0, "val_every": 0, "log_every": 1,
+                     "sample_every": 0, "warmup_steps": 0}})
+        train_ds, _, _ = load_sides(cfg.data_dir, cfg.split_path, cfg.data)
+        vae = MSDMAutoencoder.from_pretrained(vae_run.dir / "final" / "vae")
+        text = load_text(cfg.text_encoder, cfg.max_length)
         t0 = time.perf_counter()
-        ds, scale = M._prepare_latents(cfg, train_ds, val_ds, vae)
+        ds, scale = _prepare_latents(cfg, train_ds, vae)
         prep = time.perf_counter() - t0
         torch.manual_seed(args.seed)
-        task = M.UNetTask(cfg, ds, None, vae, text, latent_scale=scale)
+        task = UNetTask(cfg, ds, None, vae, text, latent_scale=scale)
         if c["cl"]:
             task.unet.to(memory_format=torch.channels_last)
         stamps: list[float] = []

@@ -7,8 +7,15 @@ whereas a centre crop would cut off up to a third of the wider images - includin
 prompts name ("an instrument located in the center-left"). `fit="crop"` (shorter side to `resolution`, then centre
 crop) is offered for comparison with pipelines that crop.
 
-Augmentation: optional brightness/contrast jitter (MSDM uses 0.4), and NO horizontal flip by default: the prompts
-name left/right locations, so a flip would teach the model to ignore them. `hflip=True` exists for experiments.
+Decoding at the training resolution: JPEGs are decoded with PIL's DCT scaling (`Image.draft`) at the smallest
+power-of-two reduction that is still at least the size the resize needs (a 1920x1072 dev image decodes at 480x268
+for 256 px), then resized; the jitter is applied to the resized image before the padding, so the padding stays
+exactly black. This makes an item cost a fraction of a full-size decode and a full-size jitter (see benchmark P5).
+
+Augmentation: optional brightness/contrast jitter (the MSDM paper's text: 0.4), and NO horizontal flip by default:
+the prompts name left/right locations, so a flip would teach the model to ignore them. `hflip=True` exists for
+experiments; `hflip_uncond=True` is the released MSDM augmentation: a flip (p = 0.5) only for items whose caption was
+dropped to "" (an empty prompt names no location, so the flip cannot contradict it).
 
 Captions - `captions="sample"` (default): one item per image per epoch, its caption drawn uniformly from that
 image's caption rows, so every image is seen equally often regardless of how many captions it has (7-14), and the
@@ -32,6 +39,7 @@ iterator starts; with `persistent_workers=True` they would keep the old epoch).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +49,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from harness.errors import UserError
-from harness.images import open_rgb, to_rgb
+from harness.images import to_rgb
 
 Fit = Literal["pad", "crop"]
 CaptionMode = Literal["sample", "all"]
@@ -79,6 +87,7 @@ class DatasetConfig:
     fit: Fit = "pad"
     jitter: float = 0.0  # brightness and contrast factors drawn uniformly from [1 - jitter, 1 + jitter]
     hflip: bool = False
+    hflip_uncond: bool = False  # flip (p = 0.5) only items whose caption was dropped (released MSDM augmentation)
     captions: CaptionMode = "sample"
     caption_dropout: float = 0.0
     paraphrase_strategy: str = "none"
@@ -103,27 +112,61 @@ class DatasetConfig:
 
 def preprocess_image(img: Image.Image, resolution: int, fit: str = "pad") -> torch.Tensor:
     """RGB PIL image -> float32 tensor [3, R, R] in [-1, 1] (see module docstring for pad vs crop)."""
-    return _to_tensor(_fit(img, resolution, fit))
+    return _to_tensor(_place(_resize(img, resolution, fit), resolution, fit))
 
 
-def _fit(img: Image.Image, resolution: int, fit: str) -> Image.Image:
+def _scale(size: tuple[int, int], resolution: int, fit: str) -> float:
+    w, h = size
+    if fit == "pad":
+        return resolution / max(w, h)
+    if fit == "crop":
+        return resolution / min(w, h)
+    raise UserError(f"fit must be 'pad' or 'crop', got {fit!r}")
+
+
+def _resize(img: Image.Image, resolution: int, fit: str) -> Image.Image:
+    """Resize (bicubic, aspect kept) so the longer side ("pad") or the shorter side ("crop") is `resolution`."""
     if img.mode != "RGB":
         img = to_rgb(img)
     w, h = img.size
+    s = _scale((w, h), resolution, fit)
     if fit == "pad":
-        s = resolution / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
-        canvas = Image.new("RGB", (resolution, resolution), (0, 0, 0))
-        canvas.paste(resized, ((resolution - nw) // 2, (resolution - nh) // 2))
-        return canvas
-    if fit == "crop":
-        s = resolution / min(w, h)
+    else:
         nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        return resized.crop((left, top, left + resolution, top + resolution))
-    raise UserError(f"fit must be 'pad' or 'crop', got {fit!r}")
+    return img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
+
+
+def _place(img: Image.Image, resolution: int, fit: str) -> Image.Image:
+    """A resized image -> the R x R square: centred on black ("pad") or centre-cropped ("crop")."""
+    nw, nh = img.size
+    if fit == "pad":
+        if (nw, nh) == (resolution, resolution):
+            return img
+        canvas = Image.new("RGB", (resolution, resolution), (0, 0, 0))
+        canvas.paste(img, ((resolution - nw) // 2, (resolution - nh) // 2))
+        return canvas
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def open_for_training(path: Path, resolution: int, fit: str) -> Image.Image:
+    """Decode `path` as RGB, JPEGs directly at a reduced scale that still covers `resolution` (DCT scaling)."""
+    try:
+        img = Image.open(path)
+        if img.format == "JPEG":
+            s = _scale(img.size, resolution, fit)
+            img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"image does not decode ({e})", path) from None
+    return to_rgb(img)
+
+
+def training_view(path: Path, resolution: int, fit: str = "pad") -> Image.Image:
+    """The image at `path` exactly as training sees it before augmentation (decode, resize, pad/crop to R x R):
+    what `clean_pixels` caches and what `harness score --real-preprocess match` compares generated images with."""
+    return _place(_resize(open_for_training(path, resolution, fit), resolution, fit), resolution, fit)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -211,19 +254,26 @@ class CaptionedImages(torch.utils.data.Dataset):
             caption = ""
         return i, caption
 
+    def clean_pixels(self, i: int) -> torch.Tensor:
+        """Image at position `i` of `image_ids`, decoded exactly as items are, without any augmentation."""
+        path = self.devset.image_path(self.image_ids[i])
+        return _to_tensor(training_view(path, self.cfg.resolution, self.cfg.fit))
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
         rng = item_rng(self.cfg.seed, self.epoch, index)
         i, caption = self.caption_for(index, rng)
         image_id = self.image_ids[i]
-        img = open_rgb(self.devset.image_path(image_id))
+        img = _resize(open_for_training(self.devset.image_path(image_id), self.cfg.resolution, self.cfg.fit),
+                      self.cfg.resolution, self.cfg.fit)
         if self.cfg.jitter > 0:
-            # Before padding, so the padding stays exactly black.
+            # On the resized image, before padding, so the padding stays exactly black.
             b, c = rng.uniform(1 - self.cfg.jitter, 1 + self.cfg.jitter, size=2)
             img = ImageEnhance.Contrast(ImageEnhance.Brightness(img).enhance(float(b))).enhance(float(c))
-        flip = self.cfg.hflip and rng.random() < 0.5
-        img = _fit(img, self.cfg.resolution, self.cfg.fit)
+        # one draw for the flip whatever the options, so later draws never shift
+        flip = rng.random() < 0.5 and (self.cfg.hflip or (self.cfg.hflip_uncond and caption == ""))
+        img = _place(img, self.cfg.resolution, self.cfg.fit)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return {"pixels": _to_tensor(img), "caption": caption, "image_id": image_id}

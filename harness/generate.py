@@ -85,7 +85,7 @@ def location_free(info: Any) -> Any:
 # Imported lazily so a family's heavy dependencies are only loaded when it is used.
 FAMILIES: dict[str, str] = {
     "test-pattern": "harness.generate:load_test_pattern",
-    "msdm-unet": "harness.train_msdm:load_generator",
+    "msdm-unet": "harness.msdm.sampling:load_generator",
     "kandinsky-prior": "harness.train_kandinsky:load_generator",
     "kandinsky-decoder": "harness.train_kandinsky:load_generator",
     "sd": "harness.families.sd.generate:load_generator",

@@ -33,15 +33,22 @@ def _save(fig, path: Path) -> Path:
 
 
 def sweep_plot(points: Sequence[dict], out: Path, title: str) -> Path:
-    """`points`: dicts with `rank`, `series` (a line label, e.g. the family) and any of fid/precision/recall/f1."""
+    """`points`: dicts with `rank`, `series` (a line label, e.g. the family) and any of fid/precision/recall/f1;
+    optional `<metric>_low` / `<metric>_high` (a confidence interval) are drawn as error bars."""
     fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4 * len(SWEEP_PANELS), 3.4), constrained_layout=True)
     series = sorted({p["series"] for p in points})
     ranks = sorted({p["rank"] for p in points})
     for ax, (key, label) in zip(axes, SWEEP_PANELS):
         for s in series:
-            pts = sorted((p["rank"], p[key]) for p in points if p["series"] == s and p.get(key) is not None)
+            pts = sorted((p["rank"], p[key], p.get(f"{key}_low"), p.get(f"{key}_high")) for p in points
+                         if p["series"] == s and p.get(key) is not None)
             if pts:
-                ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label=s)
+                line = ax.plot([r for r, *_ in pts], [v for _, v, *_ in pts], marker="o", label=s)[0]
+                bars = [(r, v, lo, hi) for r, v, lo, hi in pts if lo is not None and hi is not None]
+                if bars:
+                    ax.errorbar([b[0] for b in bars], [b[1] for b in bars],
+                                yerr=[[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]], fmt="none",
+                                ecolor=line.get_color(), capsize=3)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()

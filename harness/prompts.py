@@ -169,3 +169,64 @@ def format_prompt_file(prompts: list[str]) -> str:
         if "\n" in p or "\r" in p or not p.strip():
             raise UserError(f"prompt {i} is empty or contains a line break: {p!r}")
     return "".join(p + "\n" for p in prompts)
+
+
+# ------------------------------------------------------------------------------------------------ prompt sources
+
+SPLIT_VAL = "split:val"
+
+
+def validation_prompts(data_dir: str | Path, split_path: str | Path, images_per_prompt: int = 1,
+                       seed: int = 0) -> list[str]:
+    """Prompts made of the validation images' own captions: for each validation image (sorted, as `harness score
+    --real val` lists them) `images_per_prompt` of its captions, drawn without repetition while they last from a
+    per-image shuffle seeded by (seed, image). The generated set then has the real set's prompt mix, so `score
+    --real val` measures the model, not the difference between test prompts and validation captions."""
+    from harness.data import load_devset
+    from harness.split import check_split_matches, load_split
+
+    if images_per_prompt < 1:
+        raise UserError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+    devset = load_devset(Path(data_dir))
+    split = load_split(Path(split_path))
+    check_split_matches(split, devset)
+    if not split.val:
+        raise UserError("the split has no validation images", split.path)
+    by_image = devset.captions_by_image()
+    out: list[str] = []
+    for name in sorted(split.val):
+        caps = list(dict.fromkeys(by_image.get(name, [])))  # unique, in CSV order
+        if not caps:
+            raise UserError(f"validation image {name} has no caption", devset.csv_path)
+        random.Random(f"{seed}:{name}").shuffle(caps)
+        out += [caps[j % len(caps)] for j in range(images_per_prompt)]
+    return out
+
+
+def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_per_prompt: int = 1) -> PromptFile:
+    """`--prompts` of `harness generate`: a prompt file, or `split:val` = the run's validation captions (for
+    scoring; test prompts are for the submission). With --images-per-prompt K, split:val takes K captions per
+    validation image and a prompt file has each line K times; the derived list is written to RUN/prompts/ and read
+    back like any prompt file, so its sha256 is recorded like one."""
+    from harness.io import write_text
+
+    if source.startswith("split:"):
+        if source != SPLIT_VAL:
+            raise UserError(f"--prompts {source}: the only split source is {SPLIT_VAL} (validation captions, for "
+                            "scoring against --real val); test prompts come from a file")
+        from harness.score import find_config_value
+
+        data_dir = find_config_value(run_config, ("data_dir", "data"), lambda v: Path(v).is_dir())
+        split_path = find_config_value(run_config, ("split_path", "split"), lambda v: v.endswith(".json"))
+        if not data_dir or not split_path:
+            raise UserError(f"--prompts {SPLIT_VAL}: the run's config names no split / dev-set directory", run_dir)
+        prompts = validation_prompts(data_dir, split_path, images_per_prompt)
+        derived = run_dir / "prompts" / f"split-val-x{images_per_prompt}.txt"
+    else:
+        pf = read_prompt_file(source)
+        if images_per_prompt == 1:
+            return pf
+        prompts = [p for p in pf.prompts for _ in range(images_per_prompt)]
+        derived = run_dir / "prompts" / f"{Path(source).stem}-{pf.sha256[:8]}-x{images_per_prompt}.txt"
+    write_text(derived, format_prompt_file(prompts))
+    return read_prompt_file(derived)

@@ -1,15 +1,25 @@
 """Rank-grid sweeps of Kandinsky LoRA: for each rank train -> generate the validation prompts -> score -> record.
 
-The seed paper's three-stage recipe, as commands:
-    harness train kandinsky-decoder --split S --data D --rank 32 ...                      # 1. decoder r=32
-    harness sweep kandinsky-prior --split S --data D --decoder-adapter runs/<decoder-r32> # 2. prior ranks
-    harness sweep kandinsky-decoder --split S --data D --prior-adapter runs/<best prior>  # 3. decoder ranks
+The seed paper's three-stage recipe, as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over
+the caption rows, 25 prior + 150 decoder sampling steps):
+    harness train kandinsky-decoder --split S --data D --preset paper          # 1. decoder r=32, 40 epochs
+    harness sweep kandinsky-prior --split S --data D --preset paper --decoder-adapter runs/<decoder-r32>
+                                                                               # 2. prior ranks, 100 epochs each
+    harness sweep kandinsky-decoder --split S --data D --preset paper --prior-adapter runs/<best prior>
+                                                                               # 3. decoder ranks, 100 epochs each
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory, the
-stage reached, the metrics, or the error of a crash. A crash in one rank is recorded and the sweep goes on; running
-the same command again skips finished ranks, resumes a rank whose training was killed from its last checkpoint,
-and finishes generation/scoring where they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the
-base config>, so the same command finds its own record; a different base config in the same dir is refused.
+Per rank: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
+score against the validation images, then bootstrap 95 % intervals (harness/stats.py) and a paired comparison of
+each rank's FID with the best rank's: the summary table marks the ranks statistically indistinguishable from it.
+
+State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory
+(recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
+crash. A crash in one rank is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
+it, once). Running the same command again skips finished ranks, continues a rank whose training was killed
+(SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
+they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the base config and protocol>, so the same
+command finds its own record; another base config or protocol (n_prompts, generation seed, images per prompt,
+sampling steps/guidance) in the same dir is refused, naming the differences.
 
 `--dry-run` needs no data and no weights: the trainable-parameter counts come from the real architectures built on
 the meta device (models/kandinsky/counting.py) and equal the paper's tables.
@@ -116,17 +126,43 @@ class SweepResult:
         return [int(r) for r, v in self.record["ranks"].items() if v.get("status") == "failed"]
 
     def table(self):
+        """Per rank: status, run, trainable parameters, losses and metrics. Once ranks carry bootstrap intervals the
+        table shows FID / P / R / F1 with their 95 % intervals and which ranks are indistinguishable from the best
+        (the run ids and errors stay in sweep.json)."""
         from rich.table import Table
 
-        t = Table(title=f"{self.record['family']} sweep ({self.path.parent})")
-        for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+        ranks = sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0]))
+        best = self.record.get("best_rank")
+        title = f"{self.record['family']} sweep ({self.path.parent})"
+        if best is None:
+            t = Table(title=title)
+            for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+                t.add_column(col)
+            for r, v in ranks:
+                what = v.get("metrics_summary") or v.get("error", "")
+                val = v.get("val_loss")
+                t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
+                          f"{v['trainable']:,}" if v.get("trainable") else "-",
+                          f"{val:.4f}" if isinstance(val, float) else "-", what)
+            return t
+        t = Table(title=f"{title}; best rank {best} by FID; '≈' = statistically indistinguishable from it "
+                        "(paired bootstrap 95 % interval of the FID difference holds 0)")
+        for col in ("rank", "status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
             t.add_column(col)
-        for r, v in sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0])):
-            what = v.get("metrics_summary") or v.get("error", "")
-            val = v.get("val_loss")
-            t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
-                      f"{v['trainable']:,}" if v.get("trainable") else "-",
-                      f"{val:.4f}" if isinstance(val, float) else "-", what)
+        for r, v in ranks:
+            iv = v.get("intervals") or {}
+
+            def cell(key: str, fmt: str = ".3f") -> str:
+                if key not in iv:
+                    return "-"
+                i = iv[key]
+                return f"{i['value']:{fmt}} [{i['low']:{fmt}}, {i['high']:{fmt}}]"
+
+            vs = v.get("vs_best") or {}
+            mark = "best" if vs.get("best") else ("≈" if vs.get("indistinguishable") else
+                                                    (f"worse (+{vs['diff']:.2f})" if "diff" in vs else "-"))
+            t.add_row(r, v.get("status", "?"), f"{v['trainable']:,}" if v.get("trainable") else "-",
+                      cell("fid", ".2f"), cell("precision"), cell("recall"), cell("f1"), mark)
         return t
 
 
@@ -134,30 +170,90 @@ def _config_hash(d: dict) -> str:
     return hashlib.sha256(dumps_json(d).encode()).hexdigest()[:10]
 
 
+MIN_GENERATED = 2000  # the seed paper's protocol size (N_gen of its FID)
+
+
+def images_per_prompt_for(n_prompts: int, minimum: int = MIN_GENERATED) -> int:
+    """The smallest K with n_prompts * K >= minimum (K >= 1)."""
+    return max(1, -(-minimum // max(1, n_prompts)))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts (for a message that names them)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def sweep_protocol(base, n_prompts: int, gen_seed: int, images_per_prompt: int | None) -> dict[str, Any]:
+    """What a sweep's generation will be (for --print-config): needs the split only for the automatic K."""
+    out: dict[str, Any] = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": images_per_prompt,
+                           "min_generated": MIN_GENERATED, "generation": to_dict(base.generation)}
+    if base.data_dir and base.split_path:
+        n = len(validation_prompts(base.data_dir, base.split_path, n_prompts))
+        k = images_per_prompt or images_per_prompt_for(n)
+        out.update(images_per_prompt=k, n_val_prompts=n, n_generated=n * k)
+    elif images_per_prompt is None:
+        out["images_per_prompt"] = f"auto: ceil({MIN_GENERATED} / validation prompts)"
+    return out
+
+
+def check_bases(base) -> None:
+    """Resolve the base pipelines once, before any rank: a wrong --prior/--decoder or a hub id that is not cached
+    offline is one line for the whole sweep, not one traceback per rank."""
+    from models.kandinsky.loading import resolve_source
+
+    for which in ("prior", "decoder"):
+        try:
+            resolve_source(getattr(base, which), getattr(base, f"{which}_revision"))
+        except FileNotFoundError as e:
+            raise UserError(f"--{which}: {e}") from None
+
+
 def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: int = 0, gen_batch_size: int = 8,
-              device: str | None = None, score: bool = True, gen_seed: int = 0) -> SweepResult:
-    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring."""
+              device: str | None = None, score: bool = True, gen_seed: int = 0,
+              images_per_prompt: int | None = None) -> SweepResult:
+    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring.
+
+    `images_per_prompt` None = enough for MIN_GENERATED images per rank. Everything that changes a rank's results
+    (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
+    them is refused in an explicit --sweep-dir and gets its own directory by default."""
     from harness.train_kandinsky import FAMILIES, resolve_adapter
 
     base.validate()
     family = FAMILIES[base.component]
     other = "decoder" if base.component == "prior" else "prior"
     resolve_adapter(base.decoder_adapter if other == "decoder" else base.prior_adapter, other)  # fail early
+    check_bases(base)
     base_dict = to_dict(base)
     base_dict["lora"]["rank"] = None  # the rank varies; everything else must match to continue a sweep
-    sweep_dir = Path(sweep_dir) if sweep_dir else runs_root() / "sweeps" / f"{family}-{_config_hash(base_dict)}"
+    val_prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
+    k = images_per_prompt if images_per_prompt is not None else images_per_prompt_for(len(val_prompts))
+    if k < 1:
+        raise UserError(f"--images-per-prompt must be >= 1, got {k}")
+    protocol = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": k}
+    sweep_dir = Path(sweep_dir) if sweep_dir else \
+        runs_root() / "sweeps" / f"{family}-{_config_hash({'base': base_dict, 'protocol': protocol})}"
     path = sweep_dir / "sweep.json"
     if path.is_file():
         record = read_json(path)
-        if record.get("base_config") != base_dict:
-            raise UserError("this sweep dir holds a sweep with another base config; pass another --sweep-dir", path)
+        diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
+                            {"base_config": base_dict, "protocol": protocol})
+        if diff:
+            raise UserError(f"this sweep dir holds a sweep with another base config or protocol ({'; '.join(diff)}); "
+                            "rerun with the same options to continue it, or pass another --sweep-dir", path)
     else:
-        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "ranks": {}}
-    prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
+        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "protocol": protocol,
+                  "ranks": {}}
+    # One line per generated image: prompt i of the validation list K times (each with its own image seed).
+    prompts = [p for p in val_prompts for _ in range(k)]
     prompts_file = sweep_dir / "val-prompts.txt"
     write_text(prompts_file, "".join(p + "\n" for p in prompts))
-    record["prompts"] = {"file": str(prompts_file), "n": len(prompts),
-                         "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
+    record["prompts"] = {"file": str(prompts_file), "n": len(prompts), "n_unique": len(val_prompts),
+                         "images_per_prompt": k, "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
     write_json(path, record)
 
     from harness.progress import console
@@ -171,8 +267,14 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
             _run_rank(base, r, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
             entry["status"] = "done"
             entry.pop("error", None)
+            entry.pop("traceback", None)
         except KeyboardInterrupt:
             entry["status"] = "interrupted"
+            write_json(path, record)
+            raise
+        except UserError as e:  # the user's setup: every other rank would fail the same way
+            entry["status"] = "failed"
+            entry["error"] = str(e)
             write_json(path, record)
             raise
         except Exception as e:  # noqa: BLE001 - one rank's crash must not stop the others
@@ -181,6 +283,13 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
             entry["traceback"] = traceback.format_exc(limit=8)
             console.print(f"[red]rank {r} failed:[/] {entry['error']}")
         write_json(path, record)
+    if score:
+        best = mark_best(record)
+        if best is not None:
+            record["best_rank"] = best
+            plot = plot_sweep(record, sweep_dir / "sweep.png")
+            record["plot"] = str(plot) if plot else None
+        write_json(path, record)
     return SweepResult(path, record)
 
 
@@ -188,8 +297,7 @@ def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: l
               device: str | None, score: bool, gen_seed: int) -> None:
     from harness.generate import generate_images, load_generator
     from harness.runs import open_run
-    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, resume, train
-    from harness.trainer import latest_checkpoint
+    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, continue_run, train
     from models.kandinsky.counting import count_lora
 
     cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank),
@@ -200,13 +308,17 @@ def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: l
         pass
     run: Run | None = open_run(entry["run"]) if entry.get("run") and Path(entry["run"]).is_dir() else None
 
-    # 1. train (or resume a killed training)
+    # 1. train, or continue the recorded run of a killed training in its own directory (from its last checkpoint)
     if run is None or not (run.dir / ADAPTER_DIR / WEIGHT_NAME).is_file():
         entry["stage"] = "train"
-        if run is not None and latest_checkpoint(run) is not None:
-            run = resume(run)
+        if run is not None:
+            run = continue_run(run)
         else:
-            run = train(cfg)
+            def record_run(new: Run) -> None:  # before the first step: a kill from here on leaves a resumable record
+                entry["run"] = str(new.dir)
+                write_json(path, record)
+
+            run = train(cfg, on_run=record_run)
         entry["run"] = str(run.dir)
         write_json(path, record)
     stats = read_json(run.dir / "train_stats.json") if (run.dir / "train_stats.json").is_file() else {}
@@ -243,6 +355,9 @@ def _score(run: Run, sweep_dir: Path) -> dict[str, Any]:
         return {"metrics_summary": "not scored (harness.score not installed)"}
     result = score_mod.score_run(run, score_mod.ScoreConfig())
     out: dict[str, Any] = {"metrics": str(result.path), "metrics_summary": result.summary_line()}
+    feats = rank_features(run)
+    if feats:
+        out["intervals"] = _intervals(feats)
     try:
         lb = importlib.import_module("harness.leaderboard")
     except ModuleNotFoundError:
@@ -250,3 +365,93 @@ def _score(run: Run, sweep_dir: Path) -> dict[str, Any]:
     board, _ = lb.write_leaderboard(out=sweep_dir / "leaderboard.md")  # every scored run under the runs root
     out["leaderboard"] = str(board)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics: bootstrap intervals per rank and which ranks are indistinguishable from the best (harness/stats.py).
+
+N_BOOT = 200
+
+
+def rank_features(run: Run) -> dict[str, Any] | None:
+    """The features `harness score` cached for this run's FID (Inception pool3) and precision/recall (its PRC
+    extractor's layer), generated and real side: {"fid": (gen, real), "prc": (gen, real)}; None when not scored."""
+    from harness.features import load_cached
+
+    if not run.metrics_path.is_file():
+        return None
+    m = read_json(run.metrics_path)
+    keys = m.get("feature_cache", {})
+    out: dict[str, Any] = {}
+    for metric, layer_of in (("fid", lambda v: "2048"), ("prc", lambda v: v.get("layer"))):
+        info = m.get("metrics", {}).get(metric, {})
+        if info.get("status") != "ok":
+            continue
+        ex, layer = info.get("extractor"), layer_of(info)
+        blobs = [load_cached(keys.get(f"{ex}/{side}", {}).get("key", "")) for side in ("gen", "real")]
+        if any(b is None for b in blobs):
+            continue
+        out[metric] = tuple(b["features"][layer].numpy() for b in blobs)
+    return out or None
+
+
+def _intervals(feats: dict[str, Any]) -> dict[str, Any]:
+    from harness import stats
+
+    out: dict[str, Any] = {}
+    if "fid" in feats:
+        out.update(stats.bootstrap(stats.FID(), *feats["fid"], n_boot=N_BOOT))
+    if "prc" in feats:
+        out.update(stats.bootstrap(stats.PRC(k=3), *feats["prc"], n_boot=N_BOOT))
+    return {k: {"value": v.value, **v.to_dict()} for k, v in out.items()}
+
+
+def mark_best(record: dict[str, Any]) -> int | None:
+    """Compare every scored rank with the best one (lowest FID) by the paired bootstrap of the FID difference
+    (same real features; image i of both runs comes from prompt i); each rank gets `vs_best` with the difference,
+    its 95 % interval and whether the interval holds 0 (statistically indistinguishable). Kept in sweep.json per
+    (rank run, best run), so a rerun does not recompute it."""
+    from harness import stats
+    from harness.runs import open_run
+
+    scored = {r: v for r, v in record["ranks"].items()
+              if v.get("status") == "done" and "fid" in (v.get("intervals") or {})}
+    if not scored:
+        return None
+    best = min(scored, key=lambda r: scored[r]["intervals"]["fid"]["value"])
+    best_feats = rank_features(open_run(scored[best]["run"]))
+    for r, v in scored.items():
+        if r == best:
+            v["vs_best"] = {"best": True, "best_run": scored[best]["run"]}
+            continue
+        if v.get("vs_best", {}).get("best_run") == scored[best]["run"]:
+            continue
+        feats = rank_features(open_run(v["run"]))
+        if not (feats and best_feats and "fid" in feats and "fid" in best_feats):
+            v["vs_best"] = {"best": False, "best_run": None, "error": "features no longer in the feature cache"}
+            continue
+        c = stats.compare(stats.FID(), feats["fid"][0], best_feats["fid"][0], best_feats["fid"][1],
+                          n_boot=N_BOOT)["fid"]
+        v["vs_best"] = {"best": False, "best_run": scored[best]["run"], "indistinguishable": c.indistinguishable,
+                        **c.to_dict()}
+    return int(best)
+
+
+def plot_sweep(record: dict[str, Any], out: Path) -> Path | None:
+    """FID / precision / recall / F1 against rank, with the 95 % bootstrap intervals as error bars."""
+    from harness.plots import sweep_plot
+
+    points = []
+    for r, v in record["ranks"].items():
+        iv = v.get("intervals") or {}
+        if not iv:
+            continue
+        p: dict[str, Any] = {"rank": int(r), "series": record["family"]}
+        for key in ("fid", "precision", "recall", "f1"):
+            if key in iv:
+                p[key], p[f"{key}_low"], p[f"{key}_high"] = iv[key]["value"], iv[key]["low"], iv[key]["high"]
+        points.append(p)
+    if not points:
+        return None
+    n = record.get("prompts", {}).get("n")
+    return sweep_plot(points, out, f"{record['family']} sweep: 95 % bootstrap intervals (N_gen = {n})")

@@ -21,6 +21,7 @@ see models/kandinsky/lora.py for the plain-diffusers snippet that loads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,9 @@ ADAPTER_DIR = "final"  # the trainer exports into RUN/final
 class GenerationConfig:
     """Sampling settings used by `harness generate` on a Kandinsky run (CLI --steps/--guidance set the decoder's)."""
 
-    prior_steps: int = 25
+    prior_steps: int = 25  # KandinskyV22PriorPipeline's default (and the paper's)
     prior_guidance: float = 4.0
-    decoder_steps: int = 100
+    decoder_steps: int = 100  # KandinskyV22Pipeline's default; the paper (and --preset paper) used 150
     decoder_guidance: float = 4.0
     height: int | None = None  # None = the training resolution (256 by default)
     width: int | None = None
@@ -81,7 +82,8 @@ class KandinskyConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
-    image_embed_dropout: float = 0.0  # decoder only
+    image_embed_dropout: float = 0.0  # decoder only (default_config sets 0.1 for the decoder)
+    gradient_checkpointing: bool = False  # recompute activations in backward (memory of large batches)
     snr_gamma: float | None = None  # Min-SNR gamma (e.g. 5.0); None = plain MSE
     cache: bool = True
     cache_dir: str | None = None  # None = $HARNESS_CACHE_DIR/kandinsky-encoders or <runs>/.cache/kandinsky-encoders
@@ -91,6 +93,9 @@ class KandinskyConfig:
     decoder_adapter: str = "none"  # prior runs: which decoder adapter `generate` pairs with
     paraphrases_path: str | None = None  # prior only
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    preset: str | None = None  # the preset the config started from (recorded; see paper_preset)
+    # Keep the best adapter (validation metric every E epochs) and export it to final/; None = the last weights.
+    eval_every_epochs: float | None = None
 
     def validate(self) -> None:
         if self.component not in FAMILIES:
@@ -115,22 +120,127 @@ class KandinskyConfig:
                             "(the frozen encoders then run every step on the augmented pixels)")
         if self.cache_batch_size < 1:
             raise UserError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        if self.eval_every_epochs is not None and not self.eval_every_epochs > 0:
+            raise UserError(f"eval_every_epochs must be > 0, got {self.eval_every_epochs}")
+        if self.preset not in (None, "paper"):
+            raise UserError(f"preset must be paper or none, got {self.preset!r}")
         self.generation.validate()
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings (the CLI prints them, runs log them)."""
+        return self.lora.warnings()
 
     def summary(self) -> dict[str, Any]:
         """Flat fields the leaderboard shows."""
         return {"component": self.component, "rank": self.lora.rank, "alpha": self.lora.lora_alpha,
                 "targets": self.lora.targets, "dora": self.lora.dora, "rslora": self.lora.rslora,
                 "steps": self.loop.max_steps, "paraphrase_strategy": self.data.paraphrase_strategy,
-                "preset": None, "caption_dropout": self.data.caption_dropout, "cache": self.cache}
+                "preset": self.preset, "caption_dropout": self.data.caption_dropout, "cache": self.cache}
+
+
+IMAGE_EMBED_DROPOUT = 0.1  # see default_config
 
 
 def default_config(component: Component) -> KandinskyConfig:
-    """Defaults per component: the prior drops 10 % of captions to "" (classifier-free guidance needs it)."""
+    """Defaults per component. Both train the unconditional branch that classifier-free guidance uses: the prior
+    drops 10 % of captions to ""; the decoder conditions 10 % of items on the zero-image embedding (the negative the
+    pipelines guide against). The original Kandinsky 2 decoder trainer does the same with an all-zero CLIP image
+    (kandinsky2/train_utils/data/dataset_unclip_2_1.py, `drop_image_prob`); 0.1 matches the prior's rate."""
     cfg = KandinskyConfig(component=component)
     if component == "prior":
         cfg.data.caption_dropout = 0.1
+    else:
+        cfg.image_embed_dropout = IMAGE_EMBED_DROPOUT
     return cfg
+
+
+Stage = Literal["train", "sweep"]
+PAPER_EPOCHS = {("prior", "train"): 100, ("decoder", "train"): 40, ("prior", "sweep"): 100, ("decoder", "sweep"): 100}
+
+
+def paper_preset(component: Component, stage: Stage = "train") -> KandinskyConfig:
+    """The seed paper's three-stage recipe. Common: AdamW lr 1e-4, batch 64 (the released default config; its
+    example config ran batch 256, fp16 and Min-SNR gamma 5), 256 px with padding, one item per caption row (the
+    paper's epoch is one pass over the ~18.2 k caption rows of the 1,800 training images), generation with 25
+    prior and 150 decoder steps. Epochs: prior 100 (train and sweep); decoder stage 1 (train) r = 32 for 40
+    epochs; decoder sweep 100 epochs."""
+    cfg = default_config(component)
+    cfg.preset = "paper"
+    cfg.loop.lr = 1e-4
+    cfg.loop.batch_size = 64
+    cfg.loop.epochs = PAPER_EPOCHS[(component, stage)]
+    cfg.data.resolution = 256
+    cfg.data.fit = "pad"
+    cfg.data.captions = "all"
+    cfg.generation.prior_steps = 25
+    cfg.generation.decoder_steps = 150
+    if component == "decoder" and stage == "train":
+        cfg.lora.rank = 32
+    return cfg
+
+
+def base_config(component: Component, preset: str | None, stage: Stage = "train") -> KandinskyConfig:
+    if preset in (None, "none"):
+        return default_config(component)
+    if preset == "paper":
+        return paper_preset(component, stage)
+    raise UserError(f"unknown preset {preset!r}; choose paper")
+
+
+def epoch_items(ds) -> int:
+    """Items of one epoch as the seed paper counts it: the caption rows of the training images (whatever
+    `captions` says: with "sample" an epoch is as many draws as there are rows)."""
+    base = ds.base if isinstance(ds, CachedItems) else ds
+    return base.stats()["n_caption_rows"]
+
+
+def resolved_config(cfg: KandinskyConfig) -> dict[str, Any]:
+    """`--print-config`: the config with the loop resolved against the training split (steps per epoch, total
+    steps, validation interval); reads prompt-gt.csv and SPLIT.json only (no weights, no images)."""
+    from harness.dataset import load_training_data
+    from harness.trainer import loop_description, resolve_loop
+
+    cfg.validate()
+    out = to_dict(cfg)
+    if not (cfg.data_dir and cfg.split_path):
+        out["loop"] = dict(out["loop"], derived=None)
+        out["note"] = "give --split and --data to derive the steps per epoch and the total steps"
+        return out
+    ds, _ = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data), None)
+    loop, plan = resolve_loop(_with_eval_interval(cfg.loop, cfg, epoch_items(ds)), epoch_items(ds))
+    out["loop"] = loop_description(loop, plan)
+    return out
+
+
+def _with_eval_interval(loop: LoopConfig, cfg: KandinskyConfig, n_items: int) -> LoopConfig:
+    """--eval-every-epochs E: validate (and keep the best adapter) every round(E x steps per epoch) steps."""
+    if cfg.eval_every_epochs is None or loop.select_best != "none":  # a recorded run keeps its metric
+        return loop
+    from harness.trainer import resolve_loop
+
+    _, plan = resolve_loop(loop, n_items)
+    every = max(1, round(cfg.eval_every_epochs * plan.steps_per_epoch))
+    return dataclasses.replace(loop, val_every=every, select_best=best_metric())
+
+
+def best_metric() -> str:
+    """What --eval-every-epochs ranks by: FID of generations for the validation captions (one per validation image,
+    the run's sampling settings) against the validation images when the Inception weights of `harness score` are
+    on this machine; else the validation loss (fixed noise seeds, every dropout off). The run records which."""
+    return "fid" if _fid_weights() is not None else "val_loss"
+
+
+def _fid_weights():
+    """The verified Inception weights `harness score` uses, if present (never downloads mid-training)."""
+    try:
+        from harness.features import MissingWeights, resolve_weights
+        from harness.score import INCEPTION
+    except ImportError:
+        return None
+    try:
+        return resolve_weights(INCEPTION, None, allow_download=False)
+    except (MissingWeights, UserError):
+        return None
 
 
 def config_from_dict(d: dict[str, Any], where: str = "KandinskyConfig") -> KandinskyConfig:
@@ -287,6 +397,7 @@ class KandinskyTask(TrainTask):
         self.source_info = source_info or {}
         self.data_hashes = data_hashes or {}
         self._grid_generator: KandinskyGenerator | None = None
+        self._fid_generator: KandinskyGenerator | None = None
         self.prior_parts, self.decoder_parts = prior_parts, decoder_parts
         uncached = not cfg.cache
         if self.component == "prior":
@@ -306,6 +417,10 @@ class KandinskyTask(TrainTask):
         with torch.random.fork_rng(devices=[]):  # LoRA A init depends on the run's seed only
             torch.manual_seed(cfg.loop.seed)
             add_lora(self.trained, cfg.lora)
+        if cfg.gradient_checkpointing:
+            from models.kandinsky.loading import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self.trained)
         # Checked in the tests: only these are trainable; everything else stays bit-identical.
         self._lora = lora_parameters(self.trained)
 
@@ -323,6 +438,9 @@ class KandinskyTask(TrainTask):
 
     def val_dataset(self):
         return self._val
+
+    def epoch_items(self) -> int:
+        return epoch_items(self._train)
 
     def collate(self, items: list[dict]) -> dict:
         return collate_items(items) if "pixels" in items[0] else collate_features(items)
@@ -351,8 +469,11 @@ class KandinskyTask(TrainTask):
             base = _unwrap(self.prior)
             return prior_loss(self.prior, base.clip_mean, base.clip_std, self.noise_scheduler, batch, generator,
                               self.cfg.snr_gamma)
-        return decoder_loss(self.unet, self.noise_scheduler, batch, generator, self.zero_embed,
-                            self.cfg.image_embed_dropout, self.cfg.snr_gamma)
+        # Validation (modules in eval mode) measures the conditional loss: no image-embedding dropout, as the
+        # validation set has no caption dropout.
+        dropout = self.cfg.image_embed_dropout if _unwrap(self.unet).training else 0.0
+        return decoder_loss(self.unet, self.noise_scheduler, batch, generator, self.zero_embed, dropout,
+                            self.cfg.snr_gamma)
 
     def adapter_meta(self) -> dict[str, Any]:
         src = self.source_info.get(self.component, {})
@@ -376,7 +497,12 @@ class KandinskyTask(TrainTask):
     def sample_grid(self, step: int, path: Path) -> bool:
         """A 4-image strip for 4 validation captions at fixed seeds: the prior task pairs its in-training prior with
         the decoder (and decoder adapter) it will be generated with; the decoder task pairs the base prior (plus
-        prior adapter) with its in-training UNet."""
+        prior adapter) with its in-training UNet.
+
+        The generator reuses the task's own modules (the prior parts every task loads, the trained model, the
+        decoder's UNet and MoVQ); only the half a task does not train with - the decoder of a prior run - is loaded,
+        once. Modules that training does not keep on the device are moved there for the grid and back after, so a
+        grid costs no resident memory."""
         from PIL import Image
 
         if self._val is None:
@@ -385,7 +511,11 @@ class KandinskyTask(TrainTask):
         prompts = [c for c in needed_captions(base) if c][:4]
         if self._grid_generator is None:
             self._grid_generator = self._make_grid_generator()
-        images = self._grid_generator.generate(prompts, list(range(len(prompts))))
+        gen = self._grid_generator
+        device = next(_unwrap(self.trained).parameters()).device
+        visitors = [gen.p.prior, gen.p.text_encoder, gen.d.unet, gen.d.movq]
+        with _moved_to(visitors, device):
+            images = gen.generate(prompts, list(range(len(prompts))))
         strip = np.concatenate(images, axis=1)
         from harness.io import atomic_path
 
@@ -393,30 +523,91 @@ class KandinskyTask(TrainTask):
             Image.fromarray(strip).save(tmp, format="PNG")
         return True
 
-    def _make_grid_generator(self) -> "KandinskyGenerator":
-        from models.kandinsky.loading import load_decoder, load_prior
+    def selection_metric(self, name: str) -> float | None:
+        """FID of one image per validation caption (fixed seeds, the run's sampling settings) against the validation
+        images, through `harness score`'s extractor and feature cache (the real side is computed once)."""
+        if name != "fid" or self._val is None:
+            return None
+        weights = _fid_weights()
+        if weights is None:
+            return None
+        import tempfile
 
-        device = next(self.trained.parameters()).device
-        gen = dataclasses.replace(self.cfg.generation, prior_steps=min(self.cfg.generation.prior_steps, 10),
-                                  decoder_steps=min(self.cfg.generation.decoder_steps, 20))
+        from PIL import Image
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+        from harness.features import ImageSet, TorchFidelityExtractor, extract_features
+        from harness.generate import image_seed
+        from harness.score import INCEPTION, _identity
+
+        base = self._val.base if isinstance(self._val, CachedItems) else self._val
+        base.set_epoch(0)
+        prompts = [base.caption_for(i, item_rng(base.cfg.seed, 0, i))[1] for i in range(len(base))]
+        if self._fid_generator is None:
+            self._fid_generator = self._make_grid_generator(self.cfg.generation)
+        gen = self._fid_generator
+        device = next(_unwrap(self.trained).parameters()).device
+        identity = _identity(INCEPTION, ("2048",), weights)
+        extractor: list = []
+
+        def make():
+            if not extractor:
+                extractor.append(TorchFidelityExtractor(INCEPTION, ("2048",), weights, device))
+            return extractor[0]
+
+        real = ImageSet("validation images", [base.devset.image_path(i) for i in base.image_ids])
+        with tempfile.TemporaryDirectory(prefix="kandinsky-fid-") as tmp:
+            paths = []
+            with _moved_to([gen.p.prior, gen.p.text_encoder, gen.d.unet, gen.d.movq], device):
+                for start in range(0, len(prompts), 8):
+                    chunk = list(range(start, min(start + 8, len(prompts))))
+                    images = gen.generate([prompts[i] for i in chunk], [image_seed(0, i + 1) for i in chunk])
+                    for i, im in zip(chunk, images):
+                        paths.append(Path(tmp) / f"{i + 1:05d}.png")
+                        Image.fromarray(im).save(paths[-1])
+            fake = extract_features(ImageSet("in-training generations", paths), identity, make, use_cache=False)
+        reals = extract_features(real, identity, make)
+        out = fid_statistics_to_metric(fid_features_to_statistics(fake.features["2048"]),
+                                       fid_features_to_statistics(reals.features["2048"]), verbose=False)
+        return float(out["frechet_inception_distance"])
+
+    def _make_grid_generator(self, gen: GenerationConfig | None = None) -> "KandinskyGenerator":
+        from models.kandinsky.loading import load_decoder
+
+        if gen is None:  # the sample strip: a preview, fewer steps
+            gen = dataclasses.replace(self.cfg.generation, prior_steps=min(self.cfg.generation.prior_steps, 10),
+                                      decoder_steps=min(self.cfg.generation.decoder_steps, 20))
+        if self._grid_generator is not None:  # share the loaded modules (the prior task's decoder) between both
+            g = self._grid_generator
+            return KandinskyGenerator(g.p, g.d, gen, g.height, g.width, g.device, info={})
         height = gen.height or self.cfg.data.resolution
         if self.component == "prior":
             prior_parts = dataclasses.replace(self.prior_parts, prior=_unwrap(self.prior))
-            if prior_parts.text_encoder.device != device:
-                prior_parts.text_encoder.to(device)
-                prior_parts.image_encoder.to(device)
-            decoder_parts = load_decoder(self.cfg.decoder, self.cfg.decoder_revision, self.cfg.base_dtype, device)
+            decoder_parts = load_decoder(self.cfg.decoder, self.cfg.decoder_revision, self.cfg.base_dtype, "cpu")
             ref = resolve_adapter(self.cfg.decoder_adapter, "decoder")
             if ref:
                 load_adapter(decoder_parts.unet, ref)
         else:
-            prior_parts = load_prior(self.cfg.prior, self.cfg.prior_revision, self.cfg.base_dtype, device)
+            prior_parts = self.prior_parts  # loaded by build_task; its prior is not trained here
             ref = resolve_adapter(self.cfg.prior_adapter, "prior")
             if ref:
                 load_adapter(prior_parts.prior, ref)
             decoder_parts = dataclasses.replace(self.decoder_parts, unet=_unwrap(self.unet))
-            decoder_parts.movq.to(device)
+        device = next(_unwrap(self.trained).parameters()).device
         return KandinskyGenerator(prior_parts, decoder_parts, gen, height, gen.width or height, device, info={})
+
+
+@contextlib.contextmanager
+def _moved_to(modules: list[nn.Module], device: torch.device):
+    """Move `modules` to `device` for the block, then each back to where it was."""
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 def _unwrap(m: nn.Module | None) -> nn.Module | None:
@@ -449,7 +640,9 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
     cfg.validate()
     paraphrases, para_sha = _load_paraphrases(cfg)
     train_cfg = dataclasses.replace(cfg.data)
-    val_cfg = dataclasses.replace(cfg.data, caption_dropout=0.0)  # validation measures the conditional loss
+    # Validation measures the conditional loss, each validation image once (its caption drawn at a fixed seed), so
+    # a few batches cover the whole side (4 x 64 >= the 200 validation images of the paper's split).
+    val_cfg = dataclasses.replace(cfg.data, caption_dropout=0.0, captions="sample")
     train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", train_cfg, paraphrases)
     try:
         val_ds, val_hashes = load_training_data(cfg.data_dir, cfg.split_path, "val", val_cfg, paraphrases)
@@ -486,8 +679,6 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
     from harness.distributed import state as dist_state
 
     from harness.encoder_cache import TensorStore, default_cache_dir, image_key, text_key, unique
-    from harness.images import open_rgb
-    from harness.dataset import preprocess_image
     from harness.progress import progress
     from models.kandinsky import encoders as E
 
@@ -496,7 +687,10 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
     bs = cfg.cache_batch_size
     devset = train_ds.devset
     datasets = [d for d in (train_ds, val_ds) if d is not None]
-    pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit}
+    # The cached pixels are the dataset's own un-augmented decode (clean_pixels): JPEGs decoded at the training
+    # scale ("draft"), which differs slightly from a full decode + resize, so it is part of the key.
+    pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit, "decode": "draft"}
+    where = {img: (d, i) for d in reversed(datasets) for i, img in enumerate(d.image_ids)}
     text_fp = prior_parts.fingerprints["text"]
     image_fp = prior_parts.fingerprints["image"]
     movq_fp = decoder_parts.fingerprints["movq"] if decoder_parts is not None else None
@@ -533,8 +727,7 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
                 decoder_parts.movq.to(device)
             for start in range(0, len(missing), bs):
                 ids = missing[start : start + bs]
-                pixels = torch.stack([preprocess_image(open_rgb(devset.image_path(i)), cfg.data.resolution,
-                                                       cfg.data.fit) for i in ids]).to(device)
+                pixels = torch.stack([where[i][0].clean_pixels(where[i][1]) for i in ids]).to(device)
                 embeds = E.clip_image_embeds(prior_parts.image_processor, prior_parts.image_encoder, pixels)
                 latents = E.movq_latents(decoder_parts.movq, pixels) if decoder_parts is not None else None
                 for j, i in enumerate(ids):
@@ -582,8 +775,12 @@ def resolve_adapter(ref: str | None, component: Component) -> Path | None:
     return adapter
 
 
-def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = None) -> Run:
-    """Train a new run end to end; returns the run (adapter in RUN/final)."""
+def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = None,
+          on_run: Callable[[Run], None] | None = None) -> Run:
+    """Train a new run end to end; returns the run (adapter in RUN/final).
+
+    `on_run(run)` is called once the run directory exists and before the first step (the sweep records the
+    directory there, so a kill during training leaves a record that points at the run to continue)."""
     from harness.distributed import state as dist_state
     from harness.trainer import create_run_on_main
 
@@ -591,8 +788,9 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     # Check the paired adapter before an hour of training, not at generation time.
     other: Component = "decoder" if cfg.component == "prior" else "prior"
     resolve_adapter(cfg.decoder_adapter if other == "decoder" else cfg.prior_adapter, other)
-    logs: list[str] = []
+    logs: list[str] = [f"warning: {w}" for w in cfg.warnings()]
     task, hashes = build_task(cfg, log=logs.append)
+    cfg.loop = _with_eval_interval(cfg.loop, cfg, task.epoch_items())  # recorded: val_every and the metric
     config = to_dict(cfg)
     config["summary"] = cfg.summary()
     config["sources"] = task.source_info
@@ -601,8 +799,54 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     if dist_state().is_main_process:
         for line in logs:
             run.log(line)
-    run_training(task, cfg.loop, run)
+        if on_run is not None:
+            on_run(run)
+    _train(task, cfg, run)
     return run
+
+
+def _train(task: KandinskyTask, cfg: KandinskyConfig, run: Run, resume: bool = False) -> None:
+    from harness.distributed import state as dist_state
+
+    run_training(task, cfg.loop, run, resume=resume)
+    if cfg.eval_every_epochs is not None and dist_state().is_main_process:
+        export_best(run)
+
+
+def export_best(run: Run) -> dict[str, Any] | None:
+    """Put the best adapter (run/best, kept by the loop's select_best) into run/final - what generation, the sweep
+    and a plain diffusers load read - and the last one into run/last. final/selection.json and adapter_meta.json
+    say which metric chose it, its value, its step and its epoch."""
+    import os
+    import shutil
+
+    from harness.io import read_json, write_json
+
+    stats = read_json(run.dir / "train_stats.json")
+    sel = stats.get("select_best") or {}
+    best = run.dir / "best"
+    if sel.get("step") is None or not (best / WEIGHT_NAME).is_file():
+        return None
+    per_epoch = stats["loop"]["derived"]["steps_per_epoch"]
+    selection = {"metric": sel["metric"], "value": sel["value"], "step": sel["step"],
+                 "epoch": round(sel["step"] / per_epoch, 3), "last_step": stats["steps"],
+                 "last_epoch": round(stats["steps"] / per_epoch, 3), "last_weights": "last/"}
+    tmp = run.dir / f".final-best.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    meta = read_json(tmp / "adapter_meta.json")
+    meta["selected"] = selection
+    write_json(tmp / "adapter_meta.json", meta)
+    write_json(tmp / "selection.json", selection)
+    last = run.dir / "last"
+    shutil.rmtree(last, ignore_errors=True)
+    os.replace(run.dir / ADAPTER_DIR, last)
+    os.replace(tmp, run.dir / ADAPTER_DIR)
+    stats["exported"] = selection
+    write_json(run.dir / "train_stats.json", stats)
+    run.log(f"final/ = best adapter by {selection['metric']} ({selection['value']:.5g}) from step {selection['step']} "
+            f"(epoch {selection['epoch']}); the last weights are in last/")
+    return selection
 
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
@@ -612,12 +856,29 @@ def resume(run: Run, max_steps: int | None = None) -> Run:
     cfg = config_from_run(run)
     if max_steps is not None and max_steps != cfg.loop.max_steps:
         cfg.loop.max_steps = max_steps
+        cfg.loop.epochs = None  # an epoch count would take precedence over the new step count
         full = run.config()
         full["loop"]["max_steps"] = max_steps
+        full["loop"]["epochs"] = None
         full["summary"]["steps"] = max_steps
         write_json(run.config_path, full)
     task, _ = build_task(cfg, log=run.log)
-    run_training(task, cfg.loop, run, resume=True)
+    _train(task, cfg, run, resume=True)
+    return run
+
+
+def continue_run(run: Run) -> Run:
+    """Finish the training of `run` in its own directory: from its last checkpoint, or from step 0 when it was
+    stopped before its first checkpoint (what a sweep rerun does after a kill)."""
+    from harness.trainer import TRAIN_LOG, latest_checkpoint
+
+    if latest_checkpoint(run) is not None:
+        return resume(run)
+    cfg = config_from_run(run)
+    task, _ = build_task(cfg, log=run.log)
+    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
+    run.log("no checkpoint yet: training again from step 0 in the same run")
+    _train(task, cfg, run)
     return run
 
 

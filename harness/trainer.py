@@ -56,16 +56,22 @@ from harness.runs import Run
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 FINAL_DIR = "final"
+BEST_DIR = "best"  # with select_best: the weights that scored best (export + provenance.json with the metric)
 TRAIN_LOG = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
 
 
 @dataclass
 class LoopConfig:
-    """Options of the training loop; the CLI's shared training options map 1:1 onto these fields."""
+    """Options of the training loop; the CLI's shared training options map 1:1 onto these fields.
+
+    Training length: `max_steps` optimizer steps, or `epochs` passes over the task's epoch items (`TrainTask.
+    epoch_items()`, by default the training dataset's length). When `epochs` is set it takes precedence: `max_steps`
+    is derived from it by `resolve_loop` (and recorded beside it); the CLI refuses `--epochs` with `--max-steps`."""
 
     seed: int = 0
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (derived from `epochs` when that is set)
+    epochs: int | None = None  # passes over the epoch items; None = train `max_steps`
     batch_size: int = 8  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -78,29 +84,105 @@ class LoopConfig:
     val_every: int = 500  # 0 = only at the end
     val_batches: int = 4
     sample_every: int = 0  # 0 = off
-    log_every: int = 10
-    num_workers: int = 0
+    log_every: int = 10  # log (and check the loss is finite) every N steps: the only host syncs of the loop
+    num_workers: int | None = None  # DataLoader worker processes per rank; None = default_num_workers()
+    tf32: bool = True  # CUDA: TF32 matmuls and cuDNN convolutions (diffusers' and PyTorch's recommendation)
+    channels_last: bool = False  # CUDA: trained modules and 4-D inputs in channels_last memory format
+    select_best: Literal["none", "val_loss", "fid"] = "none"  # keep the best weights by this metric in run/best
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "keep_last": self.keep_last, "log_every": self.log_every, "val_batches": self.val_batches}
+        if self.epochs is not None:
+            positive["epochs"] = self.epochs
         for k, v in positive.items():
             if v < 1:
                 raise UserError(f"LoopConfig.{k} must be >= 1, got {v}")
         non_negative = {"checkpoint_every": self.checkpoint_every, "val_every": self.val_every,
                         "sample_every": self.sample_every, "warmup_steps": self.warmup_steps,
-                        "num_workers": self.num_workers, "max_grad_norm": self.max_grad_norm,
-                        "weight_decay": self.weight_decay}
+                        "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay}
+        if self.num_workers is not None:
+            non_negative["num_workers"] = self.num_workers
         for k, v in non_negative.items():
             if v < 0:
                 raise UserError(f"LoopConfig.{k} must be >= 0, got {v}")
         if not self.lr > 0:
             raise UserError(f"LoopConfig.lr must be > 0, got {self.lr}")
+        if self.select_best not in ("none", "val_loss", "fid"):
+            raise UserError(f"LoopConfig.select_best must be none, val_loss or fid, got {self.select_best!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"LoopConfig.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 
     def __post_init__(self) -> None:
         self.validate()
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process when `--num-workers` is not given: the CPU cores this process may use
+    (`os.sched_getaffinity`, i.e. what a container/cgroup/taskset allows) shared among the processes of this node
+    (`LOCAL_WORLD_SIZE` under torchrun / accelerate launch), minus one for the process itself, at most 8 (beyond
+    that, decoding 256 px images is rarely the bottleneck and each worker holds a copy of the dataset)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cores // local - 1))
+
+
+def world_size() -> int:
+    """Processes of this launch (WORLD_SIZE of torchrun / accelerate launch; 1 for a plain run)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclass
+class LoopPlan:
+    """What a LoopConfig means for a given data set and launch: the derived numbers a run records."""
+
+    max_steps: int  # optimizer steps to train
+    epochs: int | None  # as given (None: the length was given in steps)
+    epoch_items: int  # items of one epoch
+    global_batch: int  # batch_size * grad_accum * world_size: items per optimizer step
+    micro_batches_per_epoch: int  # per rank; the incomplete last global batch of an epoch is dropped
+    steps_per_epoch: float  # optimizer steps per epoch (fractional when grad_accum does not divide it)
+    world_size: int
+    num_workers: int  # resolved
+
+    @property
+    def epochs_trained(self) -> float:
+        """How many epochs `max_steps` amounts to."""
+        return self.max_steps / self.steps_per_epoch
+
+
+def resolve_loop(cfg: LoopConfig, epoch_items: int, world: int | None = None) -> tuple[LoopConfig, LoopPlan]:
+    """(cfg with `max_steps` derived from `epochs` when that is set, its plan). One epoch is `epoch_items` items,
+    i.e. max(1, epoch_items // (batch_size * world)) micro-batches per rank (the data order drops the incomplete
+    last global batch, as `ShardedBatches` does); `epochs` of them make ceil(epochs * micro / grad_accum) optimizer
+    steps (the last step of a run may run into the next epoch's first micro-batches when grad_accum does not divide
+    the epoch). Pure: the same inputs give the same numbers on every rank, in --print-config and in the run."""
+    import dataclasses
+
+    cfg.validate()
+    if epoch_items < 1:
+        raise UserError("the training set is empty")
+    world = world or world_size()
+    micro = max(1, epoch_items // (cfg.batch_size * world))
+    if cfg.epochs is not None:
+        cfg = dataclasses.replace(cfg, max_steps=math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    plan = LoopPlan(max_steps=cfg.max_steps, epochs=cfg.epochs, epoch_items=epoch_items,
+                    global_batch=cfg.batch_size * cfg.grad_accum * world, micro_batches_per_epoch=micro,
+                    steps_per_epoch=micro / cfg.grad_accum, world_size=world, num_workers=workers)
+    return cfg, plan
+
+
+def loop_description(cfg: LoopConfig, plan: LoopPlan) -> dict[str, Any]:
+    """The resolved loop for `--print-config` and the run's records: the config plus the derived numbers."""
+    from dataclasses import asdict
+
+    derived = asdict(plan)
+    derived["epochs_trained"] = round(plan.epochs_trained, 4)
+    return {**to_dict(cfg), "derived": derived}
 
 
 class TrainTask(ABC):
@@ -125,12 +207,23 @@ class TrainTask(ABC):
     def val_dataset(self) -> torch.utils.data.Dataset | None:
         return None
 
+    def epoch_items(self) -> int:
+        """How many items one epoch (`LoopConfig.epochs`) is: by default the training dataset's length. A family
+        whose dataset items are not what its papers count as an epoch says so here."""
+        return len(self.train_dataset())
+
     def collate(self, items: list[Any]) -> Any:
         return torch.utils.data.default_collate(items)
 
     @abstractmethod
-    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """Scalar loss of one micro-batch; draw every random number from `generator` (a CPU generator)."""
+    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Scalar loss of one micro-batch; draw every random number from `generator` (a CPU generator). May return
+        (loss, terms): named scalar tensors (the loss's parts), averaged and logged beside the loss."""
+
+    def selection_metric(self, name: str) -> float | None:
+        """Value of a model-selection metric other than the validation loss (lower is better), computed on the
+        current weights (rank 0 only; modules are unwrapped and in eval mode). None = not available."""
+        return None
 
     def make_optimizer(self, params: list[nn.Parameter], cfg: "LoopConfig") -> torch.optim.Optimizer:
         """The optimizer over exactly `params` (AdamW by default); a family may return another one or several
@@ -142,7 +235,8 @@ class TrainTask(ABC):
             setattr(self, name, m)
 
     def state_dict(self) -> dict[str, Any]:
-        """Extra state saved in checkpoints (e.g. EMA weights)."""
+        """Extra state saved in checkpoints (e.g. EMA weights). Called on rank 0 only (no collectives here): the
+        other ranks would only copy tensors to the CPU to throw them away."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,32 +307,44 @@ class ShardedBatches:
 
 
 class _Batches(torch.utils.data.Sampler):
-    """Yields this rank's index lists for micro-batches start, start+1, ... of one epoch (for a DataLoader)."""
+    """This rank's micro-batches start, start+1, ... (without end, across epochs) as lists of (epoch, index) keys:
+    the epoch travels with each index, so one DataLoader (and its worker processes) serves the whole run."""
 
-    def __init__(self, plan: ShardedBatches, start: int, stop: int):
-        self.plan, self.start, self.stop = plan, start, stop
+    def __init__(self, plan: ShardedBatches, start: int):
+        self.plan, self.start = plan, start
 
     def __iter__(self):
-        for k in range(self.start, self.stop):
-            yield self.plan.indices(k)
+        k = self.start
+        while True:
+            epoch = self.plan.epoch_of(k)
+            yield [(epoch, i) for i in self.plan.indices(k)]
+            k += 1
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """`dataset[(epoch, i)]` = item i of that epoch: calls the dataset's `set_epoch` when the epoch changes, in
+    whichever process (main or worker) fetches the item, so persistent workers never serve a stale epoch."""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, None
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[i]
 
 
-def _iter_micro_batches(task: TrainTask, dataset, plan: ShardedBatches, start_k: int, cfg: LoopConfig):
-    """(k, batch) for k = start_k, start_k+1, ...; the dataset's epoch is set before each epoch is loaded."""
-    k = start_k
-    while True:
-        epoch = plan.epoch_of(k)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        stop = (epoch + 1) * plan.per_epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Batches(plan, k, stop),
-                                             collate_fn=task.collate, num_workers=cfg.num_workers)
-        for batch in loader:
-            yield k, batch
-            k += 1
+def _micro_batch_loader(task: TrainTask, dataset, plan: ShardedBatches, start_k: int, workers: int, pin: bool):
+    """The run's one DataLoader: micro-batches start_k, start_k+1, ... of this rank. Items are decoded in `workers`
+    processes (0 = in the main process), `prefetch_factor` batches ahead per worker."""
+    extra = {"persistent_workers": True, "prefetch_factor": 2} if workers > 0 else {}
+    return torch.utils.data.DataLoader(_EpochItems(dataset), batch_sampler=_Batches(plan, start_k),
+                                       collate_fn=task.collate, num_workers=workers, pin_memory=pin, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,16 +429,65 @@ def create_run_on_main(create: Callable[[], Run]) -> Run:
 
 
 def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = False) -> dict[str, Any]:
-    """Train `task` for `cfg.max_steps` optimizer steps into `run`; with `resume`, continue from the last checkpoint.
+    """Train `task` for `cfg.max_steps` optimizer steps (or `cfg.epochs` epochs) into `run`; with `resume`, continue
+    from the last checkpoint.
 
+    A fresh run that fails before its first checkpoint (bad arguments, unreadable data, a crash in the first steps)
+    is removed, so a failed start leaves no run directory behind; a resumed run is never removed.
     Returns the final stats (also written to run/train_stats.json): steps, last train loss, last val loss, time.
     """
+    main = dist_state().is_main_process
+    if main:
+        _remove_stale_temp_dirs(run)
+    had_checkpoint = latest_checkpoint(run) is not None
+    try:
+        return _run_training(task, cfg, run, resume)
+    except BaseException:
+        if main and not resume and not had_checkpoint and latest_checkpoint(run) is None and run.dir.is_dir():
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise
+
+
+def check_resumable(run: Run) -> Path:
+    """The checkpoint a resume of `run` would start from, after the checks that need no model: one exists and was
+    written by as many processes as this launch has. Families call it before their expensive set-up (data, latents);
+    `run_training(resume=True)` repeats the checks."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError("no complete checkpoint to resume from", run.checkpoints_dir)
+    saved = int(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("world_size", 1))
+    world = dist_state().num_processes
+    if saved != world:
+        raise UserError(f"cannot resume exactly: the checkpoint was trained on {saved} process(es), "
+                        f"this launch has {world} (the data order depends on it)", ckpt)
+    return ckpt
+
+
+def _remove_stale_temp_dirs(run: Run) -> None:
+    """Temp dirs of checkpoints / final artefacts that a killed run left behind (never complete, never read)."""
+    for parent, pattern in ((run.checkpoints_dir, ".step-*.tmp-*"), (run.dir, f".{FINAL_DIR}.tmp-*"),
+                            (run.dir, f".{BEST_DIR}.tmp-*")):
+        if parent.is_dir():
+            for d in parent.glob(pattern):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> dict[str, Any]:
     from harness.progress import progress
     from rich.progress import TextColumn
 
-    cfg.validate()
     acc = _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    cfg, loop_plan = resolve_loop(cfg, task.epoch_items(), world)
+    if cfg.select_best not in ("none", "val_loss") and type(task).selection_metric is TrainTask.selection_metric:
+        raise UserError(f"--select-best {cfg.select_best}: this model family cannot compute it (use val_loss)")
+    if cfg.select_best == "val_loss" and task.val_dataset() is None:
+        raise UserError("--select-best val_loss needs validation images (the split has none)")
+    cuda = acc.device.type == "cuda"
+    if cuda:  # TF32: ~8x the fp32 matmul/conv throughput of Ampere+ tensor cores at 10-bit mantissa precision
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    memory_format = torch.channels_last if (cfg.channels_last and cuda) else None
     torch.manual_seed(derive_seed("init", cfg.seed, rank))
 
     named = _named_trainables(task)
@@ -343,6 +498,8 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
     # Frozen modules are only moved; wrapping a module with no trainable parameter in DDP is an error.
     prepared: dict[str, nn.Module] = {}
     for k, m in modules.items():
+        if memory_format is not None and has_trainable[k]:
+            m = m.to(memory_format=memory_format)
         prepared[k] = acc.prepare_model(m) if has_trainable[k] else m.to(acc.device)
     for k, m in prepared.items():
         m.train(has_trainable[k])
@@ -359,12 +516,14 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
     plan = ShardedBatches(len(train_ds), cfg.batch_size, cfg.seed, rank, world)
     data_hashes = run.data_hashes()
 
-    start_step = 0
+    start_step, start_k = 0, 0
+    resumed_best = None
     if resume:
         ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UserError("no complete checkpoint to resume from", run.checkpoints_dir)
-        start_step = _load_checkpoint(ckpt, task, named, optimizer, scheduler, cfg, rank)
+        start_step, start_k = _load_checkpoint(ckpt, task, named, optimizer, scheduler, cfg, acc)
+        resumed_best = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("best")
         if main:
             _truncate_log(run.dir / TRAIN_LOG, start_step)
             run.log(f"resumed from {ckpt.name}")
@@ -372,64 +531,112 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
         raise UserError("run already has checkpoints; pass --resume to continue it", run.checkpoints_dir)
 
     if main:
+        _record_loop(run, cfg)
         run.log(f"training steps {start_step}->{cfg.max_steps} on {acc.device} x{world} "
-                f"(mixed precision {cfg.mixed_precision}, batch {cfg.batch_size}x{cfg.grad_accum}x{world})")
+                f"(mixed precision {cfg.mixed_precision}, batch {cfg.batch_size}x{cfg.grad_accum}x{world}, "
+                f"{loop_plan.steps_per_epoch:g} steps/epoch, {loop_plan.num_workers} loader workers)")
     A = cfg.grad_accum
-    micro = _iter_micro_batches(task, train_ds, plan, start_step * A, cfg)
+    loader = _micro_batch_loader(task, train_ds, plan, start_k, loop_plan.num_workers, acc.device.type == "cuda")
+    micro = iter(loader)
     ddp_modules = [prepared[k] for k in prepared if has_trainable[k]]
     last: dict[str, Any] = {"loss": None, "val_loss": None, "grad_norm": None}
-    window: list[float] = []
+    # Device-side accumulators: the loop reads them on the host only every `log_every` steps (and before a
+    # checkpoint, a validation, a sample grid), so a step never waits for the GPU to finish.
+    dev = acc.device
+    window_sum, window_n = torch.zeros((), device=dev), 0
+    term_sums: dict[str, torch.Tensor] = {}  # the loss's named parts, summed over the window's steps
+    best: dict[str, Any] = dict(resumed_best or {"value": None, "step": None})  # the best so far survives resume
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss, -1 = none
+    grad_norm: torch.Tensor | None = None
     t0 = time.perf_counter()
-    samples_done = 0
-    step = start_step
+    samples_done, skipped, consecutive_skips = 0, 0, 0
+    step, k = start_step, start_k
+
+    def check_finite() -> None:
+        bad = [int(b) for b in acc.gather(first_bad.view(1)).tolist() if b >= 0]
+        if bad:
+            kept = latest_checkpoint(run)
+            where = f"the last good checkpoint is {kept.name}" if kept else "no checkpoint was written yet"
+            raise UserError(f"non-finite training loss at step {min(bad) + 1}; stopped ({where}). Lower --lr, "
+                            "raise --warmup-steps or use bf16 instead of fp16, then resume or start again", run.dir)
 
     bar = progress(TextColumn("loss {task.fields[loss]}"))
     with bar if main else contextlib.nullcontext():
         bar_task = bar.add_task("train", total=cfg.max_steps, completed=start_step, loss="-") if main else None
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=acc.device)
+            step_loss = torch.zeros((), device=dev)
             for a in range(A):
-                k, batch = next(micro)
-                batch = _to_device(batch, acc.device)
-                torch.manual_seed(derive_seed("step-rng", cfg.seed, step, a, rank))  # dropout masks
-                gen = cpu_generator(derive_seed("step", cfg.seed, step, a, rank))
+                batch = _to_device(next(micro), dev, memory_format)
+                # All randomness of micro-batch k: keyed by k (not the step), so a step retried after an fp16
+                # overflow draws fresh noise for its fresh data, and resume re-derives it from k alone.
+                torch.manual_seed(derive_seed("step-rng", cfg.seed, k, rank))  # dropout masks
+                gen = cpu_generator(derive_seed("step", cfg.seed, k, rank))
+                k += 1
                 with contextlib.ExitStack() as stack:
                     if a < A - 1:  # accumulate locally, all-reduce on the last micro-batch only
                         for m in ddp_modules:
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
-                        loss = task.loss(batch, gen)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
+                        loss, terms = _split_loss(task.loss(batch, gen))
                     acc.backward(loss / A)
-                step_loss += loss.detach() / A
-            grad_norm = None
+                step_loss += loss.detach().float() / A
+                for name, v in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + v.detach().float() / A
             if cfg.max_grad_norm > 0:
-                grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
+            if cfg.mixed_precision == "fp16" and optimizer.step_was_skipped:
+                # GradScaler found inf/nan gradients and skipped the update (and lowered its scale): nothing was
+                # trained, so the step counter, the scheduler and the EMA stay where they are; the micro-batches
+                # consumed are counted by k. (Reading the flag syncs, as the scaler's update already did.)
+                skipped += 1
+                consecutive_skips += 1
+                if consecutive_skips >= 100:  # the scale has shrunk by 2**100: the forward itself overflows
+                    raise UserError(f"fp16: 100 consecutive steps overflowed at step {step + 1} (the loss scale "
+                                    "cannot fix this); train in bf16 or fp32", run.dir)
+                continue
+            consecutive_skips = 0
             scheduler.step()
             step += 1
             samples_done += cfg.batch_size * A * world
             task.on_step_end(step)
-
-            loss_value = float(acc.reduce(step_loss, reduction="mean"))
-            window.append(loss_value)
-            last["loss"], last["grad_norm"] = loss_value, grad_norm
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss),
+                                    torch.full_like(first_bad, step - 1), first_bad)
+            window_sum += step_loss
+            window_n += 1
             if main:
-                bar.update(bar_task, completed=step, loss=f"{loss_value:.4f}")
+                bar.update(bar_task, completed=step)
+
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                check_finite()
+                loss_value = float(acc.reduce(window_sum, reduction="mean")) / window_n
+                gn = None if grad_norm is None else float(grad_norm)
+                last["loss"], last["grad_norm"] = loss_value, gn
                 if main:
-                    _append_log(run, {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                                      "grad_norm": grad_norm, "epoch": plan.epoch_of(step * A - 1),
-                                      "samples_per_s": samples_done / max(time.perf_counter() - t0, 1e-9)})
-                window = []
+                    bar.update(bar_task, loss=f"{loss_value:.4f}")
+                    record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": gn,
+                              "epoch": round(step / loop_plan.steps_per_epoch, 4), "micro_batches": k,
+                              "samples_per_s": samples_done / max(time.perf_counter() - t0, 1e-9)}
+                    if skipped:
+                        record["skipped_steps"] = skipped
+                else:
+                    record = {}
+                for name, v in term_sums.items():
+                    value = float(acc.reduce(v, reduction="mean")) / window_n
+                    record[name] = value
+                if main:
+                    _append_log(run, record)
+                window_sum, window_n, term_sums = torch.zeros((), device=dev), 0, {}
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
+                check_finite()
                 val = _validate(task, cfg, acc, prepared, has_trainable)
                 if val is not None:
                     last["val_loss"] = val
                     if main:
                         _append_log(run, {"step": step, "val_loss": val})
+                if cfg.select_best != "none":
+                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
                 path = run.dir / "samples" / f"step-{step:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +647,9 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
                 for k2, m in prepared.items():
                     m.train(has_trainable[k2])
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-                _save_checkpoint(run, step, task, named, optimizer, scheduler, cfg, data_hashes, acc)
+                check_finite()  # never checkpoint weights a non-finite loss has touched
+                _save_checkpoint(run, step, k, task, named, optimizer, scheduler, cfg, loop_plan, data_hashes, acc,
+                                 best)
 
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
@@ -449,38 +658,110 @@ def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = Fals
     for m in task.modules().values():
         m.eval()
     stats = {"steps": step, "start_step": start_step, "final_loss": last["loss"], "val_loss": last["val_loss"],
-             "grad_norm": last["grad_norm"], "seconds": seconds,
+             "select_best": None if cfg.select_best == "none" else {"metric": cfg.select_best, **best},
+             "grad_norm": last["grad_norm"], "seconds": seconds, "skipped_steps": skipped,
              "samples_per_s": samples_done / max(seconds, 1e-9), "world_size": world, "device": str(acc.device),
-             "loop": to_dict(cfg)}
+             "loop": loop_description(cfg, loop_plan)}
     if main:
-        final = run.dir / FINAL_DIR
-        tmp = run.dir / f".{FINAL_DIR}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            task.export(tmp)
-            write_json(tmp / "provenance.json", {"step": step, "seed": cfg.seed, "loop": to_dict(cfg),
-                                                 "data": data_hashes, "run_id": run.id})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _export_into(run, FINAL_DIR, task, {"step": step, "seed": cfg.seed, "loop": loop_description(cfg, loop_plan),
+                                            "data": data_hashes, "run_id": run.id})
         write_json(run.dir / "train_stats.json", stats)
         run.log(f"finished at step {step} (loss {last['loss']}, val {last['val_loss']}) in {seconds:.1f}s")
     acc.wait_for_everyone()
     return stats
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _record_loop(run: Run, cfg: LoopConfig) -> None:
+    """Write the resolved training length into the run's config.json (loop.max_steps derived from loop.epochs, and
+    summary.steps), so the run says what it trains; the other derived numbers go to trainer_state.json and
+    train_stats.json (config.json stays loadable as the family's typed config)."""
+    from harness.io import read_json
+
+    if not run.config_path.is_file():
+        return
+    full = read_json(run.config_path)
+    loop = full.get("loop")
+    if not isinstance(loop, dict):
+        return
+    new = dict(full)
+    new["loop"] = {**loop, "max_steps": cfg.max_steps, "epochs": cfg.epochs}
+    if isinstance(full.get("summary"), dict) and "steps" in full["summary"]:
+        new["summary"] = {**full["summary"], "steps": cfg.max_steps}
+    if new != full:
+        write_json(run.config_path, new)
+
+
+def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format | None = None) -> Any:
     if isinstance(batch, torch.Tensor):
+        if memory_format is not None and batch.dim() == 4:
+            return batch.to(device, non_blocking=True, memory_format=memory_format)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, memory_format) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_to_device(v, device, memory_format) for v in batch)
     return batch
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(out, tuple):
+        loss, terms = out
+        return loss, dict(terms)
+    return out, {}
+
+
+def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable, step: int,
+               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict) -> None:
+    """After a validation: compute the selection metric; when it improves, export the weights into run/best/
+    (atomically, with provenance.json naming metric, value and step). Lower is better for both metrics."""
+    if cfg.select_best == "val_loss":
+        value = val
+    else:
+        value = None
+        if acc.is_main_process:
+            for m in prepared.values():
+                m.eval()
+            try:
+                with torch.no_grad(), _unwrapped(task, prepared):
+                    value = task.selection_metric(cfg.select_best)
+            finally:
+                for k, m in prepared.items():
+                    m.train(has_trainable[k])
+        holder = [value]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(holder)
+        value = holder[0]
+    if value is None:
+        return
+    if best["value"] is not None and not value < best["value"]:
+        return
+    best.update(value=float(value), step=step)
+    if acc.is_main_process:
+        _append_log(run, {"step": step, f"best_{cfg.select_best}": float(value)})
+        with _unwrapped(task, prepared):
+            _export_into(run, BEST_DIR, task, {"step": step, "seed": cfg.seed, "metric": cfg.select_best,
+                                              "value": float(value), "loop": loop_description(cfg, plan),
+                                              "data": data_hashes, "run_id": run.id})
+    acc.wait_for_everyone()
+
+
+def _export_into(run: Run, name: str, task: TrainTask, provenance: dict) -> None:
+    """task.export into a temp dir, renamed to run/<name> (replacing a previous one)."""
+    final = run.dir / name
+    tmp = run.dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        task.export(tmp)
+        write_json(tmp / "provenance.json", provenance)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -517,7 +798,7 @@ def _validate(task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable) ->
                 batch = _to_device(task.collate([ds[i] for i in idx]), acc.device)
                 gen = cpu_generator(derive_seed("val", cfg.seed, b, acc.process_index))
                 with acc.autocast():
-                    loss = task.loss(batch, gen)
+                    loss, _ = _split_loss(task.loss(batch, gen))
                 total += loss.float() * len(idx)
                 count += len(idx)
     finally:
@@ -542,13 +823,13 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def _save_checkpoint(run: Run, step: int, task: TrainTask, named, optimizer, scheduler, cfg: LoopConfig,
-                     data_hashes: dict, acc) -> None:
+def _save_checkpoint(run: Run, step: int, k: int, task: TrainTask, named, optimizer, scheduler, cfg: LoopConfig,
+                     plan: LoopPlan, data_hashes: dict, acc, best: dict) -> None:
     from safetensors.torch import save_file
 
     acc.wait_for_everyone()
-    task_state = task.state_dict()  # every rank calls it: a task may gather across ranks
     if acc.is_main_process:
+        task_state = task.state_dict()
         root = run.checkpoints_dir
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:07d}"
@@ -562,8 +843,11 @@ def _save_checkpoint(run: Run, step: int, task: TrainTask, named, optimizer, sch
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(task_state, tmp / "task_state.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            state = {"step": step, "micro_batches": step * cfg.grad_accum, "world_size": acc.num_processes,
-                     "seed": cfg.seed, "loop": to_dict(cfg), "data": data_hashes, "run_id": run.id}
+            if acc.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            state = {"step": step, "micro_batches": k, "world_size": acc.num_processes, "epochs": cfg.epochs,
+                     "max_steps": cfg.max_steps, "seed": cfg.seed, "loop": loop_description(cfg, plan),
+                     "data": data_hashes, "run_id": run.id, "best": dict(best)}
             write_json(tmp / STATE_FILE, state)
             if final.exists():  # a re-run of the same step after resume: replace it
                 shutil.rmtree(final)
@@ -576,7 +860,8 @@ def _save_checkpoint(run: Run, step: int, task: TrainTask, named, optimizer, sch
     acc.wait_for_everyone()
 
 
-def _load_checkpoint(ckpt: Path, task: TrainTask, named, optimizer, scheduler, cfg: LoopConfig, rank: int) -> int:
+def _load_checkpoint(ckpt: Path, task: TrainTask, named, optimizer, scheduler, cfg: LoopConfig, acc) -> tuple[int, int]:
+    """Restore a checkpoint; returns (step, micro-batches consumed)."""
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
@@ -584,10 +869,13 @@ def _load_checkpoint(ckpt: Path, task: TrainTask, named, optimizer, scheduler, c
     for key in ("seed", "batch_size", "grad_accum"):
         if key in old and old[key] != getattr(cfg, key):
             raise UserError(f"cannot resume exactly: checkpoint has {key}={old[key]}, now {getattr(cfg, key)}", ckpt)
+    if int(state.get("world_size", 1)) != acc.num_processes:
+        raise UserError(f"cannot resume exactly: the checkpoint was trained on {state['world_size']} process(es), "
+                        f"this launch has {acc.num_processes} (the data order depends on it)", ckpt)
     step = int(state["step"])
     if step >= cfg.max_steps:
         raise UserError(f"checkpoint is at step {step}, max_steps is {cfg.max_steps}: nothing to do "
-                        "(raise --max-steps to train further)", ckpt)
+                        "(raise --max-steps or --epochs to train further)", ckpt)
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     missing = [n for n, _ in named if n not in tensors]
     if missing:
@@ -600,6 +888,8 @@ def _load_checkpoint(ckpt: Path, task: TrainTask, named, optimizer, scheduler, c
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False))
     task.load_state_dict(torch.load(ckpt / "task_state.pt", map_location="cpu", weights_only=False))
-    if rank == 0:
+    if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
+        acc.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", map_location="cpu", weights_only=False))
+    if acc.process_index == 0:
         _set_rng_state(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False))
-    return step
+    return step, int(state.get("micro_batches", step * cfg.grad_accum))

@@ -205,3 +205,38 @@ def test_items_do_not_depend_on_worker_count(devset):
     batched = [(c, p) for b in loader for c, p in zip(b["caption"], b["pixels"])]
     assert [c for c, _ in batched] == [d["caption"] for d in direct]
     assert all(torch.equal(p, d["pixels"]) for (_, p), d in zip(batched, direct))
+
+
+def test_flip_only_when_the_caption_was_dropped(devset):
+    ids = devset.images()[:6]
+    plain = CaptionedImages(devset, ids, DatasetConfig(resolution=32))
+    always_dropped = CaptionedImages(devset, ids, DatasetConfig(resolution=32, caption_dropout=1.0, hflip_uncond=True))
+    never_dropped = CaptionedImages(devset, ids, DatasetConfig(resolution=32, caption_dropout=0.0, hflip_uncond=True))
+    flipped = 0
+    for i in range(6):
+        ref = plain[i]["pixels"]
+        assert torch.equal(never_dropped[i]["pixels"], ref)  # a kept caption is never flipped (it may name a side)
+        d = always_dropped[i]
+        assert d["caption"] == ""
+        if torch.equal(d["pixels"], ref.flip(-1)) and not torch.equal(ref, ref.flip(-1)):
+            flipped += 1
+        else:
+            assert torch.equal(d["pixels"], ref)
+    assert 0 < flipped < 6  # p = 0.5 per item (seeded)
+
+
+def test_jpeg_decoded_at_training_resolution_matches_full_decode(fullres_dir):
+    import numpy as np
+    from PIL import Image
+
+    from harness.dataset import open_for_training, preprocess_image
+    from harness.images import open_rgb
+
+    path = sorted((fullres_dir / "images").glob("*.jpg"))[0]
+    full = open_rgb(path)
+    small = open_for_training(path, 256, "pad")
+    assert max(small.size) < max(full.size) and max(small.size) >= 256  # DCT-scaled decode, still covers 256 px
+    a, b = preprocess_image(full, 256), preprocess_image(small, 256)
+    # same image up to the decoder's scaling filter: mean abs difference under 1.5 grey levels of 255
+    assert float((a - b).abs().mean()) * 127.5 < 1.5
+    assert isinstance(small, Image.Image) and np.asarray(small).dtype == np.uint8

@@ -26,9 +26,15 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_kandinsky(tmp_path_factory) -> tuple[Path, Path]:
-    from models.kandinsky.testing import save_tiny_kandinsky
+    """Written by the user-facing command `harness models make-tiny kandinsky22 DIR`: the tests and a user's offline
+    smoke test run on the same models."""
+    from harness.cli import main
 
-    return save_tiny_kandinsky(tmp_path_factory.mktemp("tiny-kandinsky"))
+    out = tmp_path_factory.mktemp("tiny-kandinsky")
+    with pytest.raises(SystemExit) as e:
+        main(["models", "make-tiny", "kandinsky22", str(out)])
+    assert e.value.code == 0
+    return out / "prior", out / "decoder"
 
 
 def make_mini_devset(src: Path, out: Path, n_images: int = 6, n_val: int = 2) -> tuple[Path, Path]:
@@ -122,3 +128,52 @@ def test_fingerprint_changes_with_weights(tiny_kandinsky, tmp_path):
     d["layer_norm_eps"] = 1e-6
     cfg.write_text(json.dumps(d))
     assert fingerprint(copy, ["text_encoder"]) != before
+
+
+def test_make_tiny_writes_diffusers_layout_and_refuses_to_overwrite(tiny_kandinsky, tmp_path, run_cli):
+    """The command's folders are plain diffusers pipelines (model_index.json names the real classes) and load through
+    the project's loaders; a second call into the same folder is one clear line, nothing overwritten."""
+    from models.kandinsky.loading import load_decoder, load_prior
+
+    prior_dir, decoder_dir = tiny_kandinsky
+    assert json.loads((prior_dir / "model_index.json").read_text())["_class_name"] == "KandinskyV22PriorPipeline"
+    assert json.loads((decoder_dir / "model_index.json").read_text())["_class_name"] == "KandinskyV22Pipeline"
+    for sub in ("prior", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler"):
+        assert (prior_dir / sub).is_dir(), sub
+    for sub in ("unet", "movq", "scheduler"):
+        assert (decoder_dir / sub).is_dir(), sub
+    p, d = load_prior(prior_dir), load_decoder(decoder_dir)
+    assert d.unet.config.encoder_hid_dim == p.prior.config.embedding_dim  # the two halves fit together
+    before = (prior_dir / "prior" / "diffusion_pytorch_model.safetensors").read_bytes()
+    code, out, err = run_cli("models", "make-tiny", "kandinsky22", prior_dir.parent)
+    assert code == 2 and "already exists" in err and "Traceback" not in err
+    assert (prior_dir / "prior" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert not [f for f in prior_dir.parent.iterdir() if f.name.startswith(".")]  # no temp folder left
+
+
+@pytest.mark.parametrize("version,key", [("0.35.0", "torch_dtype"), ("0.39.2", "torch_dtype"),
+                                         ("0.40.0", "dtype"), ("0.42.0.dev0", "dtype")])
+def test_dtype_keyword_matches_the_installed_diffusers(version, key):
+    from models.kandinsky.loading import dtype_kwargs
+
+    assert dtype_kwargs(torch.float16, version) == {key: torch.float16}
+
+
+def test_half_precision_load_on_a_diffusers_that_ignores_dtype(tiny_kandinsky, monkeypatch):
+    """diffusers 0.35-0.39 ignore `dtype=` (only `torch_dtype` is read): emulated by a from_pretrained that drops it.
+    The loader must still give bf16 weights there."""
+    import diffusers
+    from diffusers import KandinskyV22Pipeline
+
+    from models.kandinsky.loading import load_decoder
+
+    real = KandinskyV22Pipeline.from_pretrained.__func__
+
+    def old_from_pretrained(cls, *args, **kwargs):
+        kwargs.pop("dtype", None)  # what 0.39 does with an unknown keyword: nothing
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers, "__version__", "0.39.0")
+    monkeypatch.setattr(KandinskyV22Pipeline, "from_pretrained", classmethod(old_from_pretrained))
+    d = load_decoder(tiny_kandinsky[1], dtype="bf16")
+    assert d.unet.dtype == torch.bfloat16 and d.movq.dtype == torch.bfloat16

@@ -12,11 +12,13 @@ import torch
 
 from harness.io import read_json, write_json
 from harness.runs import open_run
+from harness.msdm.config import merge, unet_config, vae_config
+from harness.msdm.data import CachedLatents
+from harness.msdm.train import _build_unet, resume, train
 from harness.trainer import cpu_generator, run_training
-from harness import train_msdm as M
 
 FAST_LOOP = {"batch_size": 8, "checkpoint_every": 0, "val_every": 0, "val_batches": 1, "log_every": 1,
-             "warmup_steps": 0}
+             "warmup_steps": 0, "sample_every": 0, "num_workers": 0}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,11 @@ def env(tmp_path_factory):
     clip = save_tiny_clip_text(root / "clip", load_devset(data).unique_prompts())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARNESS_RUNS_DIR", str(root / "runs"))
-        vae_cfg = M.vae_config("tiny", data, root / "split8.json", {
+        vae_cfg = vae_config("tiny", data, root / "split8.json", {
             "data": {"jitter": 0.0, "resolution": 32}, "loss": {"perceptual_weight": 0.0},  # 32 px: CPU time
             "loop": {**FAST_LOOP, "max_steps": 40, "lr": 3e-3}})
-        vae_run = M.train_vae(vae_cfg, run_id="vae")
-        unet_run = M.train_unet(_unet_cfg(data, root, vae_run, steps=20), run_id="unet")
+        vae_run = train(vae_cfg, run_id="vae")
+        unet_run = train(_unet_cfg(data, root, vae_run, steps=20), run_id="unet")
     return {"data": data, "root": root, "split": root / "split8.json", "clip": clip, "vae_run": vae_run,
             "unet_run": unet_run}
 
@@ -48,7 +50,7 @@ def _unet_cfg(data_dir, root, vae_run, steps, **over):
     base = {"text_encoder": str(root / "clip"), "data": {"jitter": 0.0}, "cache_latents": True,
             "ema_decay": 0.99, "sample_steps": 4, "sampling": {"steps": 8},
             "loop": {**FAST_LOOP, "max_steps": steps, "lr": 1e-3}}
-    return M.unet_config("tiny", data_dir, root / "split8.json", vae_run.dir, M._merge(base, over))
+    return unet_config("tiny", data_dir, root / "split8.json", vae_run.dir, merge(base, over))
 
 
 def _log(run):
@@ -72,10 +74,8 @@ def _fixed_loss(task, batch, n=8):
 
 
 def _unet_task(env, cfg):
-    train_ds, val_ds, _, vae, text = M._unet_parts(cfg)
-    data, scale = M._prepare_latents(cfg, train_ds, val_ds, vae)
-    torch.manual_seed(cfg.loop.seed)
-    return M.UNetTask(cfg, data, val_ds, vae, text, latent_scale=scale), data
+    task = _build_unet(cfg)[0]
+    return task, task.train_dataset()
 
 
 def test_unet_overfits_8_images(env):
@@ -135,7 +135,7 @@ def test_context_dropout_rate(env):
     cfg = _unet_cfg(env["data"], env["root"], env["vae_run"], steps=1)  # default caption_dropout 0.2
     assert cfg.data.caption_dropout == 0.2
     _, data = _unet_task(env, cfg)
-    assert isinstance(data, M.CachedLatents)
+    assert isinstance(data, CachedLatents)
     captions = []
     for epoch in range(250):
         data.set_epoch(epoch)
@@ -151,11 +151,11 @@ def test_unet_resume_is_exact(env):
     from harness.trainer import latest_checkpoint
 
     loop = {"max_steps": 6, "checkpoint_every": 3, "batch_size": 4, "grad_accum": 2}
-    straight = M.train_unet(_unet_cfg(env["data"], env["root"], env["vae_run"], 6, loop=loop), run_id="straight")
-    half = M.train_unet(_unet_cfg(env["data"], env["root"], env["vae_run"], 3, loop={**loop, "max_steps": 3}),
+    straight = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 6, loop=loop), run_id="straight")
+    half = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 3, loop={**loop, "max_steps": 3}),
                         run_id="half")
     assert latest_checkpoint(half).name == "step-0000003"
-    M.resume(half.dir, max_steps=6)
+    resume(half.dir, {"max_steps": 6, "epochs": None})
     from safetensors.torch import load_file
 
     a = load_file(str(latest_checkpoint(straight) / "trainable.safetensors"))
@@ -185,7 +185,7 @@ def test_generation_is_deterministic_and_batch_independent(env):
     assert not np.array_equal(batch[0], batch[2])  # same prompt, other seed
     info = gen.info()
     assert info["family"] == "msdm-unet" and info["steps"] == 6 and info["guidance"] == 4.5
-    assert info["weights"] == "ema"
+    assert info["weights"] == "final (ema)"
     for sampler in ("ddim",):
         g2 = load_generator(open_run(env["unet_run"].dir), {"steps": 4, "sampler": sampler, "eta": 0.0})
         _same_up_to_kernel_rounding(g2.generate(prompts[:1], seeds[:1])[0], g2.generate(prompts, seeds)[0])
@@ -235,8 +235,8 @@ def test_cli_train_vae_and_unet_and_bad_input(env, run_cli):
 
     code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
                              runs / "cli-vae", "--text-encoder", env["clip"], "--max-steps", "2", "--batch-size", "4",
-                             "--cache-latents", "--run-id", "cli-unet")
-    assert code == 2 and "cache_latents needs an augmentation-free dataset" in err  # default jitter 0.4
+                             "--jitter", "0.4", "--cache-latents", "--run-id", "cli-unet")
+    assert code == 2 and "cache_latents needs an augmentation-free dataset" in err
     code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
                              runs / "cli-unet-nope", "--text-encoder", env["clip"])
     assert code == 2 and "not a run directory" in err
@@ -254,3 +254,157 @@ def test_cli_train_vae_and_unet_and_bad_input(env, run_cli):
     bad.write_text('{"loop": {"max_stepz": 3}}')
     code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--config", bad)
     assert code == 2 and "max_stepz" in err
+
+
+def test_vae_loss_terms_are_medfusion_per_sample_sums():
+    """A fixed batch: every logged term equals its hand-computed per-sample sum, averaged over the batch."""
+    from harness.msdm.config import VAELossConfig
+    from harness.msdm.vae_task import ssim, vae_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    recon = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    aux = [torch.rand(2, 3, 16, 16, generator=g) * 2 - 1]
+    mean, logvar = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g) * 0.1
+
+    class FixedLPIPS(torch.nn.Module):  # stands in for VGG: one distance per image
+        def forward(self, a, b):
+            return (a - b).abs().mean((1, 2, 3))
+
+    cfg = VAELossConfig(mse_weight=1.0, perceptual_weight=0.5, ssim_weight=2.0, kl_weight=1e-6)
+    loss, terms = vae_loss(x, recon, mean, logvar, aux, cfg, FixedLPIPS())
+    n = 3 * 32 * 32
+    rec = [sum(float((recon[i, c, h, w] - x[i, c, h, w]) ** 2) for c in range(3) for h in range(32) for w in range(32))
+           for i in range(2)]
+    kl = [0.5 * float((mean[i] ** 2 + logvar[i].exp() - 1 - logvar[i]).sum()) for i in range(2)]
+    s = ssim((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+    lp = (recon - x).abs().mean((1, 2, 3))
+    assert float(terms["rec"]) == pytest.approx(np.mean(rec), rel=1e-5)
+    assert float(terms["kl"]) == pytest.approx(1e-6 * np.mean(kl), rel=1e-5)
+    assert float(terms["ssim"]) == pytest.approx(float((2.0 * n * (1 - s)).mean()), rel=1e-5)
+    assert float(terms["perceptual"]) == pytest.approx(float((0.5 * n * lp).mean()), rel=1e-5)
+    t = torch.nn.functional.interpolate(x, size=(16, 16), mode="nearest-exact")
+    assert torch.equal(t, x[:, :, 1::2, 1::2])  # the half-size target: every second pixel
+    a = aux[0]
+    aux_hand = ((a - t) ** 2).flatten(1).sum(1) + 2.0 * (3 * 16 * 16) * (1 - ssim((a + 1) / 2, (t + 1) / 2)) \
+        + 0.5 * (3 * 16 * 16) * (a - t).abs().mean((1, 2, 3))
+    assert float(terms["aux"]) == pytest.approx(float(aux_hand.mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-6)
+    # the KL at 1e-6 is a small fraction of the reconstruction, as in Medfusion (a per-pixel mean reconstruction
+    # would have made it C*H*W = 3072 times stronger relative to it)
+    assert float(terms["kl"]) < 1e-3 * float(terms["rec"])
+
+
+def test_vae_log_has_each_term(env):
+    rows = [r for r in _log(env["vae_run"]) if "loss" in r]
+    assert all({"rec", "ssim", "kl", "aux"} <= set(r) for r in rows)  # perceptual off (no VGG weights offline)
+    r = rows[-1]
+    assert r["loss"] == pytest.approx(r["rec"] + r["ssim"] + r["kl"] + r["aux"], rel=1e-4)
+
+
+def test_latent_scale_is_measured_on_sampled_latents_and_recorded(env):
+    from harness.msdm.data import encode_images, load_sides
+    from harness.msdm.unet_task import measure_latent_scale
+    from models.msdm.vae import MSDMAutoencoder
+
+    cfg = read_json(env["unet_run"].config_path)
+    train_ds, _, _ = load_sides(str(env["data"]), str(env["split"]), _unet_cfg(env["data"], env["root"],
+                                                                               env["vae_run"], 1).data)
+    vae = MSDMAutoencoder.from_pretrained(env["vae_run"].dir / "final" / "vae")
+    m, lv = encode_images(vae, train_ds, torch.device("cpu"))
+    assert cfg["latent_scale"] == pytest.approx(measure_latent_scale(m, lv, 0), rel=1e-5)
+    assert read_json(env["unet_run"].dir / "final" / "msdm.json")["latent_scale"] == cfg["latent_scale"]
+    # sampled, not the means: with wide posteriors the two differ
+    means, logvars = torch.zeros(64, 8, 4, 4) + torch.randn(64, 8, 4, 4) * 0.1, torch.zeros(64, 8, 4, 4)
+    assert measure_latent_scale(means, logvars, 0) == pytest.approx(1.0, rel=0.05)  # std ~ sqrt(1 + 0.01)
+    assert 1.0 / float(means.std()) > 5
+
+
+def test_print_config_tiny_and_paper_presets(env, run_cli):
+    import os
+
+    runs = Path(os.environ["HARNESS_RUNS_DIR"])
+    before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--preset", "paper",
+                             "--print-config")
+    assert code == 0, err
+    vae = json.loads(out)
+    loop = vae["loop"]
+    assert (loop["epochs"], loop["batch_size"], loop["lr"], vae["data"]["jitter"]) == (1001, 8, 1e-4, 0.0)
+    assert loop["derived"]["epoch_items"] == 8 and loop["derived"]["steps_per_epoch"] == 1.0
+    assert loop["max_steps"] == 1001 and vae["model"]["config"]["block_out_channels"] == [64, 128, 256, 512]
+    assert any("inferred" in s["source"] for s in vae["paper_sources"])
+
+    code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
+                             env["vae_run"].dir, "--preset", "paper", "--print-config")
+    assert code == 0, err
+    unet = json.loads(out)
+    assert (unet["loop"]["epochs"], unet["loop"]["batch_size"], unet["loop"]["lr"]) == (500, 64, 1e-4)
+    counts = unet["data_counts"]
+    assert unet["data"]["captions"] == "all" and counts["train_items"] == counts["caption_rows"]
+    assert (unet["sampling"]["steps"], unet["sampling"]["guidance"]) == (150, 4.5)
+    assert unet["model"]["config"]["emb_dim"] == 1024
+
+    code, out, err = run_cli("train", "msdm-unet", "--split", env["split"], "--data", env["data"], "--vae",
+                             env["vae_run"].dir, "--preset", "tiny", "--epochs", "3", "--batch-size", "4",
+                             "--print-config")
+    assert code == 0, err
+    tiny = json.loads(out)["loop"]
+    assert tiny["epochs"] == 3 and tiny["max_steps"] == 6 and tiny["derived"]["micro_batches_per_epoch"] == 2
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--epochs", "2",
+                             "--max-steps", "5", "--print-config")
+    assert code == 2 and "not both" in err
+    assert (sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []) == before  # nothing written
+
+
+def test_resolution_must_fit_the_model_stride(env, run_cli):
+    code, out, err = run_cli("train", "msdm-vae", "--split", env["split"], "--data", env["data"], "--preset", "tiny",
+                             "--resolution", "48")
+    assert code == 2 and "--resolution 48 is not a multiple of 32" in err and len(err.strip().splitlines()) == 1
+
+
+def test_select_best_val_loss_keeps_best_weights_and_generation_uses_them(env):
+    from harness.generate import load_generator
+
+    loop = {"max_steps": 4, "val_every": 2, "select_best": "val_loss", "batch_size": 4}
+    run = train(_unet_cfg(env["data"], env["root"], env["vae_run"], 4, loop=loop), run_id="best")
+    prov = read_json(run.dir / "best" / "provenance.json")
+    vals = {r["step"]: r["val_loss"] for r in _log(run) if "val_loss" in r}
+    assert prov["metric"] == "val_loss" and prov["value"] == pytest.approx(min(vals.values()))
+    assert prov["step"] == min(vals, key=vals.get)
+    assert read_json(run.dir / "train_stats.json")["select_best"]["metric"] == "val_loss"
+    gen = load_generator(open_run(run.dir), {"steps": 2})
+    assert gen.info()["weights"].startswith("best")
+    assert load_generator(open_run(run.dir), {"steps": 2, "weights": "final"}).info()["weights"].startswith("final")
+
+
+def test_text_cache_survives_validation_and_follows_the_device(env):
+    from harness.msdm.sampling import TextCache
+    from harness.msdm.sampling import load_text
+
+    text = load_text(str(env["root"] / "clip"), 77)
+    cache = TextCache(text)
+    cache(["Generate an image with no polyps"])
+    cache.use(text)  # what the loop's unwrapping for a validation does: same encoder, same device
+    assert len(cache.cache) == 1
+    cache.use(text.to(torch.float64))
+    assert len(cache.cache) == 0  # another dtype: stale encodings dropped
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: Inception v3 on the CPU
+def test_select_best_fid_with_inception_weights(env, monkeypatch, tmp_path):
+    """FID selection end to end: generated images from validation captions against the validation images, through
+    torch-fidelity's Inception (random weights here: selection only, the run says UNVERIFIED)."""
+    from harness.errors import UserError
+    from harness.features import WEIGHTS, torch_hub_checkpoints, write_random_weights
+
+    loop = {"max_steps": 2, "val_every": 1, "select_best": "fid", "batch_size": 4}
+    cfg = _unet_cfg(env["data"], env["root"], env["vae_run"], 2, loop=loop, fid_images=4, sampling={"steps": 2})
+    with pytest.raises(UserError, match="needs the Inception weights"):
+        train(cfg, run_id="fid-missing")
+    write_random_weights("inception-v3-compat", torch_hub_checkpoints() / WEIGHTS["inception-v3-compat"].filename)
+    run = train(cfg, run_id="fid")
+    prov = read_json(run.dir / "best" / "provenance.json")
+    fids = [r["best_fid"] for r in _log(run) if "best_fid" in r]
+    assert prov["metric"] == "fid" and prov["value"] == pytest.approx(fids[-1]) and prov["value"] > 0
+    assert "UNVERIFIED" in read_json(run.config_path)["fid_weights"]

@@ -104,7 +104,13 @@ def test_metrics_json_records_provenance(scene, weights):
     assert any("< 2048" in w for w in d["warnings"])
     assert d["config"]["real"] == str(scene["real"]) and d["seed"]["rng_seed"] == 2020
     on_disk = json.loads((scene["run"].dir / "metrics.json").read_text())  # the last scoring (vs its own images)
+    results = on_disk.pop("results")
     assert on_disk == scene["same"] and on_disk["real"]["sha256"] == on_disk["generated"]["sha256"]
+    # each real set keeps its own result: scoring against the run's own images did not overwrite the first one
+    assert set(results) == {"dir:real | match", "dir:images | match"}
+    assert results["dir:real | match"]["metrics"]["fid"]["value"] == d["metrics"]["fid"]["value"]
+    assert d["real"]["preprocess"]["mode"] == "match" and d["real"]["preprocess"]["size"] == 64
+    assert d["generated"]["resolution"] == [64, 64] and len(d["generated"]["sample"]) == N
 
 
 def test_cache_hit_skips_the_network_and_one_changed_image_invalidates(tmp_path, weights, monkeypatch):
@@ -176,7 +182,7 @@ def test_missing_weights_are_not_computed_with_a_clear_message(tmp_path, monkeyp
 
 
 def test_weights_resolution_checks_sha256(tmp_path, weights, monkeypatch):
-    with pytest.raises(UserError, match="does not match the published weights-inception"):
+    with pytest.raises(UserError, match="is not the published weights-inception"):
         resolve_weights(INC, weights[INC])
     with pytest.raises(UserError, match="not found"):
         resolve_weights(INC, tmp_path / "nope.pth")
@@ -199,7 +205,7 @@ def test_weights_resolution_checks_sha256(tmp_path, weights, monkeypatch):
     got = resolve_weights(INC, None, allow_download=False)
     assert got.verified and got.source == "torch-home" and got.path == dst.resolve()
     dst.write_bytes(b"tampered")  # same name, other bytes
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError, match="is not the published"):
         resolve_weights(INC, None, allow_download=False)
 
 
@@ -250,6 +256,6 @@ def test_bad_inputs_are_user_errors(tmp_path, run_cli):
 
 
 def test_help_has_examples(run_cli):
-    for cmd in ("score", "leaderboard"):
-        code, out, _ = run_cli(cmd, "--help")
+    for cmd in ("score", "leaderboard", "compare", "cache info", "cache prune"):
+        code, out, _ = run_cli(*cmd.split(), "--help")
         assert code == 0 and "Examples" in out and f"harness {cmd}" in out

@@ -18,24 +18,75 @@ stored_dir = click.Path(exists=False, file_okay=False, path_type=Path, resolve_p
 SEED = click.IntRange(0, 2**32 - 1)
 
 
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (a range alone lets nan through: every comparison with nan
+    is false). `--guidance nan` used to produce all-black images."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 def training_options(f):
     """Options common to every `harness train ...` command. Unset options are None: the typed config's
-    default applies, so the defaults live in one place (the dataclass), not in the CLI."""
+    default applies, so the defaults live in one place (the dataclass), not in the CLI.
+
+    The command receives `print_config` (bool) among its kwargs: when set, build the resolved config and call
+    `print_config(resolved)` instead of training."""
     opts = [
         click.option("--split", "split_path", type=stored_file, required=True, help="SPLIT.json from `harness split`."),
         click.option("--data", "data_dir", type=stored_dir, required=True, help="Dev set dir: prompt-gt.csv + images/."),
-        click.option("--seed", type=int, default=None, help="Seed for init, data order, noise (default 0)."),
-        click.option("--max-steps", type=int, default=None, help="Optimizer steps to train."),
-        click.option("--batch-size", type=int, default=None, help="Per-process batch size."),
-        click.option("--grad-accum", type=int, default=None, help="Gradient accumulation steps."),
-        click.option("--lr", type=float, default=None, help="AdamW learning rate."),
-        click.option("--max-grad-norm", type=float, default=None, help="Clip the trained parameters' grad norm (0 = off)."),
+        click.option("--seed", type=SEED, default=None, help="Seed for init, data order, noise (default 0)."),
+        click.option("--max-steps", type=POSITIVE, default=None,
+                     help="Optimizer steps to train (default: the command's config / --preset; not with --epochs)."),
+        click.option("--epochs", type=POSITIVE, default=None,
+                     help="Train this many epochs instead of --max-steps; the steps are derived from the data "
+                          "(see --print-config) and both are recorded in the run."),
+        click.option("--batch-size", type=POSITIVE, default=None,
+                     help="Per-process batch size (default: the command's config / --preset)."),
+        click.option("--grad-accum", type=POSITIVE, default=None, help="Gradient accumulation steps (default 1)."),
+        click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
+                     help="AdamW learning rate (default: the command's config / --preset)."),
+        click.option("--max-grad-norm", type=FiniteFloatRange(min=0), default=None,
+                     help="Clip the trained parameters' grad norm (0 = off; default: the command's config / "
+                          "--preset)."),
         click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
-                     help="accelerate mixed precision."),
-        click.option("--checkpoint-every", type=int, default=None, help="Save a checkpoint every N steps."),
-        click.option("--keep-last", type=int, default=None, help="Keep the last K checkpoints."),
-        click.option("--val-every", type=int, default=None, help="Validation loss every N steps (fixed seed)."),
-        click.option("--sample-every", type=int, default=None, help="Sample grid PNG every N steps (0 = off)."),
+                     help="accelerate mixed precision (default no = fp32)."),
+        click.option("--checkpoint-every", type=NON_NEGATIVE, default=None,
+                     help="Save a checkpoint every N steps (0 = only the final one; default 500 or the preset's)."),
+        click.option("--keep-last", type=POSITIVE, default=None, help="Keep the last K checkpoints (default 3)."),
+        click.option("--val-every", type=NON_NEGATIVE, default=None,
+                     help="Validation loss every N steps (fixed seed; 0 = only at the end; default 500 or the preset's)."),
+        click.option("--sample-every", type=NON_NEGATIVE, default=None,
+                     help="Sample grid PNG every N steps (0 = off)."),
+        click.option("--log-every", type=POSITIVE, default=None,
+                     help="Log the mean loss (and check it is finite) every N steps: the loop reads values from the "
+                          "GPU only then (default 10)."),
+        click.option("--num-workers", type=NON_NEGATIVE, default=None,
+                     help="DataLoader worker processes per GPU process that decode images (0 = in the training "
+                          "process). Default: the CPU cores this process may use (os.sched_getaffinity) divided by "
+                          "the processes on this node, minus one, at most 8."),
+        click.option("--select-best", type=click.Choice(["none", "val_loss", "fid"]), default=None,
+                     help="Keep the weights that score best at each validation in RUN/best (as the seed paper "
+                          "selected its model): val_loss, or fid where the family supports it and the Inception "
+                          "weights are present (default none: RUN/final only)."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="CUDA: trained modules and image batches in channels_last memory format (default off: "
+                          "faster for convolution-heavy models on tensor cores, measure before a long run)."),
+        click.option("--tf32/--no-tf32", default=None,
+                     help="CUDA: allow TF32 matmuls and cuDNN convolutions (default on, as diffusers' trainers "
+                          "recommend for Ampere and newer)."),
+        click.option("--print-config", is_flag=True, default=False,
+                     help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
+                          "epoch) as JSON and exit, without loading weights or images."),
         click.option("--config", "config_file", type=existing_file, default=None,
                      help="JSON config file (unknown keys are an error); CLI options override it."),
         click.option("--run-id", type=str, default=None, help="Name of the new run (default: readable + timestamp)."),
@@ -51,26 +102,33 @@ def training_options(f):
     return f
 
 
-LOOP_KEYS = ("seed", "max_steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
-             "checkpoint_every", "keep_last", "val_every", "sample_every")
+LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
+             "checkpoint_every", "keep_last", "val_every", "sample_every", "log_every", "num_workers",
+             "select_best", "channels_last", "tf32")
 
 
 def pop_loop_overrides(kwargs: dict) -> dict:
-    """Take the training-loop options out of a command's kwargs (None = not given)."""
-    return {k: kwargs.pop(k) for k in LOOP_KEYS if k in kwargs}
+    """Take the training-loop options out of a command's kwargs; returns only what to set in the loop config (the
+    options given), ready to merge over the defaults / preset / config file. `--epochs` and `--max-steps` together
+    are refused; `--max-steps` also sets `epochs` to None, since an epoch count (from a preset or a config file)
+    would otherwise take precedence over it. Do not drop None values from the result."""
+    from harness.errors import UserError
+
+    given = {k: kwargs.pop(k) for k in LOOP_KEYS if k in kwargs}
+    loop = {k: v for k, v in given.items() if v is not None}
+    if "epochs" in loop and "max_steps" in loop:
+        raise UserError("give the training length once: --epochs N or --max-steps N, not both")
+    if "max_steps" in loop:
+        loop["epochs"] = None
+    return loop
 
 
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and +-inf (a range alone lets nan through: every comparison with nan
-    is false). `--guidance nan` used to produce all-black images."""
+def print_config(resolved: dict) -> None:
+    """`--print-config`: the resolved config as indented JSON on stdout (nothing else there), for any family.
+    Non-JSON values (paths) are written as strings."""
+    import json
 
-    name = "finite float range"
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
+    click.echo(json.dumps(resolved, indent=2, default=str))
 
 
 def check_output_file(path: str | Path, option: str = "") -> Path:

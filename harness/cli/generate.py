@@ -25,7 +25,11 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
-@click.option("--prompts", "prompts_path", type=existing_file, required=True, help="Prompt file, one per line.")
+@click.option("--prompts", "prompts_path", type=str, required=True,
+              help="Prompt file, one per line (the test prompts: for the submission), or split:val = the run's "
+                   "validation captions (for `harness score --real val`).")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True,
+              help="split:val: K captions per validation image; a prompt file: each line K times.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per forward pass. Keep it (and --threads, --device) fixed when resuming for bit-identical "
                    "images; generation.json records them and a resume with other values warns.")
@@ -47,8 +51,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Weights/activations dtype (family default fp32; bf16/fp16 on a GPU).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Shard prompts over N processes with `accelerate launch` (one per GPU; gloo on CPU).")
-def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps, guidance, device, threads, dtype,
-             num_processes):
+def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir, overwrite, steps, guidance, device,
+             threads, dtype, num_processes):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
@@ -64,17 +68,18 @@ def generate(run_dir, prompts_path, batch_size, seed, out_dir, overwrite, steps,
       harness generate runs/msdm-unet-tiny-20261122-1532 --prompts test-prompts.txt
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
+      harness generate RUN --prompts split:val --images-per-prompt 4   # validation captions: for scoring
     """
     from rich.markup import escape
 
     from harness.errors import UserError
     from harness.generate import check_images_dir, distributed_shard, generate_images, load_generator
     from harness.progress import console, progress
-    from harness.prompts import read_prompt_file
+    from harness.prompts import resolve_prompt_source
     from harness.runs import open_run
 
     run = open_run(run_dir)
-    pf = read_prompt_file(prompts_path)
+    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt)
     images_dir = Path(out_dir) if out_dir else run.images_dir
     # Every option is checked before the model is loaded (minutes on a real model) or anything is written.
     check_output_dir(images_dir, "--out" if out_dir else "")

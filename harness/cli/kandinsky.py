@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from harness.cli.common import existing_dir, pop_loop_overrides, training_options
+from harness.cli.common import SEED, existing_dir, pop_loop_overrides, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -19,21 +19,32 @@ def register(cli: click.Group, train: click.Group, sweep: click.Group, models: c
     sweep.add_command(_sweep_command("prior"))
     sweep.add_command(_sweep_command("decoder"))
     models.commands["info"].add_command(models_kandinsky)
+    models.commands["make-tiny"].add_command(make_tiny_kandinsky)
 
 
 def lora_options(component: str):
     """LoRA, base-model and objective options of one component (unset = the typed config's default)."""
     other = "decoder" if component == "prior" else "prior"
     opts = [
-        click.option("--rank", type=int, default=None, help="LoRA rank r (default 4)."),
-        click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)."),
+        click.option("--rank", type=int, default=None,
+                     help="LoRA rank r (default 4, diffusers' LoRA trainers' default; --preset paper: 32 for the "
+                          "stage-1 decoder)."),
+        click.option("--alpha", type=float, default=None,
+                     help="LoRA alpha (default = rank, i.e. scale 1: the paper's parameter tables)."),
         click.option("--lora-targets", type=click.Choice(["paper", "paper+added-kv"]), default=None,
                      help="paper: to_q,to_k,to_v,to_out.0 (reproduces the paper's counts); paper+added-kv also "
                           "adds the decoder's add_k_proj,add_v_proj (the image-embedding path)."),
         click.option("--dora", is_flag=True, default=None, help="Weight-decomposed LoRA (peft use_dora)."),
-        click.option("--rslora", is_flag=True, default=None, help="Rank-stabilised scaling alpha/sqrt(r)."),
-        click.option("--init-lora-weights", type=click.Choice(["true", "gaussian", "pissa", "olora"]), default=None,
-                     help="peft init_lora_weights (default true: B = 0, adapter starts as identity)."),
+        click.option("--rslora", is_flag=True, default=None,
+                     help="Rank-stabilised scaling alpha/sqrt(r) (with the default alpha = r that is sqrt(r): "
+                          "pass --alpha; a warning says so)."),
+        click.option("--gradient-checkpointing", is_flag=True, default=None,
+                     help=f"Recompute the {component}'s activations in backward: less memory, ~30 % slower "
+                          "(diffusers' Kandinsky trainers have it; large batches need it below 80 GB)."),
+        click.option("--init-lora-weights", type=click.Choice(["true", "gaussian"]), default=None,
+                     help="peft init_lora_weights (default true: B = 0, adapter starts as identity). pissa/olora/"
+                          "loftq are refused: they rewrite the base weights, so the saved adapter would not "
+                          "reproduce the model on a plain diffusers load of the base."),
         click.option("--prior", "prior", type=str, default=None,
                      help="Prior pipeline: hub id or local folder (default kandinsky-community/kandinsky-2-2-prior)."),
         click.option("--decoder", "decoder", type=str, default=None,
@@ -52,14 +63,29 @@ def lora_options(component: str):
                      help="One item per image (sample) or per caption row (all)."),
         click.option("--base-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="dtype of the frozen weights (LoRA stays fp32)."),
-        click.option("--warmup-steps", type=int, default=None, help="Linear LR warm-up steps."),
+        click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear LR warm-up steps."),
+        click.option("--prior-steps", type=click.IntRange(min=1), default=None,
+                     help="Prior sampling steps of `harness generate` / the sweep (default 25: "
+                          "KandinskyV22PriorPipeline's and the paper's)."),
+        click.option("--decoder-steps", type=click.IntRange(min=1), default=None,
+                     help="Decoder sampling steps (default 100: KandinskyV22Pipeline's; the paper and --preset "
+                          "paper use 150)."),
+        click.option("--prior-guidance", type=click.FloatRange(min=0), default=None,
+                     help="Prior guidance scale (default 4.0, the pipeline's)."),
+        click.option("--decoder-guidance", type=click.FloatRange(min=0), default=None,
+                     help="Decoder guidance scale (default 4.0, the pipeline's)."),
+        click.option("--gen-dtype", "gen_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="dtype of the sampling models for `harness generate` / the sweep (default fp32; bf16 or "
+                          "fp16 on a GPU, as diffusers' Kandinsky examples load them)."),
     ]
     if component == "prior":
         opts.append(click.option("--caption-dropout", type=float, default=None,
                                  help='Probability of training on "" instead of the caption (default 0.1).'))
     else:
-        opts.append(click.option("--image-embed-dropout", type=float, default=None,
-                                 help="Probability of conditioning on the zero-image embedding (default 0)."))
+        opts.append(click.option("--image-embed-dropout", type=click.FloatRange(0, 1), default=None,
+                                 help="Probability of conditioning on the zero-image embedding, the negative that "
+                                      "guidance uses (default 0.1, as the original Kandinsky 2 decoder trainer "
+                                      "drops the CLIP image to zeros; validation loss is measured without it)."))
 
     def deco(f):
         for opt in reversed(opts):
@@ -69,15 +95,37 @@ def lora_options(component: str):
     return deco
 
 
-def build_config(component: str, kwargs: dict[str, Any]):
-    """defaults(component) <- --config file <- CLI options, then the typed config (unknown keys are errors)."""
+PRESET_HELP = ("paper: the seed paper's recipe - AdamW lr 1e-4, batch 64 (the released default config; its example "
+               "config ran batch 256, fp16, Min-SNR gamma 5: add --batch-size 256 --mixed-precision fp16 "
+               "--snr-gamma 5 for that), 256 px padded, one epoch = one pass over the caption rows (~18.2 k for "
+               "1,800 training images), {epochs}, generation with 25 prior and 150 decoder steps (the paper's; "
+               "diffusers' default is 100). Options given with it override its values.")
+
+
+def preset_option(component: str, stage: str):
+    epochs = {("prior", "train"): "100 epochs", ("decoder", "train"): "stage-1 decoder r=32 for 40 epochs",
+              ("prior", "sweep"): "100 epochs per rank", ("decoder", "sweep"): "100 epochs per rank"}
+    return click.option("--preset", type=click.Choice(["paper"]), default=None,
+                        help=PRESET_HELP.format(epochs=epochs[(component, stage)]))
+
+
+def eval_option(f):
+    return click.option("--eval-every-epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Every E epochs compute the validation loss (fixed noise seeds, dropout off), keep the "
+                             "best adapter and export it to RUN/final/ with the epoch it came from (last weights "
+                             "in RUN/last/); as the paper kept its best epoch. Default: the last weights.")(f)
+
+
+def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
+    """defaults(component) or --preset <- --config file <- CLI options, then the typed config (unknown keys are
+    errors)."""
     from harness.config import to_dict
     from harness.errors import UserError
     from harness.io import read_json
-    from harness.train_kandinsky import config_from_dict, default_config
+    from harness.train_kandinsky import base_config, config_from_dict
 
     loop = pop_loop_overrides(kwargs)
-    d = to_dict(default_config(component))  # type: ignore[arg-type]
+    d = to_dict(base_config(component, kwargs.pop("preset", None), stage))  # type: ignore[arg-type]
     config_file = kwargs.pop("config_file", None)
     if config_file:
         file_cfg = read_json(config_file)
@@ -86,7 +134,7 @@ def build_config(component: str, kwargs: dict[str, Any]):
         if file_cfg.get("component", component) != component:
             raise UserError(f"config is for the {file_cfg['component']}, not the {component}", config_file)
         _merge(d, file_cfg)
-    over: dict[str, Any] = {"loop": {k: v for k, v in loop.items() if v is not None}, "lora": {}, "data": {}}
+    over: dict[str, Any] = {"loop": dict(loop), "lora": {}, "data": {}}  # None in loop = clear (epochs)
     if kwargs.get("warmup_steps") is not None:
         over["loop"]["warmup_steps"] = kwargs["warmup_steps"]
     for opt, key in (("rank", "rank"), ("alpha", "alpha"), ("lora_targets", "targets"), ("dora", "dora"),
@@ -98,7 +146,8 @@ def build_config(component: str, kwargs: dict[str, Any]):
             over["data"][opt] = kwargs[opt]
     if kwargs.get("seed") is not None:
         over["data"]["seed"] = kwargs["seed"]
-    for opt in ("prior", "decoder", "snr_gamma", "cache", "image_embed_dropout", "base_dtype"):
+    for opt in ("prior", "decoder", "snr_gamma", "cache", "image_embed_dropout", "base_dtype",
+                "gradient_checkpointing", "eval_every_epochs"):
         if kwargs.get(opt) is not None:
             over[opt] = kwargs[opt]
     if kwargs.get("cache_dir") is not None:
@@ -112,9 +161,20 @@ def build_config(component: str, kwargs: dict[str, Any]):
             over[key] = str(kwargs[opt])
     if loop.get("seed") is not None:
         over["data"]["seed"] = loop["seed"]
+    gen = {k: kwargs[k] for k in ("prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance")
+           if kwargs.get(k) is not None}
+    if kwargs.get("gen_dtype") is not None:
+        gen["dtype"] = kwargs["gen_dtype"]
+    if gen:
+        over["generation"] = gen
     _merge(d, over)
     d["component"] = component
-    return config_from_dict(d, where=str(config_file) if config_file else "options")
+    cfg = config_from_dict(d, where=str(config_file) if config_file else "options")
+    from harness.progress import console
+
+    for w in cfg.warnings():
+        console.print(f"[yellow]warning:[/] {w}")
+    return cfg
 
 
 def _merge(base: dict, new: dict) -> None:
@@ -131,14 +191,24 @@ def _train_command(component: str) -> click.Command:
 
     @click.command(name=FAMILY[component])
     @training_options
+    @preset_option(component, "train")
+    @eval_option
     @lora_options(component)
     def cmd(**kwargs):
+        from harness.cli.common import print_config
         from harness.progress import console
         from harness.runs import open_run
-        from harness.train_kandinsky import resume, train
+        from harness.train_kandinsky import resolved_config, resume, train
 
         resume_run = kwargs.pop("resume_run", None)
         run_id = kwargs.pop("run_id", None)
+        if kwargs.pop("print_config", False):
+            if resume_run:
+                from harness.errors import UserError
+
+                raise UserError("--print-config shows a new run's config; a run's own is in RUN/config.json")
+            print_config(resolved_config(build_config(component, kwargs)))
+            return
         if resume_run:
             run = resume(open_run(resume_run), max_steps=kwargs.get("max_steps"))
         else:
@@ -151,7 +221,9 @@ def _train_command(component: str) -> click.Command:
         stats = json.loads((run.dir / "train_stats.json").read_text(encoding="utf-8"))
         console.print(f"[green]trained[/] {run.dir}: {stats['steps']} steps, loss {stats['final_loss']:.4f}"
                       + (f", val {stats['val_loss']:.4f}" if stats.get("val_loss") is not None else "")
-                      + f"; adapter in {run.dir / 'final'}")
+                      + f"; adapter in {run.dir / 'final'}"
+                      + (f" (best by {stats['exported']['metric']}: epoch {stats['exported']['epoch']:g}, "
+                         f"step {stats['exported']['step']}; last weights in last/)" if stats.get("exported") else ""))
 
     cmd.help = f"""Train a LoRA adapter on the Kandinsky 2.2 {component} (only the LoRA weights train).
 
@@ -160,10 +232,17 @@ def _train_command(component: str) -> click.Command:
     Frozen-encoder outputs are computed once into the encoder cache (--no-cache recomputes every step).
     The adapter is written in diffusers format to RUN/final/pytorch_lora_weights.safetensors.
 
+    --preset paper is the seed paper's recipe ({'100 epochs' if component == 'prior' else 'stage 1: r = 32, 40 epochs'}
+    at batch 64, lr 1e-4); --epochs counts passes over the caption rows, as the paper does; --eval-every-epochs
+    keeps the best epoch's adapter in RUN/final/. --print-config shows the resolved config and the derived steps.
+
     \b
     Examples:
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --preset paper --print-config
+      harness train {FAMILY[component]} --split split.json --data DATA_DIR --preset paper --eval-every-epochs 5 \\
+          --mixed-precision bf16 --gradient-checkpointing {example_extra}
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --rank 32 --max-steps 5000 \\
-          --batch-size 16 --mixed-precision bf16 {example_extra}
+          --batch-size 16 --mixed-precision bf16
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --{component} /models/k22 --rank 4
       harness train {FAMILY[component]} --split split.json --data DATA_DIR --resume runs/{FAMILY[component]}-r32-...
     """
@@ -181,14 +260,22 @@ def _sweep_command(component: str) -> click.Command:
                                                   "optimizer memory) and exit; needs no data and no weights.")
     @click.option("--sweep-dir", type=existing_dir, default=None,
                   help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done ranks.")
-    @click.option("--n-prompts", type=int, default=0, show_default=True,
+    @click.option("--n-prompts", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Validation prompts to generate per rank (one caption per validation image; 0 = all).")
+    @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
+                  help="Images generated per validation prompt (each with its own seed). Default: the smallest K "
+                       "with n_prompts x K >= 2,000, the paper's protocol size (K = 10 for 200 validation images).")
+    @click.option("--gen-seed", type=SEED, default=0, show_default=True,
+                  help="Base seed of the generated images (image i gets a seed derived from it and i).")
     @click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Generation batch size.")
     @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
     @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
     @training_options
+    @preset_option(component, "sweep")
+    @eval_option
     @lora_options(component)
-    def cmd(ranks, dry_run, sweep_dir, n_prompts, gen_batch_size, device, score, **kwargs):
+    def cmd(ranks, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
+            **kwargs):
         from rich.console import Console
 
         from harness.errors import UserError
@@ -202,15 +289,28 @@ def _sweep_command(component: str) -> click.Command:
             console.print(plan_table(component, rank_list, alpha=alpha, targets=kwargs.get("lora_targets") or "paper",
                                      dora=bool(kwargs.get("dora")), rslora=bool(kwargs.get("rslora"))))
             return
+        if kwargs.pop("print_config", False):
+            from harness.cli.common import print_config
+            from harness.sweep import sweep_protocol
+            from harness.train_kandinsky import resolved_config
+
+            kwargs.pop("resume_run", None)
+            kwargs.pop("run_id", None)
+            cfg = build_config(component, kwargs, stage="sweep")
+            resolved = resolved_config(cfg)
+            resolved["lora"]["rank"] = None  # each sweep rank
+            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), ranks=rank_list)
+            print_config(resolved)
+            return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
             if kwargs.get(opt) is None:
-                raise UserError(f"{name} is required (except with --dry-run)")
+                raise UserError(f"{name} is required (except with --dry-run and --print-config)")
         if kwargs.pop("resume_run", None):
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         kwargs.pop("run_id", None)
-        cfg = build_config(component, kwargs)
+        cfg = build_config(component, kwargs, stage="sweep")
         result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
-                           device=device, score=score)
+                           device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
         console.print(result.table())
         console.print(f"sweep record: {result.path}")
         if result.failed():
@@ -224,13 +324,18 @@ def _sweep_command(component: str) -> click.Command:
     cmd.help = f"""Rank-grid sweep of the {component} LoRA: per rank train -> generate the validation prompts -> score.
 
     Each rank is recorded in sweep.json (run, status, metrics or the error); a crash in one rank is recorded and the
-    sweep goes on; rerunning the same command skips finished ranks and resumes a killed training.
+    sweep goes on; rerunning the same command skips finished ranks and continues a killed training in its own run
+    directory from its last checkpoint. Each rank generates --images-per-prompt images per validation caption
+    (default: N_gen >= 2,000) and is scored against the validation images; the table gives each rank's FID,
+    precision, recall and F1 with bootstrap 95 % intervals and marks the ranks statistically indistinguishable
+    from the best (paired bootstrap of the FID difference); sweep.png plots them against rank.
 
     \b
     Examples:
       harness sweep {FAMILY[component]} --ranks 4,8,16,32,64,128 --dry-run
-      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --ranks 4,8,16,24,32,40,48,56,64,128 \\
-          --{other}-adapter {pair} --max-steps 5000
+      harness sweep {FAMILY[component]} --preset paper --print-config
+      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --preset paper \\
+          --{other}-adapter {pair} --eval-every-epochs 10 --mixed-precision bf16
     """
     return cmd
 
@@ -262,3 +367,30 @@ def models_kandinsky(ranks, lora_targets):
     console.print(t)
     for comp in ("prior", "decoder"):
         console.print(plan_table(comp, parse_ranks(ranks), targets=lora_targets))
+
+
+@click.command(name="kandinsky22")
+@click.argument("out_dir", type=existing_dir)
+@click.option("--seed", type=SEED, default=0, help="Seed of the random initialisation.")
+def make_tiny_kandinsky(out_dir, seed):
+    """Write tiny, randomly initialised Kandinsky 2.2 prior and decoder pipelines (diffusers' layout, the ones the
+    tests use: models/kandinsky/testing.py) to OUT_DIR/prior and OUT_DIR/decoder, a few MB, in seconds.
+
+    Every Kandinsky command then runs offline on CPU (the images are noise; use it to smoke-test a setup). Use a
+    --resolution that is a multiple of 16 (the tiny MoVQ downsamples by 4, the UNet by 2 more), e.g. 32.
+
+    \b
+    Example:
+      harness models make-tiny kandinsky22 tiny-k22
+      harness train kandinsky-prior --split split.json --data DATA_DIR --prior tiny-k22/prior \\
+          --decoder tiny-k22/decoder --resolution 32 --max-steps 10
+    """
+    from harness.errors import UserError
+    from harness.progress import console
+    from models.kandinsky.testing import save_tiny_kandinsky
+
+    try:
+        prior_dir, decoder_dir = save_tiny_kandinsky(out_dir, seed=seed)
+    except FileExistsError as e:
+        raise UserError(f"{e}; choose an empty folder", out_dir) from None
+    console.print(f"[green]wrote[/] {prior_dir} and {decoder_dir}; use --prior {prior_dir} --decoder {decoder_dir}")

@@ -1,6 +1,6 @@
 """Load the Kandinsky 2.2 prior and decoder parts from a hub id or a local pipeline folder.
 
-    prior = load_prior("kandinsky-community/kandinsky-2-2-prior", revision=None, dtype=torch.float16, device="cuda")
+    prior = load_prior("kandinsky-community/kandinsky-2-2-prior", revision=None, dtype="fp16", device="cuda")
     decoder = load_decoder("/data/models/kandinsky-2-2-decoder")          # a folder written by save_pretrained
 
 A hub id is first resolved to its snapshot folder (the HF cache; offline when HF_HUB_OFFLINE=1), so the exact commit
@@ -25,6 +25,19 @@ DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+def dtype_kwargs(dtype: torch.dtype, version: str | None = None) -> dict[str, torch.dtype]:
+    """The `from_pretrained` keyword that sets the dtype on the installed diffusers: `dtype` is read from 0.40 on
+    (where `torch_dtype` is deprecated), while 0.35-0.39 read only `torch_dtype` and silently ignore `dtype`
+    (fp16/bf16 would load as fp32)."""
+    from packaging.version import Version
+
+    if version is None:
+        import diffusers
+
+        version = diffusers.__version__
+    return {"dtype": dtype} if Version(version).release >= (0, 40) else {"torch_dtype": dtype}
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,6 +69,9 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Source:
         if not (p / "model_index.json").is_file():
             raise FileNotFoundError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
         return Source(str(source), p.resolve(), revision, None)
+    text = str(source)
+    if p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:  # a path, not an "org/name" hub id
+        raise FileNotFoundError(f"cannot load {text!r}: no such pipeline folder")
     from diffusers import DiffusionPipeline
 
     try:
@@ -128,7 +144,7 @@ def load_prior(source: str | Path = DEFAULT_PRIOR, revision: str | None = None, 
 
     src = resolve_source(source, revision)
     dt = to_dtype(dtype)
-    pipe = KandinskyV22PriorPipeline.from_pretrained(src.folder, dtype=dt)
+    pipe = KandinskyV22PriorPipeline.from_pretrained(src.folder, **dtype_kwargs(dt))
     parts = PriorParts(
         prior=pipe.prior, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, image_encoder=pipe.image_encoder,
         image_processor=pipe.image_processor, scheduler=pipe.scheduler, source=src, dtype=dt,
@@ -149,7 +165,7 @@ def load_decoder(source: str | Path = DEFAULT_DECODER, revision: str | None = No
 
     src = resolve_source(source, revision)
     dt = to_dtype(dtype)
-    pipe = KandinskyV22Pipeline.from_pretrained(src.folder, dtype=dt)
+    pipe = KandinskyV22Pipeline.from_pretrained(src.folder, **dtype_kwargs(dt))
     parts = DecoderParts(unet=pipe.unet, movq=pipe.movq, scheduler=pipe.scheduler, source=src, dtype=dt,
                          fingerprints={"movq": fingerprint(src.folder, ["movq"], src.commit) + f":{dt}"})
     for m in (parts.unet, parts.movq):
@@ -159,3 +175,34 @@ def load_decoder(source: str | Path = DEFAULT_DECODER, revision: str | None = No
 
 def scheduler_config(scheduler) -> dict[str, Any]:
     return json.loads(json.dumps(dict(scheduler.config), default=str))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute activations in the backward pass instead of storing them (the memory of a large batch).
+
+    The UNet has diffusers' own switch (`enable_gradient_checkpointing`, as diffusers' Kandinsky decoder trainer
+    uses). `PriorTransformer` has none, so each of its transformer blocks is wrapped here: the block's `forward` runs
+    under non-reentrant `torch.utils.checkpoint` while the model trains with gradients on. Parameter names do not
+    change, so checkpoints and exported adapters are the same; the gradients are the same up to float rounding.
+    """
+    if getattr(model, "_supports_gradient_checkpointing", False):
+        model.enable_gradient_checkpointing()
+        return model
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no gradient-checkpointing support")
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        if getattr(block, "_harness_checkpointed", False):
+            continue
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if model.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+        block._harness_checkpointed = True
+    return model

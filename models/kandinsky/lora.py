@@ -9,11 +9,14 @@ Adapters are written in diffusers' format, so a plain diffusers script loads the
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    prior = KandinskyV22PriorPipeline.from_pretrained("kandinsky-community/kandinsky-2-2-prior", dtype=torch.float16)
-    prior.prior.load_lora_adapter("runs/<prior-run>/adapter", prefix=None,
+    # torch_dtype= works on every diffusers >= 0.35 (0.40+ also reads dtype=, and warns that torch_dtype is deprecated)
+    prior = KandinskyV22PriorPipeline.from_pretrained("kandinsky-community/kandinsky-2-2-prior",
+                                                      torch_dtype=torch.float16)
+    prior.prior.load_lora_adapter("runs/<prior-run>/final", prefix=None,
                                   weight_name="pytorch_lora_weights.safetensors")
-    decoder = KandinskyV22Pipeline.from_pretrained("kandinsky-community/kandinsky-2-2-decoder", dtype=torch.float16)
-    decoder.unet.load_lora_adapter("runs/<decoder-run>/adapter", prefix=None,
+    decoder = KandinskyV22Pipeline.from_pretrained("kandinsky-community/kandinsky-2-2-decoder",
+                                                   torch_dtype=torch.float16)
+    decoder.unet.load_lora_adapter("runs/<decoder-run>/final", prefix=None,
                                    weight_name="pytorch_lora_weights.safetensors")
     prior.to("cuda"); decoder.to("cuda")
     emb, neg = prior("Generate an image containing a polyp", generator=torch.Generator().manual_seed(0)).to_tuple()
@@ -44,7 +47,15 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "paper": PAPER_TARGETS,
     "paper+added-kv": PAPER_TARGETS + ("add_k_proj", "add_v_proj"),
 }
-INIT_CHOICES = ("true", "gaussian", "pissa", "olora", "loftq")  # peft's init_lora_weights values we pass through
+INIT_CHOICES = ("true", "gaussian")  # peft's init_lora_weights values that leave the base weights untouched
+# Inits that rewrite the base weights (W <- W - B0 A0) or need a quantisation config: an adapter saved from them only
+# reproduces the trained model on the rewritten base, so a plain diffusers load of the hub base would silently give
+# other outputs (and the rewritten base is not saved). Refused rather than half supported.
+REFUSED_INITS = {
+    "pissa": "PiSSA moves the top singular directions out of the base weights, so the adapter needs the rewritten base",
+    "olora": "OLoRA rewrites the base weights with a QR factor, so the adapter needs the rewritten base",
+    "loftq": "LoftQ rewrites the base weights and needs a LoftQConfig of a quantised base",
+}
 
 
 @dataclass
@@ -63,10 +74,20 @@ class LoraSpec:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.targets not in TARGET_PRESETS:
             raise ValueError(f"LoRA targets {self.targets!r} unknown; choose {', '.join(TARGET_PRESETS)}")
+        if self.init_lora_weights in REFUSED_INITS:
+            raise ValueError(f"init_lora_weights {self.init_lora_weights!r} is not supported: "
+                             f"{REFUSED_INITS[self.init_lora_weights]}; use 'true' (B = 0) or 'gaussian'")
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights {self.init_lora_weights!r} unknown; choose {', '.join(INIT_CHOICES)}")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+
+    def warnings(self) -> list[str]:
+        if self.rslora and self.alpha is None:
+            return [f"--rslora with alpha = rank (no --alpha): the scale alpha/sqrt(r) is sqrt({self.rank}) = "
+                    f"{self.rank ** 0.5:.2f}, not 1; pass --alpha to choose it (e.g. --alpha {self.rank ** 0.5:g} "
+                    "for scale 1)"]
+        return []
 
     @property
     def lora_alpha(self) -> float:

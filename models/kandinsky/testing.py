@@ -69,10 +69,28 @@ def tiny_decoder_pipeline(embed_dim: int = 32, base_channels: int = 32, seed: in
 
 
 def save_tiny_kandinsky(out_dir: str | Path, seed: int = 0, **prior_kwargs) -> tuple[Path, Path]:
-    """Write `<out_dir>/prior` and `<out_dir>/decoder` pipeline folders; returns their paths."""
+    """Write `<out_dir>/prior` and `<out_dir>/decoder` pipeline folders (diffusers' layout); returns their paths.
+
+    Each folder is written under a temporary name and renamed into place, so an interrupted call leaves no folder
+    that looks complete; existing folders are an error (FileExistsError), never overwritten."""
+    import os
+    import shutil
+    import tempfile
+
     out_dir = Path(out_dir)
+    targets = (out_dir / "prior", out_dir / "decoder")
+    for t in targets:
+        if t.exists():
+            raise FileExistsError(f"{t} already exists")
+    out_dir.mkdir(parents=True, exist_ok=True)
     prior = tiny_prior_pipeline(seed=seed, **prior_kwargs)
     decoder = tiny_decoder_pipeline(embed_dim=prior.prior.config.embedding_dim, seed=seed)
-    prior.save_pretrained(out_dir / "prior")
-    decoder.save_pretrained(out_dir / "decoder")
-    return out_dir / "prior", out_dir / "decoder"
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-kandinsky.tmp-", dir=out_dir))
+    try:
+        prior.save_pretrained(tmp / "prior")
+        decoder.save_pretrained(tmp / "decoder")
+        for t in targets:
+            os.replace(tmp / t.name, t)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return targets

@@ -25,20 +25,32 @@ def zero_module(m: nn.Module) -> nn.Module:
     return m
 
 
+def dropout_layer(p: float, channelwise: bool) -> nn.Module:
+    """`nn.Dropout2d` (whole feature maps, as the released MSDM/Medfusion blocks via MONAI's dropout layer with
+    dropout_dim=2) or element-wise `nn.Dropout` (DDPM/ADM)."""
+    return nn.Dropout2d(p) if channelwise else nn.Dropout(p)
+
+
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 [+ conditioning] -> GN -> SiLU -> Dropout -> conv3x3, plus a (1x1) skip.
+    """GN -> SiLU -> conv3x3 [+ conditioning] [-> Dropout] -> GN -> SiLU -> Dropout -> conv3x3, plus a (1x1) skip.
 
     The conditioning vector (time + pooled text) is projected to `out_ch` and ADDED to the features after the first
-    conv (as in the released MSDM/Medfusion and DDPM). Dropout (plain element-wise `nn.Dropout`) sits before the
-    second conv, as in DDPM/ADM.
+    conv (as in the released MSDM/Medfusion and DDPM). `dropout_layout`: "released" = channel-wise Dropout2d after
+    BOTH conv sub-blocks (the released UnetResBlock is two conv-norm-dropout-act sub-blocks); "ddpm" = element-wise
+    dropout before the second conv only (DDPM/ADM).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None, dropout: float = 0.0, groups: int = 32):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None, dropout: float = 0.0, groups: int = 32,
+                 dropout_layout: str = "released"):
         super().__init__()
+        if dropout_layout not in ("released", "ddpm"):
+            raise ValueError(f"dropout_layout must be 'released' or 'ddpm', got {dropout_layout!r}")
+        released = dropout_layout == "released"
         self.norm1, self.conv1 = group_norm(in_ch, groups), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
+        self.dropout1 = dropout_layer(dropout, True) if released else nn.Identity()
         self.norm2 = group_norm(out_ch, groups)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout, released)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -46,7 +58,7 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.emb is not None:
             h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(F.silu(self.norm2(self.dropout1(h)))))
         return self.skip(x) + h
 
 
@@ -83,10 +95,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask:
 
 class CrossAttention(nn.Module):
     """Pixels attend to text tokens: queries from GN(x), keys/values = projected text tokens, padding masked out.
-    Residual, output projection zero-initialised."""
+    Residual, output projection zero-initialised, dropout on the attention output (as the released blocks)."""
 
-    def __init__(self, ch: int, context_dim: int, head_dim: int = 64, groups: int = 32):
+    def __init__(self, ch: int, context_dim: int, head_dim: int = 64, groups: int = 32, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.heads = max(1, ch // head_dim)
         self.norm = group_norm(ch, groups)
         self.to_q = nn.Linear(ch, ch, bias=False)
@@ -98,7 +111,7 @@ class CrossAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         out = _attend(self.to_q(h), self.to_k(context), self.to_v(context), self.heads, mask)
-        return x + self.to_out(out).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.dropout(self.to_out(out)).transpose(1, 2).reshape(B, C, H, W)
 
 
 class FeedForward(nn.Module):

@@ -8,13 +8,16 @@ Layout (paper preset: channels 256/512/1024 at 32/16/8 for a 256 px image):
   `layers_per_block + 1` x [ResBlock on (h ++ skip) -> CrossAttention -> FeedForward], upsample between levels;
   GN-SiLU-conv_out (zero-init). With 3 levels x 2 blocks that is 6 + 1 + 9 = 16 attention blocks, as published.
 
-Conditioning vector = MLP(sinusoidal(t)) + MLP(attention-pooled text); it is ADDED inside every ResBlock after its
-first conv. Dropout (p=`dropout`, element-wise nn.Dropout) sits inside every ResBlock before its second conv and in
-every FeedForward after the GELU. Text: keys/values of each cross-attention are projections of the CLIP last hidden
-state, with the padding mask, so padding tokens never receive attention.
+Conditioning vector = MLP(sinusoidal(t)) + MLP(attention-pooled text), `emb_dim` wide (1024 = 4 x 256, the released
+time/condition embedding width, as in Stable Diffusion); it is ADDED inside every ResBlock after its first conv.
+Dropout (p=`dropout`): with `dropout_layout="released"` (default) channel-wise Dropout2d after both conv sub-blocks
+of every ResBlock, as the released blocks; "ddpm" = element-wise before the second conv only. The attention output
+gets dropout `attn_dropout` (None = `dropout`, as released), every FeedForward dropout after the GELU. Text:
+keys/values of each cross-attention are projections of the CLIP last hidden state, with the padding mask, so padding
+tokens never receive attention.
 
-`emb_dim=1152` (4.5 x 256) is what brings the paper preset to the published 326.5 M parameters (325.8 M, -0.2 %);
-with 1024 it would be 323.7 M (-0.8 %).
+Parameter count of the paper preset: 323.7 M against the paper's 326.5 M (-0.8 %); `harness models info msdm`
+explains the residual (the embedding/pooling layers the paper does not describe), no knob was tuned to hit it.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from models.msdm.blocks import (AttentionPool, CrossAttention, Downsample, FeedF
 class _Level(nn.Module):
     """ResBlock -> CrossAttention -> FeedForward (one 'block' of the MSDM UNet)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, context_dim, head_dim, ff_mult, dropout, groups):
+    def __init__(self, in_ch, out_ch, emb_dim, context_dim, head_dim, ff_mult, dropout, groups, dropout_layout,
+                 attn_dropout):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, groups)
-        self.attn = CrossAttention(out_ch, context_dim, head_dim, groups)
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, groups, dropout_layout)
+        self.attn = CrossAttention(out_ch, context_dim, head_dim, groups, attn_dropout)
         self.ff = FeedForward(out_ch, ff_mult, dropout, groups)
 
     def forward(self, x, emb, context, mask):
@@ -46,13 +50,15 @@ class MSDMUNet(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, in_channels: int = 8, out_channels: int = 8, block_out_channels: tuple = (256, 512, 1024),
-                 layers_per_block: int = 2, context_dim: int = 768, emb_dim: int = 1152, head_dim: int = 64,
-                 ff_mult: int = 4, dropout: float = 0.1, norm_groups: int = 32, self_condition: bool = True):
+                 layers_per_block: int = 2, context_dim: int = 768, emb_dim: int = 1024, head_dim: int = 64,
+                 ff_mult: int = 4, dropout: float = 0.1, norm_groups: int = 32, self_condition: bool = True,
+                 dropout_layout: str = "released", attn_dropout: float | None = None):
         super().__init__()
         ch = list(block_out_channels)
         self.self_condition = self_condition
+        attn_dropout = dropout if attn_dropout is None else attn_dropout
         lvl = dict(emb_dim=emb_dim, context_dim=context_dim, head_dim=head_dim, ff_mult=ff_mult, dropout=dropout,
-                   groups=norm_groups)
+                   groups=norm_groups, dropout_layout=dropout_layout, attn_dropout=attn_dropout)
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.text_pool = AttentionPool(context_dim, emb_dim, head_dim)
         self.text_mlp = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -68,10 +74,10 @@ class MSDMUNet(ModelMixin, ConfigMixin):
             if i < len(ch) - 1:
                 self.down.append(Downsample(c))
                 skips.append(c)
-        self.mid_res1 = ResBlock(prev, prev, emb_dim, dropout, norm_groups)
-        self.mid_attn = CrossAttention(prev, context_dim, head_dim, norm_groups)
+        self.mid_res1 = ResBlock(prev, prev, emb_dim, dropout, norm_groups, dropout_layout)
+        self.mid_attn = CrossAttention(prev, context_dim, head_dim, norm_groups, attn_dropout)
         self.mid_ff = FeedForward(prev, ff_mult, dropout, norm_groups)
-        self.mid_res2 = ResBlock(prev, prev, emb_dim, dropout, norm_groups)
+        self.mid_res2 = ResBlock(prev, prev, emb_dim, dropout, norm_groups, dropout_layout)
         self.up = nn.ModuleList()
         for i, c in reversed(list(enumerate(ch))):
             for _ in range(layers_per_block + 1):
