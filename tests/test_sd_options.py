@@ -96,7 +96,7 @@ def test_presets_are_the_table_rows():
 
     assert [p.name for p in PRESETS] == [f"dasilva-m{i}" for i in range(1, 6)] + [f"pixelup-{i}" for i in range(1, 12)]
     m3 = build_config({"preset": "dasilva-m3", "data_dir": "d", "split_path": "s"})
-    assert (m3.method, m3.components, m3.optimizer, m3.loop.lr, m3.text_encoder_lr, m3.clip_skip, m3.epochs,
+    assert (m3.method, m3.components, m3.optimizer, m3.loop.lr, m3.text_encoder_lr, m3.clip_skip, m3.loop.epochs,
             m3.loop.batch_size, m3.data.resolution, m3.multires_noise_iterations, m3.multires_noise_discount,
             m3.noise_offset, m3.loop.warmup_steps, m3.preset) == \
         ("lora", ["unet", "text_encoder"], "adafactor", 1e-4, 5e-5, 2, 100, 2, 512, 6, 0.1, 0.0, 0, "dasilva-m3")
@@ -125,15 +125,22 @@ def test_presets_are_the_table_rows():
     assert (fc.method, fc.rank, fc.alpha, fc.snr_gamma, fc.preset) == ("dora", 32, 64.0, 5.0, "pixelup-9")
     # command-line options override the preset; an explicit --max-steps replaces its epochs
     over = build_config({"preset": "dasilva-m3", "data_dir": "d", "split_path": "s", "rank": 8, "max_steps": 7})
-    assert over.rank == 8 and over.epochs is None and over.loop.max_steps == 7
+    assert over.rank == 8 and over.loop.epochs is None and over.loop.max_steps == 7
 
 
-def test_preset_epochs_become_steps(tiny_sd, sd_data, tmp_path):
-    from harness.families.sd.task import build_task
+def test_preset_epochs_become_steps(run_cli, sd_data):
+    import json
 
-    cfg = sd_config(tiny_sd, sd_data, tmp_path, epochs=100)
-    build_task(cfg)
-    assert cfg.loop.max_steps == 100  # 2 training images, batch 2: one batch per epoch
+    data, split = sd_data
+    code, out, err = run_cli("train", "sd", "--split", split, "--data", data, "--preset", "dasilva-m3",
+                             "--print-config")
+    assert code == 0, err
+    loop = json.loads(out)["loop"]
+    assert loop["epochs"] == 100 and loop["derived"]["max_steps"] == 100  # 2 training images, batch 2
+    code, out, err = run_cli("train", "sd", "--split", split, "--data", data, "--preset", "dasilva-m3",
+                             "--max-steps", "5", "--print-config")
+    assert code == 0, err
+    assert json.loads(out)["loop"]["derived"]["max_steps"] == 5
 
 
 def test_help_names_sources(run_cli):

@@ -12,6 +12,7 @@ All of it works on the meta device too, so the parameter counts of the real SD 1
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Sequence
 
 import torch
@@ -132,6 +133,29 @@ def fold_difffit_scales(unet: nn.Module) -> int:
         delattr(m, SCALE_NAME)
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def difffit_folded(unet: nn.Module):
+    """Fold the DiffFit scales for the duration of the block (e.g. to `save_pretrained` a plain diffusers U-Net),
+    then put back exactly what was there: the unfolded weights (restored from copies, not divided) and the same
+    scale Parameter objects with their hooks, so training can go on (an export of the best weights mid-training)."""
+    saved = []
+    for m, last in _scaled_modules(unet):
+        if hasattr(m, SCALE_NAME):
+            saved.append((m, last, last.weight.detach().clone(),
+                          None if last.bias is None else last.bias.detach().clone(), getattr(m, SCALE_NAME)))
+    fold_difffit_scales(unet)
+    try:
+        yield unet
+    finally:
+        with torch.no_grad():
+            for m, last, w, b, gamma in saved:
+                last.weight.copy_(w)
+                if b is not None:
+                    last.bias.copy_(b)
+                m.register_parameter(SCALE_NAME, gamma)
+                m._difffit_hook = m.register_forward_hook(_scale_hook)
 
 
 def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -54,14 +54,12 @@ def build_config(kwargs: dict[str, Any]):
     _merge(d, file_cfg)
     if kwargs.get("preset"):
         d["preset"] = kwargs["preset"]
-    over: dict[str, Any] = {"loop": {k: v for k, v in loop.items() if v is not None}, "data": {}, "generation": {}}
+    over: dict[str, Any] = {"loop": dict(loop), "data": {}, "generation": {}}  # None in loop = clear (epochs)
     if kwargs.get("warmup_steps") is not None:
         over["loop"]["warmup_steps"] = kwargs["warmup_steps"]
-    if loop.get("max_steps") is not None and not kwargs.get("epochs"):
-        over["epochs"] = None  # an explicit --max-steps wins over a preset's epochs
     for opt in ("base", "revision", "method", "rank", "alpha", "optimizer", "text_encoder_lr", "clip_skip",
                 "noise_offset", "multires_noise_iterations", "multires_noise_discount", "snr_gamma", "ema",
-                "gradient_checkpointing", "epochs", "cache", "base_dtype"):
+                "gradient_checkpointing", "cache", "base_dtype"):
         if kwargs.get(opt) is not None:
             over[opt] = kwargs[opt]
     for opt in ("components", "lora_targets"):

@@ -71,9 +71,6 @@ def sd_options(f):
                                                           "diffusers EMAModel); the EMA weights are exported."),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
                      help="Recompute activations in the backward pass (less memory, slower)."),
-        click.option("--epochs", type=pos, default=None,
-                     help="Train this many epochs (sets the optimizer steps from the training-set size; kohya "
-                          "counts epochs). Overrides --max-steps."),
         click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
                      help="Linear warm-up steps, then constant (default 0: constant schedule)."),
         click.option("--cache/--no-cache", default=None,
@@ -122,13 +119,20 @@ def train_sd(**kwargs):
       harness train sd --split split.json --data DATA_DIR --method full --components unet,text_encoder --ema
       harness train sd --split split.json --data DATA_DIR --resume runs/sd-lora-r4-...
     """
+    from harness.cli.common import print_config
     from harness.distributed import state
-    from harness.families.sd.task import resume, train
+    from harness.errors import UserError
+    from harness.families.sd.task import resolved_config, resume, train
     from harness.progress import console
     from harness.runs import open_run
 
     resume_run = kwargs.pop("resume_run", None)
     run_id = kwargs.pop("run_id", None)
+    if kwargs.pop("print_config", False):
+        if resume_run:
+            raise UserError("--print-config shows a new run's config; a run's own is in RUN/config.json")
+        print_config(resolved_config(build_config(kwargs)))
+        return
     if resume_run:
         run = resume(open_run(resume_run), max_steps=kwargs.get("max_steps"))
     else:

@@ -71,7 +71,6 @@ class SDConfig:
     ema_decay: float = 0.9999  # diffusers EMAModel default
     vae_kl_weight: float = 1e-6  # LDM autoencoder KL weight, used when the VAE trains
     gradient_checkpointing: bool = False
-    epochs: int | None = None  # when set, max_steps = epochs x batches per epoch (kohya counts epochs)
     cache: bool = True
     cache_dir: str | None = None
     cache_batch_size: int = 16
@@ -134,8 +133,6 @@ class SDConfig:
             raise UserError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise UserError(f"--snr-gamma must be > 0, got {self.snr_gamma}")
-        if self.epochs is not None and self.epochs < 1:
-            raise UserError(f"--epochs must be >= 1, got {self.epochs}")
         if self.cache_batch_size < 1:
             raise UserError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
         if self.base_dtype not in ("fp32", "bf16", "fp16"):
@@ -199,7 +196,7 @@ class Preset:
             v = getattr(self, f.name)
             if v is None or f.name in ("name", "source", "note"):
                 continue
-            if f.name in ("lr", "batch_size"):
+            if f.name in ("lr", "batch_size", "epochs"):
                 loop[f.name] = v
             elif f.name == "resolution":
                 data[f.name] = v

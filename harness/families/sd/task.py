@@ -19,8 +19,8 @@ same losses (tested).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ from harness.families.sd.config import FAMILY, SDConfig, config_from_dict
 from harness.runs import Run, create_run
 from harness.trainer import LoopConfig, TrainTask, run_training, unwrap
 from models.sd import methods as M
+from models.sd.adapters import KOHYA_NAME, save_kohya, save_lora
 from models.sd import noise as N
 from models.sd.loading import SDParts, encode_prompts, load_sd
 
@@ -247,12 +248,7 @@ class SDTask(TrainTask):
         return True
 
     # -- export ---------------------------------------------------------------------------------------------------
-    def export(self, out_dir: Path) -> None:
-        from harness.io import write_json
-        from models.sd.adapters import KOHYA_NAME, save_kohya, save_lora
-
-        if self.ema is not None:
-            self.ema.copy_to(self._params)  # the exported weights are the EMA weights (diffusers' trainers)
+    def _write(self, out_dir: Path) -> list[str]:
         unet = unwrap(self.unet)
         te = unwrap(self.text_encoder) if "text_encoder" in self.trained else None
         files = []
@@ -260,12 +256,27 @@ class SDTask(TrainTask):
             files.append(save_lora(out_dir, unet, te).name)
             if self.cfg.export_kohya:
                 files.append(save_kohya(out_dir / KOHYA_NAME, unet, te).name)
-        else:
-            if self.cfg.method == "difffit":
-                M.fold_difffit_scales(unet)
+            return files
+        fold = M.difffit_folded(unet) if self.cfg.method == "difffit" else contextlib.nullcontext()
+        with fold:
             for comp in self.trained:
                 unwrap(getattr(self, comp)).save_pretrained(out_dir / comp)
                 files.append(comp)
+        return files
+
+    def export(self, out_dir: Path) -> None:
+        """Write the result into `out_dir`; leaves the live modules as they were (the loop may export the best
+        weights mid-training): EMA weights are swapped in and back, DiffFit scales folded on the way out only."""
+        from harness.io import write_json
+
+        if self.ema is not None:  # the exported weights are the EMA weights (diffusers' trainers)
+            self.ema.store(self._params)
+            self.ema.copy_to(self._params)
+        try:
+            files = self._write(out_dir)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self._params)
         write_json(out_dir / "sd_meta.json", {
             "format": "harness-sd/1", "method": self.cfg.method, "components": list(self.trained),
             "files": files, "base": self.source_info, "ema": self.cfg.ema, "clip_skip": self.cfg.clip_skip,
@@ -303,16 +314,11 @@ def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tu
             raise
         val_ds, vh = None, {"n_images": 0}
     hashes = dict(hashes, val_n_images=vh["n_images"])
-    if cfg.epochs is not None:  # kohya counts epochs; the loop counts optimizer steps
-        from harness.distributed import state
-
-        per_epoch = max(1, len(train_ds) // (cfg.loop.batch_size * state().num_processes))
-        cfg.loop.max_steps = math.ceil(cfg.epochs * per_epoch / cfg.loop.grad_accum)
-        log(f"{cfg.epochs} epochs x {per_epoch} batches = {cfg.loop.max_steps} optimizer steps")
     parts = _load_parts(cfg)
     sources = {"base": parts.source.to_dict(), "prediction_type": parts.prediction_type}
     cache_text = cfg.cache and "text_encoder" not in cfg.components
-    cache_latents = cfg.cache and "vae" not in cfg.components and not (cfg.data.jitter > 0 or cfg.data.hflip)
+    augmented = cfg.data.jitter > 0 or cfg.data.hflip or cfg.data.hflip_uncond
+    cache_latents = cfg.cache and "vae" not in cfg.components and not augmented
     if cache_text or cache_latents:
         train_ds, val_ds, stats = _cached(cfg, parts, train_ds, val_ds, cache_text, cache_latents, log)
         hashes["encoder_cache"] = stats
@@ -320,10 +326,8 @@ def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tu
 
 
 def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, cache_latents: bool, log):
-    from harness.dataset import preprocess_image
     from harness.distributed import state as dist_state
     from harness.encoder_cache import TensorStore, default_cache_dir, image_key, text_key, unique
-    from harness.images import open_rgb
     from harness.io import sha256_file
     from harness.progress import progress
 
@@ -359,9 +363,12 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
             t = bar.add_task("cache latents", total=len(ids))
             parts.vae.to(device)
 
+            where = {i: (d, pos) for d in reversed(datasets) for pos, i in enumerate(d.image_ids)}
+
             def encode_images(idx: list[int]) -> list[dict]:
-                px = torch.stack([preprocess_image(open_rgb(devset.image_path(ids[i])), cfg.data.resolution,
-                                                   cfg.data.fit) for i in idx]).to(device, parts.vae.dtype)
+                # decoded exactly as the dataset's items are (CaptionedImages.clean_pixels), minus augmentation
+                px = torch.stack([where[ids[i]][0].clean_pixels(where[ids[i]][1]) for i in idx])
+                px = px.to(device, parts.vae.dtype)
                 with torch.no_grad():
                     dist = parts.vae.encode(px).latent_dist
                 return [{"latent_mean": dist.mean[j].float(), "latent_std": dist.std[j].float()}
@@ -374,6 +381,24 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
         f"latents {'cached' if cache_latents else 'encoded every step'}")
     wrap = lambda d: CachedSDItems(d, store, text_keys, latent_keys) if d is not None else None  # noqa: E731
     return wrap(train_ds), wrap(val_ds), stats
+
+
+def resolved_config(cfg: SDConfig) -> dict[str, Any]:
+    """`--print-config`: the config with the loop resolved against the training split (steps per epoch, total
+    steps); reads prompt-gt.csv and SPLIT.json only (no weights, no images)."""
+    from harness.dataset import load_training_data
+    from harness.trainer import loop_description, resolve_loop
+
+    cfg.validate()
+    out = to_dict(cfg)
+    if not (cfg.data_dir and cfg.split_path):
+        out["loop"] = dict(out["loop"], derived=None)
+        out["note"] = "give --split and --data to derive the steps per epoch and the total steps"
+        return out
+    ds, _ = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data), None)
+    loop, plan = resolve_loop(cfg.loop, len(ds))
+    out["loop"] = loop_description(loop, plan)
+    return out
 
 
 def config_from_run(run: Run) -> SDConfig:
@@ -407,10 +432,9 @@ def resume(run: Run, max_steps: int | None = None) -> Run:
 
     cfg = config_from_run(run)
     if max_steps is not None and max_steps != cfg.loop.max_steps:
-        cfg.loop.max_steps = max_steps
-        cfg.epochs = None
+        cfg.loop.max_steps, cfg.loop.epochs = max_steps, None
         full = run.config()
-        full["loop"]["max_steps"], full["epochs"] = max_steps, None
+        full["loop"]["max_steps"], full["loop"]["epochs"] = max_steps, None
         full["summary"]["steps"] = max_steps
         write_json(run.config_path, full)
     task, _ = build_task(cfg, log=run.log)
