@@ -357,7 +357,7 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
         if cache_latents:
             devset = train_ds.devset
             ids = unique(i for d in datasets for i in d.image_ids)
-            pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit}
+            pre = {"resolution": cfg.data.resolution, "fit": cfg.data.fit, "decode": "draft"}  # as Kandinsky
             latent_keys = {i: image_key("sd-vae-posterior", parts.fingerprints["vae"], pre,
                                         sha256_file(devset.image_path(i))) for i in ids}
             t = bar.add_task("cache latents", total=len(ids))
