@@ -225,3 +225,26 @@ def test_paraphrases_are_cached_up_front(tiny_sd, sd_data, tmp_path):
         for i in range(len(ds)):
             item = ds[i]
             assert "(rephrased" in item["caption"] and item["prompt_embeds"].shape == (77, 32)
+
+
+@pytest.mark.parametrize("method,extra", [("difffit", {}), ("full", {"ema": True, "ema_decay": 0.5})])
+def test_best_exports_mid_training_leave_the_live_model_alone(tiny_sd, sd_data, tmp_path, method, extra):
+    """--select-best exports into RUN/best at validations while training goes on: the DiffFit fold and the EMA swap
+    must not touch the live weights (a training with such exports ends where one without them ends)."""
+    import dataclasses
+
+    from harness.families.sd.task import build_task
+    from harness.runs import create_run
+    from harness.trainer import run_training
+
+    ends = []
+    for select in ("none", "val_loss"):
+        cfg = sd_config(tiny_sd, sd_data, tmp_path, steps=3, lr=1e-3, method=method, **extra)
+        cfg.loop = dataclasses.replace(cfg.loop, val_every=1, select_best=select)
+        task, h = build_task(cfg)
+        run = create_run("sd", {}, h, run_id=f"best-{method}-{select}")
+        run_training(task, cfg.loop, run)
+        ends.append([p.detach().clone() for p in task.trainable_parameters()])
+        if select != "none":
+            assert (run.dir / "best" / "unet" / "config.json").is_file()
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
