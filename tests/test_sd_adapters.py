@@ -37,25 +37,27 @@ PLAIN_DIFFUSERS = textwrap.dedent("""
     import sys, numpy as np, torch
     from diffusers import StableDiffusionPipeline
     from harness.generate import image_seed
-    base, adapter, weight, out = sys.argv[1:5]
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    pipe.load_lora_weights(adapter, weight_name=weight)
-    pipe.set_progress_bar_config(disable=True)
-    ims = []
-    for i, p in enumerate({prompts!r}, start=1):
-        g = torch.Generator().manual_seed(image_seed(0, i))
-        im = pipe(p, generator=g, num_inference_steps=3, height=32, width=32, output_type="np").images[0]
-        ims.append(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
-    np.save(out, np.stack(ims))
+    base, adapter, out = sys.argv[1:4]
+    for weight in sys.argv[4:]:  # one fresh pipeline per adapter file
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+        pipe.load_lora_weights(adapter, weight_name=weight)
+        pipe.set_progress_bar_config(disable=True)
+        ims = []
+        for i, p in enumerate({prompts!r}, start=1):
+            g = torch.Generator().manual_seed(image_seed(0, i))
+            im = pipe(p, generator=g, num_inference_steps=3, height=32, width=32, output_type="np").images[0]
+            ims.append(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
+        np.save(f"{{out}}-{{weight}}.npy", np.stack(ims))
 """).format(prompts=PROMPTS)
 
 
-def _plain_diffusers_images(base, adapter, weight, tmp_path):
-    out = tmp_path / f"plain-{weight}.npy"
+def _plain_diffusers_images(base, adapter, weights, tmp_path):
+    """{weight file: images} from a fresh Python process that knows nothing of the harness but `image_seed`."""
+    out = tmp_path / "plain"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(base), str(adapter), weight, str(out)], check=True,
+    subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(base), str(adapter), str(out), *weights], check=True,
                    env=env, capture_output=True)
-    return list(np.load(out))
+    return {w: list(np.load(f"{out}-{w}.npy")) for w in weights}
 
 
 @pytest.mark.parametrize("method,components,rank,alpha", [("lora", ["unet", "text_encoder"], 4, 8.0),
@@ -68,8 +70,9 @@ def test_adapter_reloads_in_plain_diffusers_and_kohya(tiny_sd, sd_data, tmp_path
                     alpha=alpha, export_kohya=method == "lora")
     run = _train(cfg, f"adapter-{method}")
     ours = _generate(run_cli, run, tmp_path)
-    plain = _plain_diffusers_images(tiny_sd, run.dir / "final", WEIGHT_NAME, tmp_path)
-    for a, b in zip(ours, plain):
+    weights = [WEIGHT_NAME, KOHYA_NAME] if method == "lora" else [WEIGHT_NAME]
+    plain = _plain_diffusers_images(tiny_sd, run.dir / "final", weights, tmp_path)
+    for a, b in zip(ours, plain[WEIGHT_NAME]):
         assert np.array_equal(a, b)
     # the adapter changes the images (it trained, and it was applied)
     from harness.families.sd.generate import build_pipeline
@@ -97,8 +100,7 @@ def test_adapter_reloads_in_plain_diffusers_and_kohya(tiny_sd, sd_data, tmp_path
             b = {k: v for k, v in getattr(back, name).state_dict().items() if "lora" in k}
             assert a.keys() == b.keys() and a
             assert all(torch.equal(a[k], b[k]) for k in a)
-        plain_kohya = _plain_diffusers_images(tiny_sd, run.dir / "final", KOHYA_NAME, tmp_path)
-        for x, y in zip(ours, plain_kohya):
+        for x, y in zip(ours, plain[KOHYA_NAME]):
             assert np.array_equal(x, y)
 
 
