@@ -88,6 +88,7 @@ FAMILIES: dict[str, str] = {
     "msdm-unet": "harness.msdm.sampling:load_generator",
     "kandinsky-prior": "harness.train_kandinsky:load_generator",
     "kandinsky-decoder": "harness.train_kandinsky:load_generator",
+    "sd": "harness.families.sd.generate:load_generator",
 }
 
 

@@ -82,7 +82,7 @@ def _register_all() -> None:
     # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
     import importlib
 
-    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase", "rate"):
+    for name in ("data", "generate", "msdm", "kandinsky", "sd", "score", "paraphrase", "rate"):
         try:
             mod = importlib.import_module(f"harness.cli.{name}")
         except ModuleNotFoundError as e:
@@ -148,8 +148,9 @@ def _os_error_line(e: OSError) -> str:
 
 def _fail(message: str, exc: BaseException) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     if _verbose or os.environ.get("HARNESS_VERBOSE"):
         traceback.print_exception(exc)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
     sys.exit(2)
