@@ -85,9 +85,9 @@ def location_free(info: Any) -> Any:
 # Imported lazily so a family's heavy dependencies are only loaded when it is used.
 FAMILIES: dict[str, str] = {
     "test-pattern": "harness.generate:load_test_pattern",
-    "msdm-unet": "harness.msdm.sampling:load_generator",
-    "kandinsky-prior": "harness.train_kandinsky:load_generator",
-    "kandinsky-decoder": "harness.train_kandinsky:load_generator",
+    "msdm-unet": "harness.families.msdm.sampling:load_generator",
+    "kandinsky-prior": "harness.families.kandinsky22.train:load_generator",
+    "kandinsky-decoder": "harness.families.kandinsky22.train:load_generator",
 }
 
 

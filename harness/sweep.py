@@ -221,7 +221,7 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
     `images_per_prompt` None = enough for MIN_GENERATED images per rank. Everything that changes a rank's results
     (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
     them is refused in an explicit --sweep-dir and gets its own directory by default."""
-    from harness.train_kandinsky import FAMILIES, resolve_adapter
+    from harness.families.kandinsky22.train import FAMILIES, resolve_adapter
 
     base.validate()
     family = FAMILIES[base.component]
@@ -297,7 +297,7 @@ def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: l
               device: str | None, score: bool, gen_seed: int) -> None:
     from harness.generate import generate_images, load_generator
     from harness.runs import open_run
-    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, continue_run, train
+    from harness.families.kandinsky22.train import ADAPTER_DIR, WEIGHT_NAME, continue_run, train
     from models.kandinsky.counting import count_lora
 
     cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank),

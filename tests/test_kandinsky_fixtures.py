@@ -65,7 +65,7 @@ def mini_data(sample_dir, tmp_path) -> tuple[Path, Path]:
 def tiny_config(component: str, tiny_kandinsky, mini_data, tmp_path, **changes):
     """A KandinskyConfig that trains in about a second on the tiny models (32 px images)."""
     from harness.config import to_dict
-    from harness.train_kandinsky import config_from_dict, default_config
+    from harness.families.kandinsky22.train import config_from_dict, default_config
 
     prior_dir, decoder_dir = tiny_kandinsky
     d = to_dict(default_config(component))

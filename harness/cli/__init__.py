@@ -82,11 +82,12 @@ def _register_all() -> None:
     # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
     import importlib
 
-    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase"):
+    for name in ("harness.cli.data", "harness.cli.generate", "harness.families.msdm.cli",
+                 "harness.families.kandinsky22.cli", "harness.cli.score", "harness.cli.paraphrase"):
         try:
-            mod = importlib.import_module(f"harness.cli.{name}")
+            mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == f"harness.cli.{name}":
+            if e.name == name:
                 continue  # area not installed in this build
             raise
         mod.register(cli, train=train, sweep=sweep, models=models)

@@ -122,7 +122,7 @@ def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
     from harness.config import to_dict
     from harness.errors import UserError
     from harness.io import read_json
-    from harness.train_kandinsky import base_config, config_from_dict
+    from harness.families.kandinsky22.train import base_config, config_from_dict
 
     loop = pop_loop_overrides(kwargs)
     d = to_dict(base_config(component, kwargs.pop("preset", None), stage))  # type: ignore[arg-type]
@@ -198,7 +198,7 @@ def _train_command(component: str) -> click.Command:
         from harness.cli.common import print_config
         from harness.progress import console
         from harness.runs import open_run
-        from harness.train_kandinsky import resolved_config, resume, train
+        from harness.families.kandinsky22.train import resolved_config, resume, train
 
         resume_run = kwargs.pop("resume_run", None)
         run_id = kwargs.pop("run_id", None)
@@ -292,7 +292,7 @@ def _sweep_command(component: str) -> click.Command:
         if kwargs.pop("print_config", False):
             from harness.cli.common import print_config
             from harness.sweep import sweep_protocol
-            from harness.train_kandinsky import resolved_config
+            from harness.families.kandinsky22.train import resolved_config
 
             kwargs.pop("resume_run", None)
             kwargs.pop("run_id", None)

@@ -19,9 +19,9 @@ from harness.config import to_dict
 from harness.dataset import ParaphraseStrategy, load_training_data
 from harness.errors import UserError
 from harness.io import write_json
-from harness.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, VAE_FAMILY, UNetConfig, VAEConfig,
+from harness.families.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, VAE_FAMILY, UNetConfig, VAEConfig,
                                  config_from_run, merge, unet_config, vae_config)
-from harness.msdm.data import CachedLatents, encode_images, load_sides
+from harness.families.msdm.data import CachedLatents, encode_images, load_sides
 from harness.runs import Run, create_run, open_run
 from harness.trainer import check_resumable, create_run_on_main, loop_description, resolve_loop, run_training
 from models.msdm.presets import get_preset
@@ -45,7 +45,7 @@ def _describe_text(source: str) -> str:
 
 
 def _build_vae(cfg: VAEConfig):
-    from harness.msdm.vae_task import VAETask, VGGPerceptual, find_vgg16
+    from harness.families.msdm.vae_task import VAETask, VGGPerceptual, find_vgg16
 
     train_ds, val_ds, hashes = load_sides(cfg.data_dir, cfg.split_path, cfg.data)
     perceptual = None
@@ -85,7 +85,7 @@ def _prepare_latents(cfg: UNetConfig, train_ds, vae) -> tuple[Any, float]:
                 m, lv = means[:LATENT_SCALE_IMAGES], logvars[:LATENT_SCALE_IMAGES]
             else:
                 m, lv = encode_images(vae, train_ds, device, limit=LATENT_SCALE_IMAGES)
-            from harness.msdm.unet_task import measure_latent_scale
+            from harness.families.msdm.unet_task import measure_latent_scale
 
             scale = measure_latent_scale(m, lv, cfg.loop.seed)
         vae.to("cpu")
@@ -97,8 +97,8 @@ def _prepare_latents(cfg: UNetConfig, train_ds, vae) -> tuple[Any, float]:
 
 
 def _build_unet(cfg: UNetConfig):
-    from harness.msdm.sampling import load_text
-    from harness.msdm.unet_task import UNetTask
+    from harness.families.msdm.sampling import load_text
+    from harness.families.msdm.unet_task import UNetTask
     from models.msdm.vae import MSDMAutoencoder
 
     train_ds, val_ds, hashes = load_sides(cfg.data_dir, cfg.split_path, cfg.data,

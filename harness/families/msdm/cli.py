@@ -8,7 +8,7 @@ import click
 
 from harness.cli.common import existing_file, pop_loop_overrides, training_options
 from harness.errors import UserError
-from harness.msdm.sources import preset_help
+from harness.families.msdm.sources import preset_help
 
 
 def register(cli: click.Group, train: click.Group, sweep: click.Group, models: click.Group) -> None:
@@ -63,7 +63,7 @@ def _done(run, what: str) -> None:
 
 def _finish(cfg, print_config: bool, run_id) -> None:
     from harness.cli.common import print_config as show
-    from harness.msdm.train import resolved_config, train
+    from harness.families.msdm.train import resolved_config, train
 
     if print_config:
         return show(resolved_config(cfg))
@@ -71,7 +71,7 @@ def _finish(cfg, print_config: bool, run_id) -> None:
 
 
 def _resume(resume_run, loop: dict, print_config: bool) -> None:
-    from harness.msdm.train import resume
+    from harness.families.msdm.train import resume
 
     if print_config:
         raise UserError("--print-config prints a new run's config; a run's own is RUN/config.json")
@@ -113,7 +113,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
       harness train msdm-vae --split split.json --data DATA --epochs 100 --mixed-precision bf16
       harness train msdm-vae --split split.json --data DATA --resume runs/msdm-vae-paper-20261122-1532
     """
-    from harness.msdm.config import vae_config
+    from harness.families.msdm.config import vae_config
 
     loop = pop_loop_overrides(kw)
     if resume_run:
@@ -189,7 +189,7 @@ def msdm_unet(split_path, data_dir, config_file, run_id, resume_run, paraphrases
       harness train msdm-unet --split split.json --data DATA --vae RUN --paraphrases para.jsonl --paraphrase-strategy add
       harness train msdm-unet --split split.json --data DATA --resume runs/msdm-unet-paper-...
     """
-    from harness.msdm.config import unet_config
+    from harness.families.msdm.config import unet_config
 
     loop = pop_loop_overrides(kw)
     if resume_run:
