@@ -1,6 +1,6 @@
 """MSDM text -> image sampling (training-time grids, --select-best fid) and the `harness generate` Generator.
 
-`load_generator(run, overrides)` is the family loader registered for "msdm-unet" in `harness.generate.FAMILIES`.
+`load_generator(run, overrides)` is the family loader registered for "msdm-unet" in harness/families/registry.py.
 """
 
 from __future__ import annotations
