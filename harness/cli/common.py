@@ -164,3 +164,14 @@ def check_output_dir(path: str | Path, option: str = "", name: str | Path | None
         raise UserError(f"{what}is not writable: cannot create anything in {anc} ({e.strerror})",
                         name or path) from None
     return path
+
+
+def grid_option(f):
+    """`--grid KEY=V1,V2` of `harness sweep` commands (harness/sweep.py resolves the keys against the family's
+    config and checks them before anything trains)."""
+    return click.option(
+        "--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+        help="Sweep a training option over values; repeat for a cartesian product (--grid rank=4,16 --grid "
+             "lr=1e-4,3e-4). KEY is a config field (its name, e.g. lr, or dotted path, e.g. "
+             "loop.lr) or an option name (lora_targets); an unknown key is refused with the allowed "
+             "ones.")(f)

@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from harness.cli.common import SEED, existing_dir, pop_loop_overrides, training_options
+from click.core import ParameterSource
+
+from harness.cli.common import SEED, existing_dir, grid_option, pop_loop_overrides, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -256,6 +258,7 @@ def _sweep_command(component: str) -> click.Command:
     @click.command(name=FAMILY[component])
     @click.option("--ranks", type=str, default="4,8,16,24,32,40,48,56,64,128", show_default=True,
                   help="Comma-separated LoRA ranks.")
+    @grid_option
     @click.option("--dry-run", is_flag=True, help="Print the plan (trainable parameters on the real architecture, "
                                                   "optimizer memory) and exit; needs no data and no weights.")
     @click.option("--sweep-dir", type=existing_dir, default=None,
@@ -274,17 +277,28 @@ def _sweep_command(component: str) -> click.Command:
     @preset_option(component, "sweep")
     @eval_option
     @lora_options(component)
-    def cmd(ranks, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
+    def cmd(ranks, grid, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
             **kwargs):
         from rich.console import Console
 
         from harness.errors import UserError
-        from harness.sweep import parse_ranks, plan_table, run_sweep
+        from harness.families.kandinsky22.sweep import plan_table
+        from harness.sweep import parse_grid, parse_ranks, run_sweep
 
         console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
 
-        rank_list = parse_ranks(ranks)
+        # --ranks R1,R2 is --grid rank=R1,R2; its default applies unless --grid is given.
+        grid_dict = parse_grid(grid)
+        ranks_given = click.get_current_context().get_parameter_source("ranks") != ParameterSource.DEFAULT
+        if "rank" in grid_dict and ranks_given:
+            raise UserError("--ranks and --grid rank=... both set the rank: give one")
+        if ranks_given or not grid_dict:
+            grid_dict = {"rank": [str(r) for r in parse_ranks(ranks)], **grid_dict}
+        rank_list = parse_ranks(",".join(grid_dict["rank"])) if "rank" in grid_dict else None
+        sweep_grid = rank_list if list(grid_dict) == ["rank"] else grid_dict
         if dry_run:
+            if rank_list is None:
+                raise UserError("--dry-run plans LoRA ranks: give --ranks or --grid rank=...")
             alpha = kwargs.get("alpha")
             console.print(plan_table(component, rank_list, alpha=alpha, targets=kwargs.get("lora_targets") or "paper",
                                      dora=bool(kwargs.get("dora")), rslora=bool(kwargs.get("rslora"))))
@@ -298,8 +312,14 @@ def _sweep_command(component: str) -> click.Command:
             kwargs.pop("run_id", None)
             cfg = build_config(component, kwargs, stage="sweep")
             resolved = resolved_config(cfg)
-            resolved["lora"]["rank"] = None  # each sweep rank
-            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), ranks=rank_list)
+            from harness.families.kandinsky22.sweep import PRIOR, DECODER
+            from harness.sweep import _set_path, resolve_grid
+
+            axes = resolve_grid(PRIOR if component == "prior" else DECODER, cfg,
+                                {"rank": [str(r) for r in sweep_grid]} if isinstance(sweep_grid, list) else grid_dict)
+            for path in axes:
+                _set_path(resolved, path, None)  # each sweep cell's
+            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), grid=axes)
             print_config(resolved)
             return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
@@ -309,12 +329,13 @@ def _sweep_command(component: str) -> click.Command:
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         kwargs.pop("run_id", None)
         cfg = build_config(component, kwargs, stage="sweep")
-        result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
+        result = run_sweep(cfg, sweep_grid, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
                            device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
         console.print(result.table())
         console.print(f"sweep record: {result.path}")
         if result.failed():
-            raise UserError(f"{len(result.failed())} rank(s) failed: {', '.join(map(str, result.failed()))} "
+            what = "rank(s)" if isinstance(sweep_grid, list) else "cell(s)"
+            raise UserError(f"{len(result.failed())} {what} failed: {'; '.join(map(str, result.failed()))} "
                             f"(errors in {result.path}); rerun the same command to retry them")
 
     # --split/--data are not needed for --dry-run; the command checks them itself otherwise.
@@ -330,9 +351,13 @@ def _sweep_command(component: str) -> click.Command:
     precision, recall and F1 with bootstrap 95 % intervals and marks the ranks statistically indistinguishable
     from the best (paired bootstrap of the FID difference); sweep.png plots them against rank.
 
+    --grid KEY=V1,V2 sweeps any training option (repeat it for a cartesian product); --ranks R1,R2 is
+    --grid rank=R1,R2 (the default ranks apply when neither is given; with --grid alone the rank is --rank's).
+
     \b
     Examples:
       harness sweep {FAMILY[component]} --ranks 4,8,16,32,64,128 --dry-run
+      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --grid rank=8,32 --grid lr=1e-4,3e-4
       harness sweep {FAMILY[component]} --preset paper --print-config
       harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --preset paper \\
           --{other}-adapter {pair} --eval-every-epochs 10 --mixed-precision bf16
@@ -354,7 +379,8 @@ def models_kandinsky(ranks, lora_targets):
     from rich.console import Console
     from rich.table import Table
 
-    from harness.sweep import parse_ranks, plan_table
+    from harness.families.kandinsky22.sweep import plan_table
+    from harness.sweep import parse_ranks
     from models.kandinsky.counting import architecture_summary
 
     console = Console(highlight=False)
