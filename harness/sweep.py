@@ -257,7 +257,8 @@ class SweepResult:
         title = f"{self.record['family']} sweep ({self.path.parent})"
         if best is None:
             t = Table(title=title)
-            for col in (head, "status", "run", "trainable", "val loss", "metrics / error"):
+            t.add_column(head, no_wrap=True)  # a cell label stays one line
+            for col in ("status", "run", "trainable", "val loss", "metrics / error"):
                 t.add_column(col)
             for r, v in cells:
                 what = v.get("metrics_summary") or v.get("error", "")
@@ -268,7 +269,8 @@ class SweepResult:
             return t
         t = Table(title=f"{title}; best {head} {best} by FID; '≈' = statistically indistinguishable from it "
                         "(paired bootstrap 95 % interval of the FID difference holds 0)")
-        for col in (head, "status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
+        t.add_column(head, no_wrap=True)
+        for col in ("status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
             t.add_column(col)
         for r, v in cells:
             iv = v.get("intervals") or {}
