@@ -136,3 +136,45 @@ def test_grid_sweep_intervals_marks_and_plot_per_cell(tiny_kandinsky, mini_data,
     console.print(res.table())
     text = console.export_text()
     assert "best cell" in text and "rank=3,dora=false" in text and "≈" in text and "worse" in text
+
+
+def test_msdm_unet_grid_sweep_from_the_cli(tmp_path, monkeypatch, run_cli):
+    """The generic sweep command a family gets from its train command (harness.cli.common.sweep_command): every
+    training option is a sweep option, the grid keys are config fields, a rerun skips the finished cells."""
+    from harness.data import load_devset
+    from harness.families.msdm.config import vae_config
+    from harness.families.msdm.train import train
+    from harness.io import write_json
+    from harness.sample import sample_dir
+    from harness.split import make_split
+    from models.tiny_clip import save_tiny_clip_text
+
+    monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
+    data = sample_dir()
+    split = make_split(data, val_images=4, seed=0)
+    split["train"] = split["train"][:8]
+    write_json(tmp_path / "split.json", split)
+    clip = save_tiny_clip_text(tmp_path / "clip", load_devset(data).unique_prompts())
+    loop = {"batch_size": 4, "checkpoint_every": 0, "val_every": 0, "sample_every": 0, "max_steps": 2}
+    vae = train(vae_config("tiny", data, tmp_path / "split.json", {
+        "data": {"jitter": 0.0, "resolution": 32}, "loss": {"perceptual_weight": 0.0}, "loop": loop}))
+    args = ["sweep", "msdm-unet", "--split", tmp_path / "split.json", "--data", data, "--vae", vae.dir,
+            "--text-encoder", clip, "--jitter", "0", "--max-steps", "2", "--batch-size", "4", "--steps", "2",
+            "--grid", "lr=1e-3,2e-3", "--grid", "ema_decay=0,0.9", "--n-prompts", "1", "--images-per-prompt", "1",
+            "--no-score", "--device", "cpu", "--sweep-dir", tmp_path / "sw"]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert rec["family"] == "msdm-unet" and rec["axes"] == ["loop.lr", "ema_decay"]
+    assert list(rec["cells"]) == ["lr=0.001,ema_decay=0", "lr=0.001,ema_decay=0.9", "lr=0.002,ema_decay=0",
+                                  "lr=0.002,ema_decay=0.9"]
+    for cell in rec["cells"].values():
+        cfg = json.loads((Path(cell["run"]) / "config.json").read_text())
+        assert cell["status"] == "done" and cell["n_images"] == 1
+        assert (cfg["loop"]["lr"], cfg["ema_decay"]) == (cell["params"]["loop.lr"], cell["params"]["ema_decay"])
+    code, out, err = run_cli(*args)
+    assert code == 0 and (out + err).count("skipped") == 4
+    bad = list(args)
+    bad[bad.index("ema_decay=0,0.9")] = "nope=1"
+    code, out, err = run_cli(*bad)
+    assert code == 2 and "'nope' is not a training option of msdm-unet; allowed:" in err and "ema_decay" in err

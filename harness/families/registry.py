@@ -40,7 +40,8 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("msdm", "MSDM latent diffusion (VAE, then a text-conditioned UNet)", "harness.families.msdm.cli", (
         RunKind("msdm-vae"),
-        RunKind("msdm-unet", generator="harness.families.msdm.sampling:load_generator"),
+        RunKind("msdm-unet", generator="harness.families.msdm.sampling:load_generator",
+                sweep="harness.families.msdm.sweep:UNET"),
     )),
     Family("kandinsky22", "Kandinsky 2.2 LoRA (prior and decoder)", "harness.families.kandinsky22.cli", (
         RunKind("kandinsky-prior", generator="harness.families.kandinsky22.train:load_generator",

@@ -10,7 +10,7 @@ import click
 
 from click.core import ParameterSource
 
-from harness.cli.common import SEED, existing_dir, grid_option, pop_loop_overrides, training_options
+from harness.cli.common import SEED, existing_dir, pop_loop_overrides, sweep_options, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -258,21 +258,9 @@ def _sweep_command(component: str) -> click.Command:
     @click.command(name=FAMILY[component])
     @click.option("--ranks", type=str, default="4,8,16,24,32,40,48,56,64,128", show_default=True,
                   help="Comma-separated LoRA ranks.")
-    @grid_option
     @click.option("--dry-run", is_flag=True, help="Print the plan (trainable parameters on the real architecture, "
                                                   "optimizer memory) and exit; needs no data and no weights.")
-    @click.option("--sweep-dir", type=existing_dir, default=None,
-                  help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done ranks.")
-    @click.option("--n-prompts", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Validation prompts to generate per rank (one caption per validation image; 0 = all).")
-    @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
-                  help="Images generated per validation prompt (each with its own seed). Default: the smallest K "
-                       "with n_prompts x K >= 2,000, the paper's protocol size (K = 10 for 200 validation images).")
-    @click.option("--gen-seed", type=SEED, default=0, show_default=True,
-                  help="Base seed of the generated images (image i gets a seed derived from it and i).")
-    @click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Generation batch size.")
-    @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
-    @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
+    @sweep_options
     @training_options
     @preset_option(component, "sweep")
     @eval_option
@@ -283,7 +271,8 @@ def _sweep_command(component: str) -> click.Command:
 
         from harness.errors import UserError
         from harness.families.kandinsky22.sweep import plan_table
-        from harness.sweep import parse_grid, parse_ranks, run_sweep
+        from harness.cli.common import run_sweep_command
+        from harness.sweep import parse_grid, parse_ranks
 
         console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
 
@@ -329,14 +318,10 @@ def _sweep_command(component: str) -> click.Command:
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         kwargs.pop("run_id", None)
         cfg = build_config(component, kwargs, stage="sweep")
-        result = run_sweep(cfg, sweep_grid, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
-                           device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
-        console.print(result.table())
-        console.print(f"sweep record: {result.path}")
-        if result.failed():
-            what = "rank(s)" if isinstance(sweep_grid, list) else "cell(s)"
-            raise UserError(f"{len(result.failed())} {what} failed: {'; '.join(map(str, result.failed()))} "
-                            f"(errors in {result.path}); rerun the same command to retry them")
+        from harness.families.kandinsky22.sweep import DECODER, PRIOR
+
+        run_sweep_command(PRIOR if component == "prior" else DECODER, cfg, sweep_grid, sweep_dir, n_prompts,
+                          images_per_prompt, gen_seed, gen_batch_size, device, score)
 
     # --split/--data are not needed for --dry-run; the command checks them itself otherwise.
     for p in cmd.params:
