@@ -1,28 +1,41 @@
-"""Rank-grid sweeps of Kandinsky LoRA: for each rank train -> generate the validation prompts -> score -> record.
+"""Sweeps: for each cell of a grid over training options, train -> generate the validation prompts -> score -> record.
 
-The seed paper's three-stage recipe, as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over
-the caption rows, 25 prior + 150 decoder sampling steps):
+    harness sweep KIND --split S --data D --grid KEY=V1,V2 [--grid KEY2=A,B ...] [training options]
+
+The grid is the cartesian product of the `--grid` axes; a key is a field of the family's typed config (its dotted
+path, e.g. `loop.lr`, or its leaf name when unique, e.g. `lr`, `rank`) or one of the family's option aliases
+(`resolve_grid`); an unknown key is one line naming the allowed ones. Every cell's config is built and validated
+before anything trains. What a family provides is a `SweepTarget` (below), registered with its run kind in
+harness/families/registry.py.
+
+LoRA rank sweeps are the special case the seed paper needs (`--ranks R1,R2` = `--grid rank=R1,R2`), its three-stage
+recipe as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over the caption rows, 25 prior + 150
+decoder sampling steps):
     harness train kandinsky-decoder --split S --data D --preset paper          # 1. decoder r=32, 40 epochs
     harness sweep kandinsky-prior --split S --data D --preset paper --decoder-adapter runs/<decoder-r32>
                                                                                # 2. prior ranks, 100 epochs each
     harness sweep kandinsky-decoder --split S --data D --preset paper --prior-adapter runs/<best prior>
                                                                                # 3. decoder ranks, 100 epochs each
 
-Per rank: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
-score against the validation images, then bootstrap 95 % intervals (harness/stats.py) and a paired comparison of
-each rank's FID with the best rank's: the summary table marks the ranks statistically indistinguishable from it.
+Per cell: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
+every cell the same prompts with the same seeds, score against the validation images, then bootstrap 95 %
+intervals (harness/stats.py) and a paired comparison of each cell's FID with the best cell's: the summary table
+marks the cells statistically indistinguishable from it; sweep.png plots them against the swept axis (rank on a
+log2 axis) or per cell label for a multi-axis grid.
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory
+State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per cell the run directory
 (recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
-crash. A crash in one rank is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
-it, once). Running the same command again skips finished ranks, continues a rank whose training was killed
+crash. A crash in one cell is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
+it, once). Running the same command again skips finished cells, continues a cell whose training was killed
 (SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
-they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the base config and protocol>, so the same
-command finds its own record; another base config or protocol (n_prompts, generation seed, images per prompt,
-sampling steps/guidance) in the same dir is refused, naming the differences.
+they stopped. The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
+fields are left out of the base config), so the same command finds its own record; another base config or
+protocol (n_prompts, generation seed, images per prompt, sampling steps/guidance) in the same dir is refused,
+naming the differences. Rank-only sweeps keep their cells under "ranks" (so sweeps started before --grid existed
+continue), other grids under "cells" with their "axes".
 
-`--dry-run` needs no data and no weights: the trainable-parameter counts come from the real architectures built on
-the meta device (models/kandinsky/counting.py) and equal the paper's tables.
+Kandinsky's `--dry-run` needs no data and no weights: the trainable-parameter counts come from the real
+architectures built on the meta device (models/kandinsky/counting.py) and equal the paper's tables.
 """
 
 from __future__ import annotations
