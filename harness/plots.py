@@ -46,7 +46,9 @@ def sweep_plot(points: Sequence[dict], out: Path, title: str, xlabel: str = "LoR
             pts = sorted((p["rank"], p[key], p.get(f"{key}_low"), p.get(f"{key}_high")) for p in points
                          if p["series"] == s and p.get(key) is not None)
             if pts:
-                line = ax.plot([r for r, *_ in pts], [v for _, v, *_ in pts], marker="o", label=s)[0]
+                # cells of a multi-axis grid are not an ordered axis: points, no line between them
+                line = ax.plot([r for r, *_ in pts], [v for _, v, *_ in pts], marker="o", label=s,
+                               linestyle="none" if tick_labels else "-")[0]
                 bars = [(r, v, lo, hi) for r, v, lo, hi in pts if lo is not None and hi is not None]
                 if bars:
                     ax.errorbar([b[0] for b in bars], [b[1] for b in bars],
@@ -55,7 +57,8 @@ def sweep_plot(points: Sequence[dict], out: Path, title: str, xlabel: str = "LoR
         if log2:
             ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str((tick_labels or {}).get(r, r)) for r in ranks],
-                      rotation=30 if tick_labels else 0, fontsize=8 if tick_labels else None)
+                      rotation=30 if tick_labels else 0, fontsize=8 if tick_labels else None,
+                      ha="right" if tick_labels else "center")
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_title(label)

@@ -556,10 +556,10 @@ def _intervals(feats: dict[str, Any]) -> dict[str, Any]:
 
 
 def mark_best(record: dict[str, Any]) -> str | None:
-    """The label of the best cell. Compare every scored cell with the best one (lowest FID) by the paired bootstrap of the FID difference
-    (same real features; image i of both runs comes from prompt i); each rank gets `vs_best` with the difference,
-    its 95 % interval and whether the interval holds 0 (statistically indistinguishable). Kept in sweep.json per
-    (rank run, best run), so a rerun does not recompute it."""
+    """The label of the best cell. Compare every scored cell with the best one (lowest FID) by the paired
+    bootstrap of the FID difference (same real features; image i of both runs comes from prompt i); each cell gets
+    `vs_best` with the difference, its 95 % interval and whether the interval holds 0 (statistically
+    indistinguishable). Kept in sweep.json per (cell run, best run), so a rerun does not recompute it."""
     from harness import stats
     from harness.runs import open_run
 

@@ -309,6 +309,8 @@ def _sweep_command(component: str) -> click.Command:
             for path in axes:
                 _set_path(resolved, path, None)  # each sweep cell's
             resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), grid=axes)
+            if isinstance(sweep_grid, list):
+                resolved["sweep"]["ranks"] = sweep_grid
             print_config(resolved)
             return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
@@ -327,7 +329,7 @@ def _sweep_command(component: str) -> click.Command:
     for p in cmd.params:
         if p.name in ("split_path", "data_dir"):
             p.required = False
-    cmd.help = f"""Rank-grid sweep of the {component} LoRA: per rank train -> generate the validation prompts -> score.
+    cmd.help = f"""Sweep the {component} LoRA over ranks (or any --grid): per cell train -> generate -> score.
 
     Each rank is recorded in sweep.json (run, status, metrics or the error); a crash in one rank is recorded and the
     sweep goes on; rerunning the same command skips finished ranks and continues a killed training in its own run
