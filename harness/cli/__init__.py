@@ -52,7 +52,7 @@ def train() -> None:
 
 @cli.group(context_settings=CONTEXT)
 def sweep() -> None:
-    """Train -> generate -> score over a grid of LoRA ranks."""
+    """Train -> generate -> score over a grid of training options (--grid KEY=V1,V2 ...; --ranks for LoRA ranks)."""
 
 
 @cli.group(context_settings=CONTEXT)
@@ -78,15 +78,19 @@ def models_make_tiny() -> None:
 
 
 def _register_all() -> None:
-    # Each module exposes `register(cli, train, sweep, models)`. Imported here, not at the top of the stage modules,
-    # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
+    # Each module exposes `register(cli, train, sweep, models)`: the shared areas here, then every family of the
+    # registry (harness/families/registry.py). Imported here, not at the top of the stage modules, so
+    # `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
     import importlib
 
-    for name in ("data", "generate", "msdm", "kandinsky", "sd", "score", "paraphrase", "rate"):
+    from harness.families.registry import FAMILIES
+
+    shared = [f"harness.cli.{name}" for name in ("data", "generate", "score", "paraphrase", "rate")]
+    for name in shared + [f.cli for f in FAMILIES if f.cli]:
         try:
-            mod = importlib.import_module(f"harness.cli.{name}")
+            mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == f"harness.cli.{name}":
+            if e.name == name:
                 continue  # area not installed in this build
             raise
         mod.register(cli, train=train, sweep=sweep, models=models)

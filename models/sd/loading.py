@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from models.kandinsky.loading import Source, fingerprint, resolve_source, to_dtype
+from models.hub import Source, fingerprint, resolve_source, to_dtype
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -170,7 +170,7 @@ def models_info_sd(base, rank, alpha, lora_targets):
     console = Console(highlight=False)
     folder = None
     if base is not None and base != DEFAULT_BASE:
-        from models.kandinsky.loading import resolve_source
+        from models.hub import resolve_source
 
         try:
             folder = resolve_source(base).folder

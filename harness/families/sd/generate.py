@@ -53,7 +53,7 @@ def build_pipeline(base: str, revision: str | None, final: Path | None, method: 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from models.kandinsky.loading import resolve_source, to_dtype
+    from models.hub import resolve_source, to_dtype
 
     dt = to_dtype(dtype)
     try:

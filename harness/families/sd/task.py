@@ -298,11 +298,10 @@ def _load_parts(cfg: SDConfig) -> SDParts:
 
 def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tuple[SDTask, dict]:
     from harness.dataset import load_training_data
-
-    from harness.train_kandinsky import _load_paraphrases
+    from harness.paraphrase import training_paraphrases
 
     cfg.validate()
-    paraphrases, para_sha = _load_paraphrases(cfg)  # same file format and checks as the Kandinsky prior
+    paraphrases, para_sha = training_paraphrases(cfg.paraphrases_path, cfg.data.paraphrase_strategy)
     train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data),
                                           paraphrases)
     hashes["paraphrases_sha256"] = para_sha
@@ -339,7 +338,7 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
     stats: dict[str, Any] = {"dir": str(store.root)}
     with dist_state().main_process_first(), progress() as bar:
         if cache_text:
-            from harness.train_kandinsky import needed_captions
+            from harness.encoder_cache import needed_captions
 
             caps = unique(c for d in datasets for c in needed_captions(d))  # pools, paraphrases and ""
             fp = parts.fingerprints["text"] + f":clip_skip={cfg.clip_skip}"
