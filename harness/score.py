@@ -499,8 +499,8 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         for i, (name, side, image_set) in enumerate(jobs):
             task = bar.add_task(f"{name} {side}", total=len(image_set))
             custom = side == "real" and name != "imageclef2024" and prep.mode != "native"
-            identity = _identity(name, plan[name]["layers"], weights[name], device,
-                                 prep.preprocess_id if side == "real" and name != "imageclef2024" else None)
+            identity = feature_identity(name, plan[name]["layers"], weights[name], device,
+                                        prep.preprocess_id if side == "real" and name != "imageclef2024" else None)
             feats[(name, side)] = extract_features(
                 image_set, identity, maker(name), batch_size=cfg.batch_size, use_cache=cfg.use_cache,
                 load=prep.load if custom else None, shape_key=prep.shape_key if custom else None,
@@ -695,8 +695,10 @@ def _compute_memo(metric: str, ctx: _Context) -> dict[str, Any]:
     return {**out, "reused": False} if out.get("status") == "ok" else out
 
 
-def _identity(name: str, layers: tuple[str, ...], weights: ResolvedWeights, device: torch.device,
-              real_preprocess_id: str | None) -> dict[str, Any]:
+def feature_identity(name: str, layers: tuple[str, ...], weights: ResolvedWeights, device: torch.device,
+                     real_preprocess_id: str | None = None) -> dict[str, Any]:
+    """What decides an extractor's features (its cache key): network, layers, weights, preprocessing, runtime.
+    Generated images pass None (native); real images pass their `RealPreprocess.preprocess_id`."""
     if name == "imageclef2024":
         from harness.imageclef2024 import OrganisersInception, preprocess
 

@@ -531,7 +531,7 @@ class KandinskyTask(TrainTask):
 
         from harness.features import ImageSet, TorchFidelityExtractor, extract_features
         from harness.generate import image_seed
-        from harness.score import INCEPTION, _identity
+        from harness.score import INCEPTION, RealPreprocess, feature_identity
 
         base = self._val.base if isinstance(self._val, CachedItems) else self._val
         base.set_epoch(0)
@@ -540,7 +540,7 @@ class KandinskyTask(TrainTask):
             self._fid_generator = self._make_grid_generator(self.cfg.generation)
         gen = self._fid_generator
         device = next(_unwrap(self.trained).parameters()).device
-        identity = _identity(INCEPTION, ("2048",), weights)
+        identity = feature_identity(INCEPTION, ("2048",), weights, device)
         extractor: list = []
 
         def make():
@@ -559,7 +559,10 @@ class KandinskyTask(TrainTask):
                         paths.append(Path(tmp) / f"{i + 1:05d}.png")
                         Image.fromarray(im).save(paths[-1])
             fake = extract_features(ImageSet("in-training generations", paths), identity, make, use_cache=False)
-        reals = extract_features(real, identity, make)
+        # The real side as `harness score` compares by default: the training transform at the generated size.
+        prep = RealPreprocess("match", int(images[0].shape[0]), base.cfg.fit)
+        reals = extract_features(real, feature_identity(INCEPTION, ("2048",), weights, device, prep.preprocess_id),
+                                 make, load=prep.load, shape_key=prep.shape_key)
         out = fid_statistics_to_metric(fid_features_to_statistics(fake.features["2048"]),
                                        fid_features_to_statistics(reals.features["2048"]), verbose=False)
         return float(out["frechet_inception_distance"])
