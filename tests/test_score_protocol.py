@@ -53,15 +53,14 @@ def test_real_preprocess_match_gives_fid_zero_for_the_training_transform(tmp_pat
                                                                          run_cli, monkeypatch):
     """Validation images passed through the training transform score FID ~ 0 against --real val under `match`
     (both sides reach the network alike) and clearly > 0 under `native` (real at native size, squashed in-network)."""
-    from harness.dataset import _fit
-    from harness.images import open_rgb
+    from harness.dataset import training_view
 
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
     split_path, split = split8
     folder = tmp_path / "transformed"
     folder.mkdir()
     for name in sorted(split.val):
-        _fit(open_rgb(sample_dir / "images" / name), 32, "pad").save(folder / (name.rsplit(".", 1)[0] + ".png"))
+        training_view(sample_dir / "images" / name, 32, "pad").save(folder / (name.rsplit(".", 1)[0] + ".png"))
     common = ["--real", "val", "--split", split_path, "--data", sample_dir, "--metrics", "fid,kid", "--bootstrap",
               "20", "--inception-weights", inception, "--allow-unverified-weights", "--device", "cpu"]
     code, out, err = run_cli("score", folder, *common, "--out", tmp_path / "match.json")
