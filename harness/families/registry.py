@@ -50,7 +50,7 @@ FAMILIES: tuple[Family, ...] = (
                 sweep="harness.families.kandinsky22.sweep:DECODER"),
     )),
     Family("sd", "Stable Diffusion 1.x/2.x fine-tuning (full, LoRA, DoRA, BitFit, DiffFit)", "harness.families.sd.cli", (
-        RunKind("sd", generator="harness.families.sd.generate:load_generator"),
+        RunKind("sd", generator="harness.families.sd.generate:load_generator", sweep="harness.families.sd.sweep:SD"),
     )),
     # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`.
     Family("test-pattern", "seeded test pattern (no model)", None, (

@@ -405,7 +405,12 @@ def config_from_run(run: Run) -> SDConfig:
     return config_from_dict(d, where=str(run.config_path))
 
 
-def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None) -> Run:
+def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None,
+          on_run: Callable[[Run], None] | None = None) -> Run:
+    """Train a new run end to end; returns the run (result in RUN/final).
+
+    `on_run(run)` is called on the main process once the run directory exists and before the first step (the sweep
+    records the directory there, so a kill during training leaves a record that points at the run to continue)."""
     from harness.distributed import state as dist_state
     from harness.trainer import create_run_on_main
 
@@ -422,6 +427,8 @@ def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None) -> R
     if dist_state().is_main_process:
         for line in logs:
             run.log(line)
+        if on_run is not None:
+            on_run(run)
     run_training(task, cfg.loop, run)
     return run
 
@@ -438,4 +445,19 @@ def resume(run: Run, max_steps: int | None = None) -> Run:
         write_json(run.config_path, full)
     task, _ = build_task(cfg, log=run.log)
     run_training(task, cfg.loop, run, resume=True)
+    return run
+
+
+def continue_run(run: Run) -> Run:
+    """Finish the training of `run` in its own directory: from its last checkpoint, or from step 0 when it was
+    stopped before its first checkpoint (what a sweep rerun does after a kill)."""
+    from harness.trainer import TRAIN_LOG, latest_checkpoint
+
+    if latest_checkpoint(run) is not None:
+        return resume(run)
+    cfg = config_from_run(run)
+    task, _ = build_task(cfg, log=run.log)
+    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
+    run.log("no checkpoint yet: training again from step 0 in the same run")
+    run_training(task, cfg.loop, run)
     return run
