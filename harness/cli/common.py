@@ -247,6 +247,10 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
             if kwargs.get(opt) is None:
                 raise UserError(f"{name} is required (except with --dry-run)")
         sweep_kw = {k: kwargs.pop(k) for k in SWEEP_KEYS}
+        if sweep_kw["device"] is not None:  # before the config is built (it may open runs); run_sweep checks too
+            from harness.distributed import pick_device
+
+            pick_device(sweep_kw["device"])
         if kwargs.pop("resume_run", None):
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         if kwargs.pop("print_config", False):
