@@ -32,7 +32,10 @@ class SDSweep(SweepTarget):
         from harness.errors import UserError
         from models.hub import resolve_source
 
+        from harness.families.sd.task import check_vae_resolution
+
         cfg.validate()
+        check_vae_resolution(cfg)
         try:  # a wrong --base or a hub id not cached offline: one line for the whole sweep
             resolve_source(cfg.base, cfg.revision)
         except FileNotFoundError as e:

@@ -296,11 +296,30 @@ def _load_parts(cfg: SDConfig) -> SDParts:
         raise UserError(str(e)) from None
 
 
+def check_vae_resolution(cfg: SDConfig, vae_config: dict | None = None) -> None:
+    """--resolution against the VAE's downsampling factor: of `vae_config` (the loaded VAE's), else of the base's
+    config when it can be read without loading (a local folder, or the default base's shipped config)."""
+    from harness.dataset import check_resolution
+    from models.sd.architecture import component_configs
+    from models.sd.loading import DEFAULT_BASE
+
+    if vae_config is None:
+        folder = Path(cfg.base)
+        if (folder / "model_index.json").is_file():
+            vae_config = component_configs(folder)["vae"]
+        elif cfg.base == DEFAULT_BASE:
+            vae_config = component_configs()["vae"]
+        else:
+            return  # a hub id: checked once loaded
+    check_resolution(cfg.data.resolution, vae_config["block_out_channels"], "VAE")
+
+
 def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tuple[SDTask, dict]:
     from harness.dataset import load_training_data
     from harness.paraphrase import training_paraphrases
 
     cfg.validate()
+    check_vae_resolution(cfg)
     paraphrases, para_sha = training_paraphrases(cfg.paraphrases_path, cfg.data.paraphrase_strategy)
     train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data),
                                           paraphrases)
@@ -314,6 +333,7 @@ def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tu
         val_ds, vh = None, {"n_images": 0}
     hashes = dict(hashes, val_n_images=vh["n_images"])
     parts = _load_parts(cfg)
+    check_vae_resolution(cfg, dict(parts.vae.config))
     sources = {"base": parts.source.to_dict(), "prediction_type": parts.prediction_type}
     cache_text = cfg.cache and "text_encoder" not in cfg.components
     augmented = cfg.data.jitter > 0 or cfg.data.hflip or cfg.data.hflip_uncond
@@ -389,6 +409,7 @@ def resolved_config(cfg: SDConfig) -> dict[str, Any]:
     from harness.trainer import loop_description, resolve_loop
 
     cfg.validate()
+    check_vae_resolution(cfg)
     out = to_dict(cfg)
     if not (cfg.data_dir and cfg.split_path):
         out["loop"] = dict(out["loop"], derived=None)
