@@ -1,6 +1,6 @@
-"""CLI of the SD family: `register(cli, train, sweep, models)` adds `harness train sd`, `harness sweep sd`, `harness models info sd` and
-`harness models make-tiny sd` (the click commands are in commands.py), and `build_config` turns their options into
-an SDConfig (defaults <- --preset <- --config file <- options).
+"""CLI of the SD family: `register(cli, train, sweep, models)` adds `harness train sd`, `harness sweep sd`,
+`harness models info sd` and `harness models make-tiny sd` (the click commands are in commands.py), and
+`build_config` turns their options into an SDConfig (defaults <- --preset <- --config file <- options).
 
 This module does not import harness.cli at import time: harness.cli's root imports it (through harness/cli/sd.py)
 while registering the areas, and a module-level import back would be circular.
