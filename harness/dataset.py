@@ -81,6 +81,16 @@ class ParaphraseStrategy:
         return f"replace:{self.p:g}" if self.kind == "replace" else self.kind
 
 
+def check_resolution(resolution: int, block_out_channels, autoencoder: str) -> None:
+    """The training resolution must be a multiple of the autoencoder's downsampling factor (one downsample between
+    each pair of its encoder blocks: 2 ** (len(block_out_channels) - 1), 8 for SD's VAE and Kandinsky's MoVQ):
+    otherwise the latents are cropped silently. One line naming the factor, before any run folder exists."""
+    factor = 2 ** (len(block_out_channels) - 1)
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} must be a multiple of {factor}, the {autoencoder}'s downsampling "
+                        f"factor (2 ** (len(block_out_channels) - 1) of its config)")
+
+
 @dataclass
 class DatasetConfig:
     resolution: int = 256

@@ -80,12 +80,25 @@ def location_free(info: Any) -> Any:
     return info
 
 
+# `harness generate` options that only some families honour (RunKind.generate_options): override key -> option.
+OPTIONAL_OVERRIDES = {"scheduler": "--scheduler", "negative_prompt": "--negative-prompt", "height": "--height",
+                      "width": "--width"}
+
+
 def load_generator(run: Run, overrides: dict[str, Any] | None = None) -> Generator:
-    """The generator of `run`, by the loader its family registered (harness/families/registry.py)."""
-    from harness.families.registry import generator_loader
+    """The generator of `run`, by the loader its family registered (harness/families/registry.py). An optional
+    override its kind does not honour is refused (one line naming the option and the family), before loading."""
+    from harness.families.registry import generator_loader, kinds, run_kind
 
     loader: Callable[[Run, dict], Generator] = generator_loader(run.family, run.config_path)
-    return loader(run, {k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    supported = run_kind(run.family).generate_options
+    for key, option in OPTIONAL_OVERRIDES.items():
+        if key in given and key not in supported:
+            others = ", ".join(k.name for k in kinds() if key in k.generate_options)
+            raise UserError(f"{option} is not supported by the {run.family} family (supported by: {others})",
+                            run.dir)
+    return loader(run, given)
 
 
 # --------------------------------------------------------------------------------------------------------------

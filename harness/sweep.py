@@ -359,6 +359,10 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
     `images_per_prompt` None = enough for MIN_GENERATED images per cell. Everything that changes a cell's results
     (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
     them is refused in an explicit --sweep-dir and gets its own directory by default."""
+    if device is not None:  # an unavailable --device is one line now, not a cell's crash after its training
+        from harness.distributed import pick_device
+
+        device = str(pick_device(device))
     target = target or find_target(base)
     axes = resolve_grid(target, base, {RANK_PATH if isinstance(grid, list) else k: [str(v) for v in vals]
                                        for k, vals in ({"rank": grid} if isinstance(grid, list) else grid).items()})

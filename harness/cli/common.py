@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -225,18 +226,31 @@ def run_sweep_command(target, cfg, grid, sweep_dir, n_prompts, images_per_prompt
                         f"(errors in {result.path}); rerun the same command to retry them")
 
 
-def sweep_command(train_command: click.Command, target_ref: str, build_config) -> click.Command:
+def sweep_command(train_command: click.Command, target_ref: str, build_config, plan: str | None = None
+                  ) -> click.Command:
     """`harness sweep KIND` for a family whose sweep takes exactly its training options plus the shared sweep
     options: built from its `harness train KIND` command, so every training option is also a sweep option.
     `build_config(train_kwargs)` is the typed config the train command would train; `target_ref` is the
-    registry's "module:attr" of the family's SweepTarget."""
+    registry's "module:attr" of the family's SweepTarget. `plan` ("module:function", [(cell label, cell config)]
+    -> a rich renderable) adds `--dry-run`: print the plan of every cell and exit, without data or weights."""
 
     def callback(**kwargs):
         from harness.errors import UserError
         from harness.families.registry import load_ref
         from harness.sweep import parse_grid
 
+        dry_run = kwargs.pop("dry_run", False)
+        if dry_run:
+            _print_plan(load_ref(target_ref), load_ref(plan), build_config, kwargs)
+            return
+        for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
+            if kwargs.get(opt) is None:
+                raise UserError(f"{name} is required (except with --dry-run)")
         sweep_kw = {k: kwargs.pop(k) for k in SWEEP_KEYS}
+        if sweep_kw["device"] is not None:  # before the config is built (it may open runs); run_sweep checks too
+            from harness.distributed import pick_device
+
+            pick_device(sweep_kw["device"])
         if kwargs.pop("resume_run", None):
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         if kwargs.pop("print_config", False):
@@ -247,8 +261,16 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config) -
             raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
         run_sweep_command(load_ref(target_ref), build_config(kwargs), grid, **sweep_kw)
 
-    cmd = sweep_options(click.Command(train_command.name, callback=callback, params=list(train_command.params),
+    params = [copy.copy(p) for p in train_command.params]  # copies: --split/--data turn optional below
+    cmd = sweep_options(click.Command(train_command.name, callback=callback, params=params,
                                       context_settings=train_command.context_settings))
+    if plan is not None:
+        cmd = click.option("--dry-run", is_flag=True,
+                           help="Print every cell's trainable parameters (real architecture on the meta device) and "
+                                "exit; needs no data and no weights.")(cmd)
+        for p in cmd.params:  # not needed for --dry-run; the callback checks them otherwise
+            if p.name in ("split_path", "data_dir"):
+                p.required = False
     cmd.help = (f"Sweep `harness train {train_command.name}` over a grid of its options: per cell train -> "
                 "generate the validation prompts -> score.\n\n"
                 "Each cell is recorded in sweep.json (run, status, metrics or the error); a crash in one cell is "
@@ -259,3 +281,28 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config) -
                 f"\b\nExample:\n  harness sweep {train_command.name} --split split.json --data DATA_DIR "
                 "--grid lr=1e-4,3e-4 --grid loop.seed=0,1 ...")
     return cmd
+
+
+def _print_plan(target, plan, build_config, kwargs: dict) -> None:
+    """--dry-run of a `sweep_command`: every cell's config built and validated as the sweep would, then the plan."""
+    from rich.console import Console
+
+    from harness.config import to_dict
+    from harness.errors import UserError
+    from harness.sweep import _set_path, cell_label, grid_cells, parse_grid, resolve_grid
+
+    grid = parse_grid(kwargs.pop("grid"))
+    if not grid:
+        raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
+    for k in SWEEP_KEYS + ("resume_run", "print_config", "run_id"):
+        kwargs.pop(k, None)
+    base = build_config(kwargs)
+    cells = []
+    for cell in grid_cells(resolve_grid(target, base, grid)):
+        d = to_dict(base)
+        for path, v in cell.items():
+            _set_path(d, path, v)
+        cfg = target.config_from_dict(d)
+        cfg.validate()
+        cells.append((cell_label(cell), cfg))
+    Console(highlight=False).print(plan(cells))

@@ -12,6 +12,9 @@ import click
 from harness.cli.common import FiniteFloatRange, check_output_dir
 from harness.cli.common import SEED, existing_dir, existing_file
 
+# --scheduler names (diffusers' samplers) -> the generation config's names.
+SCHEDULER_NAMES = {"ddim": "ddim", "euler": "euler", "dpm-solver++": "dpmpp"}
+
 
 def register(cli: click.Group, **groups: click.Group) -> None:
     cli.add_command(generate)
@@ -51,8 +54,18 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Weights/activations dtype (family default fp32; bf16/fp16 on a GPU).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Shard prompts over N processes with `accelerate launch` (one per GPU; gloo on CPU).")
+# Family-specific sampling options (RunKind.generate_options): a family that does not honour one refuses it.
+@click.option("--scheduler", type=click.Choice(list(SCHEDULER_NAMES)), default=None,
+              help="Sampler, as diffusers' DDIMScheduler / EulerDiscreteScheduler / DPMSolverMultistepScheduler "
+                   "(dpmsolver++, order 2) from the base's scheduler config (default: the run's, ddim; sd).")
+@click.option("--negative-prompt", type=str, default=None,
+              help="Negative prompt of classifier-free guidance (default: the run's, none; sd).")
+@click.option("--height", type=click.IntRange(min=8), default=None,
+              help="Image height in pixels (default: the run's, its training resolution; sd, kandinsky).")
+@click.option("--width", type=click.IntRange(min=8), default=None,
+              help="Image width in pixels (default: the run's, its training resolution; sd, kandinsky).")
 def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir, overwrite, steps, guidance, device,
-             threads, dtype, num_processes):
+             threads, dtype, num_processes, scheduler, negative_prompt, height, width):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
@@ -92,7 +105,9 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
 
         torch.set_num_threads(threads)
     rank, world = distributed_shard()
-    overrides = {"steps": steps, "guidance": guidance, "dtype": dtype, "device": str(dev)}
+    overrides = {"steps": steps, "guidance": guidance, "dtype": dtype, "device": str(dev),
+                 "scheduler": SCHEDULER_NAMES.get(scheduler), "negative_prompt": negative_prompt, "height": height,
+                 "width": width}
     gen = load_generator(run, overrides)
     n_blocks = -(-len(pf.prompts) // batch_size)
     share = sum(min(batch_size, len(pf.prompts) - b * batch_size) for b in range(rank, n_blocks, world))

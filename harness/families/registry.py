@@ -27,6 +27,9 @@ class RunKind:
     generator: str | None = None  # "module:function", load(run, overrides) -> harness.generate.Generator
     sweep: str | None = None  # "module:attr", a harness.sweep.SweepTarget: `harness sweep NAME --grid ...`
     aliases: tuple[str, ...] = ()  # earlier names of this kind recorded in older runs' config.json
+    # `harness generate` options beyond --steps/--guidance/--dtype/--device that its generator honours (override
+    # keys of harness.generate.OPTIONAL_OVERRIDES); the others are refused for this kind, never ignored.
+    generate_options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,13 @@ FAMILIES: tuple[Family, ...] = (
     )),
     Family("kandinsky22", "Kandinsky 2.2 LoRA (prior and decoder)", "harness.families.kandinsky22.cli", (
         RunKind("kandinsky-prior", generator="harness.families.kandinsky22.train:load_generator",
-                sweep="harness.families.kandinsky22.sweep:PRIOR"),
+                sweep="harness.families.kandinsky22.sweep:PRIOR", generate_options=("height", "width")),
         RunKind("kandinsky-decoder", generator="harness.families.kandinsky22.train:load_generator",
-                sweep="harness.families.kandinsky22.sweep:DECODER"),
+                sweep="harness.families.kandinsky22.sweep:DECODER", generate_options=("height", "width")),
     )),
     Family("sd", "Stable Diffusion 1.x/2.x fine-tuning (full, LoRA, DoRA, BitFit, DiffFit)", "harness.families.sd.cli", (
-        RunKind("sd", generator="harness.families.sd.generate:load_generator"),
+        RunKind("sd", generator="harness.families.sd.generate:load_generator", sweep="harness.families.sd.sweep:SD",
+                generate_options=("scheduler", "negative_prompt", "height", "width")),
     )),
     # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`.
     Family("test-pattern", "seeded test pattern (no model)", None, (

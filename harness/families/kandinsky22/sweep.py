@@ -36,6 +36,10 @@ class KandinskySweep(SweepTarget):
         other = "decoder" if cfg.component == "prior" else "prior"
         resolve_adapter(cfg.decoder_adapter if other == "decoder" else cfg.prior_adapter, other)  # fail early
         check_bases(cfg)
+        if cfg.component == "decoder":
+            from harness.families.kandinsky22.train import check_movq_resolution
+
+            check_movq_resolution(cfg)
 
     def train(self, cfg, on_run) -> Run:
         from harness.families.kandinsky22 import train as tk  # looked up per call: tests replace tk.train

@@ -614,6 +614,21 @@ def _unwrap(m: nn.Module | None) -> nn.Module | None:
 # Building the task: load models, data, fill the cache.
 
 
+def check_movq_resolution(cfg: KandinskyConfig) -> None:
+    """--resolution against the decoder's MoVQ downsampling factor, read from its config before anything loads
+    (a base that cannot be resolved is reported by the loader)."""
+    from harness.dataset import check_resolution
+    from harness.io import read_json
+    from models.hub import resolve_source
+
+    try:
+        config = resolve_source(cfg.decoder, cfg.decoder_revision).folder / "movq" / "config.json"
+    except FileNotFoundError:
+        return
+    if config.is_file():
+        check_resolution(cfg.data.resolution, read_json(config)["block_out_channels"], "MoVQ")
+
+
 def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None) -> tuple[KandinskyTask, dict]:
     """Load the base models and the data, fill the encoder cache; returns (task, data hashes for the run)."""
     from harness.dataset import load_training_data
@@ -622,6 +637,8 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
     from models.kandinsky.loading import load_decoder, load_prior
 
     cfg.validate()
+    if cfg.component == "decoder":
+        check_movq_resolution(cfg)
     paraphrases, para_sha = training_paraphrases(cfg.paraphrases_path, cfg.data.paraphrase_strategy)
     train_cfg = dataclasses.replace(cfg.data)
     # Validation measures the conditional loss, each validation image once (its caption drawn at a fixed seed), so

@@ -1,6 +1,6 @@
-"""CLI of the SD family: `register(cli, train, sweep, models)` adds `harness train sd`, `harness models info sd` and
-`harness models make-tiny sd` (the click commands are in commands.py), and `build_config` turns their options into
-an SDConfig (defaults <- --preset <- --config file <- options).
+"""CLI of the SD family: `register(cli, train, sweep, models)` adds `harness train sd`, `harness sweep sd`,
+`harness models info sd` and `harness models make-tiny sd` (the click commands are in commands.py), and
+`build_config` turns their options into an SDConfig (defaults <- --preset <- --config file <- options).
 
 This module does not import harness.cli at import time: harness.cli's root imports it (through harness/cli/sd.py)
 while registering the areas, and a module-level import back would be circular.
@@ -12,9 +12,12 @@ from typing import Any
 
 
 def register(cli, train, sweep, models) -> None:
+    from harness.cli.common import sweep_command
     from harness.families.sd.commands import make_tiny_sd, models_info_sd, train_sd
 
     train.add_command(train_sd)
+    sweep.add_command(sweep_command(train_sd, "harness.families.sd.sweep:SD", build_config,
+                                    plan="harness.families.sd.sweep:plan_table"))
     models.commands["info"].add_command(models_info_sd)
     models.commands["make-tiny"].add_command(make_tiny_sd)
 

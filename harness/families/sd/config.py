@@ -144,9 +144,6 @@ class SDConfig:
         if self.export_kohya and self.method != "lora":
             raise UserError(f"--export kohya writes LoRA adapters (diffusers' kohya converter has no DoRA magnitude "
                             f"and full/BitFit/DiffFit save whole models); --method is {self.method}")
-        if self.data.resolution % 8:
-            raise UserError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got "
-                            f"{self.data.resolution}")
         check_available(self.optimizer)
         self.generation.validate()
 

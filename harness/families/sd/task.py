@@ -296,11 +296,30 @@ def _load_parts(cfg: SDConfig) -> SDParts:
         raise UserError(str(e)) from None
 
 
+def check_vae_resolution(cfg: SDConfig, vae_config: dict | None = None) -> None:
+    """--resolution against the VAE's downsampling factor: of `vae_config` (the loaded VAE's), else of the base's
+    config when it can be read without loading (a local folder, or the default base's shipped config)."""
+    from harness.dataset import check_resolution
+    from models.sd.architecture import component_configs
+    from models.sd.loading import DEFAULT_BASE
+
+    if vae_config is None:
+        folder = Path(cfg.base)
+        if (folder / "model_index.json").is_file():
+            vae_config = component_configs(folder)["vae"]
+        elif cfg.base == DEFAULT_BASE:
+            vae_config = component_configs()["vae"]
+        else:
+            return  # a hub id: checked once loaded
+    check_resolution(cfg.data.resolution, vae_config["block_out_channels"], "VAE")
+
+
 def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tuple[SDTask, dict]:
     from harness.dataset import load_training_data
     from harness.paraphrase import training_paraphrases
 
     cfg.validate()
+    check_vae_resolution(cfg)
     paraphrases, para_sha = training_paraphrases(cfg.paraphrases_path, cfg.data.paraphrase_strategy)
     train_ds, hashes = load_training_data(cfg.data_dir, cfg.split_path, "train", dataclasses.replace(cfg.data),
                                           paraphrases)
@@ -314,6 +333,7 @@ def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tu
         val_ds, vh = None, {"n_images": 0}
     hashes = dict(hashes, val_n_images=vh["n_images"])
     parts = _load_parts(cfg)
+    check_vae_resolution(cfg, dict(parts.vae.config))
     sources = {"base": parts.source.to_dict(), "prediction_type": parts.prediction_type}
     cache_text = cfg.cache and "text_encoder" not in cfg.components
     augmented = cfg.data.jitter > 0 or cfg.data.hflip or cfg.data.hflip_uncond
@@ -389,6 +409,7 @@ def resolved_config(cfg: SDConfig) -> dict[str, Any]:
     from harness.trainer import loop_description, resolve_loop
 
     cfg.validate()
+    check_vae_resolution(cfg)
     out = to_dict(cfg)
     if not (cfg.data_dir and cfg.split_path):
         out["loop"] = dict(out["loop"], derived=None)
@@ -405,7 +426,12 @@ def config_from_run(run: Run) -> SDConfig:
     return config_from_dict(d, where=str(run.config_path))
 
 
-def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None) -> Run:
+def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None,
+          on_run: Callable[[Run], None] | None = None) -> Run:
+    """Train a new run end to end; returns the run (result in RUN/final).
+
+    `on_run(run)` is called on the main process once the run directory exists and before the first step (the sweep
+    records the directory there, so a kill during training leaves a record that points at the run to continue)."""
     from harness.distributed import state as dist_state
     from harness.trainer import create_run_on_main
 
@@ -422,6 +448,8 @@ def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None) -> R
     if dist_state().is_main_process:
         for line in logs:
             run.log(line)
+        if on_run is not None:
+            on_run(run)
     run_training(task, cfg.loop, run)
     return run
 
@@ -438,4 +466,19 @@ def resume(run: Run, max_steps: int | None = None) -> Run:
         write_json(run.config_path, full)
     task, _ = build_task(cfg, log=run.log)
     run_training(task, cfg.loop, run, resume=True)
+    return run
+
+
+def continue_run(run: Run) -> Run:
+    """Finish the training of `run` in its own directory: from its last checkpoint, or from step 0 when it was
+    stopped before its first checkpoint (what a sweep rerun does after a kill)."""
+    from harness.trainer import TRAIN_LOG, latest_checkpoint
+
+    if latest_checkpoint(run) is not None:
+        return resume(run)
+    cfg = config_from_run(run)
+    task, _ = build_task(cfg, log=run.log)
+    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
+    run.log("no checkpoint yet: training again from step 0 in the same run")
+    run_training(task, cfg.loop, run)
     return run
