@@ -82,7 +82,7 @@ def _register_all() -> None:
     # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
     import importlib
 
-    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase", "rate"):
+    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase", "rate", "challenges"):
         try:
             mod = importlib.import_module(f"harness.cli.{name}")
         except ModuleNotFoundError as e:
