@@ -167,7 +167,7 @@ def shipped_names() -> list[str]:
 
 def _key_line(text: str, message: str) -> int | None:
     """Line of the first key named in a from_dict message (`Section.key: ...` or `unknown key(s) a, b`)."""
-    m = re.search(r"unknown key\(s\) ([\w-]+)", message) or re.match(r"[\w]+\.(?:\w+\.)*?([\w-]+):", message)
+    m = re.search(r"unknown key\(s\) ([\w-]+)", message) or re.match(r"(?:\w+\.)*([\w-]+):", message)
     if not m:
         return None
     key = m.group(1)

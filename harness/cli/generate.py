@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli.challenges import challenge_option
 from harness.cli.common import FiniteFloatRange, check_output_dir
 from harness.cli.common import SEED, existing_dir, existing_file
 
@@ -28,8 +29,10 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--prompts", "prompts_path", type=str, required=True,
               help="Prompt file, one per line (the test prompts: for the submission), or split:val = the run's "
                    "validation captions (for `harness score --real val`).")
-@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True,
-              help="split:val: K captions per validation image; a prompt file: each line K times.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
+              help="split:val: K captions per validation image; a prompt file: each line K times (default: the "
+                   "challenge's images per prompt: 1 for 2024, 10 for 2025 task 2).")
+@challenge_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per forward pass. Keep it (and --threads, --device) fixed when resuming for bit-identical "
                    "images; generation.json records them and a resume with other values warns.")
@@ -51,9 +54,13 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Weights/activations dtype (family default fp32; bf16/fp16 on a GPU).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Shard prompts over N processes with `accelerate launch` (one per GPU; gloo on CPU).")
-def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir, overwrite, steps, guidance, device,
-             threads, dtype, num_processes):
+def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, seed, out_dir, overwrite, steps,
+             guidance, device, threads, dtype, num_processes):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
+
+    With --challenge the prompt file is read in the challenge's format (2025: the JSON of prompt pairs), each
+    prompt gets the challenge's K images (K per-index seeds of the same prompt) and the files are named by its
+    template (2025: prompt0001_img0001.png ...), all in one folder.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
     started again. Image i depends only on (seed, i) and --batch-size: the same for any number of processes and any
@@ -69,6 +76,7 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
       harness generate RUN --prompts split:val --images-per-prompt 4   # validation captions: for scoring
+      harness generate RUN --prompts test-2025.json --challenge imageclef2025-task2   # 10 images per prompt
     """
     from rich.markup import escape
 
@@ -78,8 +86,20 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
     from harness.prompts import resolve_prompt_source
     from harness.runs import open_run
 
+    from harness.challenges import load_profile
+
+    profile = load_profile(challenge)
+    k = profile.k
+    if images_per_prompt not in (None, k) and not prompts_path.startswith("split:"):
+        raise UserError(f"--images-per-prompt {images_per_prompt}: the challenge {profile.name} asks for {k} image(s) "
+                        "per prompt (other counts are for split:val scoring prompts only)")
     run = open_run(run_dir)
-    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt)
+    reader = profile.read_prompts if profile.prompts.format != "lines" else None
+    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt or k, reader=reader)
+    # Names follow the challenge only when one image list maps onto its prompts (split:val keeps index names).
+    name = profile.file_name if not prompts_path.startswith("split:") or images_per_prompt in (None, k) else None
+    if profile.images.file_template == "{index:05d}.png":
+        name = None  # the 2024 names: generate's own default, unchanged
     images_dir = Path(out_dir) if out_dir else run.images_dir
     # Every option is checked before the model is loaded (minutes on a real model) or anything is written.
     check_output_dir(images_dir, "--out" if out_dir else "")
@@ -108,6 +128,7 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
             overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n), barrier=barrier,
             device=_device_label(dev),
             warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}", markup=True, highlight=False),
+            **({"name": name} if name else {}),
         )
         bar.update(task, completed=share)
     shard_note = f" on rank {rank}/{world}" if world > 1 else ""
@@ -183,8 +204,10 @@ def _relaunch_distributed(n: int) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("submissions"),
               show_default=True, help="Folder for the zip.")
 @click.option("--images", "images_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
-def package(run_dir, prompts_path, team, out_dir, images_dir):
-    """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip.
+@challenge_option
+def package(run_dir, prompts_path, team, out_dir, images_dir, challenge):
+    """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip
+    (another --challenge: its archive name and layout, e.g. a flat zip of prompt0001_img0001.png ...).
 
     The checks are `harness validate`'s (so what package writes, validate accepts), and the zip appears only when
     all pass, in one piece (written under a temporary name, then renamed).
@@ -193,14 +216,17 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
     Example:
       harness package runs/msdm-unet-tiny-20261122-1532 --prompts test-prompts.txt --team simula-fans
     """
-    from harness.package import package_run, read_prompts, zip_summary
+    from harness.challenges import load_profile
+    from harness.package import package_run, zip_summary
     from harness.progress import console
     from harness.runs import open_run
 
+    profile = load_profile(challenge)
     run = open_run(run_dir)
-    prompts = read_prompts(prompts_path)
+    prompts = profile.read_prompts(prompts_path).prompts
     check_output_dir(out_dir, "--out")
-    path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir)
+    path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir,
+                               profile=profile)
     s = zip_summary(path)
     try:
         run.log(f"package: {path} sha256 {s['sha256']}")
@@ -212,10 +238,14 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
 
 
 @click.command()
-@click.argument("zip_path", metavar="ZIP", type=existing_file)
+@click.argument("zip_path", metavar="ZIP|FOLDER", type=click.Path(exists=False, path_type=Path))
 @click.option("--prompts", "prompts_path", type=existing_file, required=True, help="The prompt file.")
-def validate(zip_path, prompts_path):
+@challenge_option
+def validate(zip_path, prompts_path, challenge):
     """Check a submission zip: one RGB PNG per prompt, one size, safe entry names, manifest matches, and content.
+
+    A FOLDER of images gets the same checks (what the organisers' script reads); --challenge sets the names, the
+    count (K per prompt), the format and the zip layout. Each missing, extra or malformed file is named.
 
     Content problems: a constant image (all black is what a NaN/inf tensor becomes), a set of identical images, and
     images above 4096x4096 pixels (16.8 MP; read from the PNG header, so a decompression bomb is never decoded).
@@ -224,20 +254,24 @@ def validate(zip_path, prompts_path):
     Example:
       harness validate submissions/simula-fans_clef2024_medvqa.zip --prompts test-prompts.txt
     """
+    from harness.challenges import load_profile
     from harness.errors import UserError
-    from harness.package import iter_problems, read_prompts, validate_zip, zip_summary
+    from harness.package import iter_problems, validate_dir, validate_zip, zip_summary
     from harness.progress import console
 
-    prompts = read_prompts(prompts_path)
-    report = validate_zip(zip_path, prompts)
+    profile = load_profile(challenge)
+    prompts = profile.read_prompts(prompts_path).prompts
+    folder = Path(zip_path).is_dir()
+    report = validate_dir(zip_path, prompts, profile) if folder else validate_zip(zip_path, prompts, profile)
     if not report.ok:
         for p in iter_problems(report):  # the report goes to stdout; stderr gets the one error line
             click.echo(f"  - {p}")
         raise UserError(f"{len(report.problems)} problem(s); first: {report.problems[0]}", zip_path)
-    s = zip_summary(Path(zip_path))
     w, h = report.size or (0, 0)
-    console.print(f"[green]valid[/] {zip_path}: {report.n_images} images {w}x{h} for {report.n_prompts} prompts")
-    click.echo(f"sha256 {s['sha256']}")
+    console.print(f"[green]valid[/] {zip_path}: {report.n_images} images {w}x{h} for {report.n_prompts} prompts "
+                  f"({profile.name})")
+    if not folder:
+        click.echo(f"sha256 {zip_summary(Path(zip_path))['sha256']}")
 
 
 @click.command()

@@ -1,0 +1,172 @@
+"""Challenge profiles: the 2025 task-2 round trip (JSON prompts -> 10 images per prompt -> package -> validate),
+a custom TOML profile, and `harness challenges list|show|check` with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from harness.challenges import load_profile
+from harness.errors import UserError
+from harness.prompts import read_json_pair_prompts
+from harness.runs import create_run
+
+PAIRS_2025 = {
+    "polyp": {"q1": ["An image with one polyp.", "A colonoscopy frame showing a single polyp."]},
+    "instrument": {"q2": ["An image with a biopsy forceps.", "Forceps visible in the lower left."],
+                   "q3": ["No instruments.", "A clean view without any instrument."]},
+}
+
+
+def _prompts_2025(tmp_path):
+    path = tmp_path / "prompts-2025.json"
+    path.write_text(json.dumps(PAIRS_2025), encoding="utf-8")
+    return path
+
+
+def test_json_prompts_are_flattened_like_the_organisers_script(tmp_path):
+    pf = read_json_pair_prompts(_prompts_2025(tmp_path))
+    assert pf.prompts == [c for qa in PAIRS_2025.values() for pair in qa.values() for c in pair]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"g": {"q": ["only one"]}}), encoding="utf-8")
+    with pytest.raises(UserError, match="pair 'q'.*two non-empty"):
+        read_json_pair_prompts(bad)
+
+
+def test_2025_generate_package_validate_round_trip(tmp_path, run_cli):
+    prompts = _prompts_2025(tmp_path)
+    run = create_run("test-pattern", {"size": 16})
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--challenge", "imageclef2025-task2",
+                             "--batch-size", "7")
+    assert code == 0, err
+    pngs = sorted(p.name for p in run.images_dir.glob("*.png"))
+    assert pngs == [f"prompt{p:04d}_img{i:04d}.png" for p in range(1, 7) for i in range(1, 11)]
+    assert len(pngs) == 60
+    # The 10 images of a prompt are 10 seeds of the same prompt: all different.
+    assert len({(run.images_dir / n).read_bytes() for n in pngs[:10]}) == 10
+
+    # Resume keeps everything (same names, same seeds).
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--challenge", "imageclef2025-task2",
+                             "--batch-size", "7")
+    assert code == 0 and "0 generated, 60 already there" in out + err, out + err
+
+    code, out, err = run_cli("validate", run.images_dir, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 0, out + err
+    subs = tmp_path / "subs"
+    code, out, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", subs,
+                             "--challenge", "imageclef2025-task2")
+    assert code == 0, err
+    zpath = subs / "t_medvqa2025_task2_images.zip"
+    assert sorted(zipfile.ZipFile(zpath).namelist()) == pngs  # flat, and no manifest: the count is exactly 60
+    code, out, err = run_cli("validate", zpath, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 0, out + err
+    # The 2024 profile refuses the 2025 zip (its prompt file is not lines of text here, but the JSON lines).
+    code, out, err = run_cli("validate", zpath, "--prompts", prompts)
+    assert code == 2 and "Traceback" not in err
+
+    # A missing image fails naming it, in one line, exit 2.
+    (run.images_dir / "prompt0003_img0007.png").unlink()
+    code, out, err = run_cli("validate", run.images_dir, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 2 and "missing prompt0003_img0007.png" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", tmp_path / "s2",
+                             "--challenge", "imageclef2025-task2")
+    assert code == 2 and "prompt0003_img0007.png" in err and not (tmp_path / "s2").exists() or \
+        not any((tmp_path / "s2").iterdir())
+
+
+def test_2025_renamed_image_is_named(tmp_path, run_cli):
+    prompts = _prompts_2025(tmp_path)
+    run = create_run("test-pattern", {"size": 16})
+    assert run_cli("generate", run.dir, "--prompts", prompts, "--challenge", "imageclef2025-task2")[0] == 0
+    (run.images_dir / "prompt0002_img0010.png").rename(run.images_dir / "prompt0002_img0011.png")
+    code, out, err = run_cli("validate", run.images_dir, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 2 and "prompt0002_img0011.png" in err and len(err.strip().splitlines()) == 1, err
+    assert "missing prompt0002_img0010.png; unexpected prompt0002_img0011.png" in out
+    # Also in a zip: the renamed entry is named.
+    zpath = tmp_path / "x.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(run.images_dir.glob("*.png")):
+            zf.write(p, p.name)
+    code, out, err = run_cli("validate", zpath, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 2 and "prompt0002_img0011.png" in err and "missing prompt0002_img0010.png" in out
+
+
+CUSTOM = """
+name = "my-challenge"
+title = "A custom challenge"
+metrics = ["fid"]
+
+[prompts]
+format = "lines"
+images_per_prompt = 3
+
+[images]
+file_template = "{prompt:03d}-{image}.jpg"
+format = "jpeg"
+
+[archive]
+name = "{team}-custom.zip"
+folder = ""
+"""
+
+
+def test_custom_toml_profile_round_trips(tmp_path, run_cli):
+    profile = tmp_path / "custom.toml"
+    profile.write_text(CUSTOM, encoding="utf-8")
+    code, out, err = run_cli("challenges", "check", profile)
+    assert code == 0 and "001-1.jpg" in out, err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a polyp\nan instrument\n", encoding="utf-8")
+    run = create_run("test-pattern", {"size": 16})
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--challenge", profile)
+    assert code == 0, err
+    names = sorted(p.name for p in run.images_dir.glob("*.jpg"))
+    assert names == [f"{p:03d}-{i}.jpg" for p in (1, 2) for i in (1, 2, 3)]
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--challenge", profile)
+    assert code == 0 and "0 generated, 6 already there" in out + err, out + err  # JPEG keeps its metadata for resume
+    subs = tmp_path / "subs"
+    code, out, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "me", "--out", subs,
+                             "--challenge", profile)
+    assert code == 0, err
+    zpath = subs / "me-custom.zip"
+    assert sorted(zipfile.ZipFile(zpath).namelist()) == names
+    assert run_cli("validate", zpath, "--prompts", prompts, "--challenge", profile)[0] == 0
+    (run.images_dir / "002-3.jpg").unlink()
+    code, out, err = run_cli("validate", run.images_dir, "--prompts", prompts, "--challenge", profile)
+    assert code == 2 and "missing 002-3.jpg" in err
+
+
+def test_default_profile_is_the_2024_behaviour():
+    p = load_profile()
+    assert p.name == "imageclef2024-task1" and p.k == 1
+    assert p.expected_names(2) == ["00001.png", "00002.png"] and p.zip_name("a") == "a_clef2024_medvqa.zip"
+    assert p.entry("00001.png") == "task1/00001.png" and p.archive.manifest
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('name = "x"\n[images]\nfile_tmpl = "a.png"\n', ":3: profile.images: unknown key(s) file_tmpl"),
+    ('name = "x"\n[images\n', "not valid TOML"),
+    ('name = "x"\n[images]\nfile_template = "{n}.png"\n', ":3: images.file_template"),
+    ('name = "x"\n[images]\nfile_template = "{prompt}.png"\n', "must contain {index}, or both"),
+    ('name = "x"\n[images]\nfile_template = "{index}.jpg"\n', "does not fit images.format 'png'"),
+    ('name = "x"\n[prompts]\nimages_per_prompt = 0\n', "images_per_prompt: must be >= 1"),
+    ('name = "x"\nmetrics = ["accuracy"]\n', ":2: metrics: unknown metric(s) accuracy"),
+    ('name = "x"\n[archive]\nname = "{team}.tar"\n', "archive.name"),
+])
+def test_challenges_check_reports_one_line_errors(tmp_path, run_cli, text, expected):
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    code, out, err = run_cli("challenges", "check", path)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert str(path) in err
+
+
+def test_challenges_list_and_show(run_cli):
+    code, out, err = run_cli("challenges", "list")
+    assert code == 0 and "imageclef2024-task1" in out and "imageclef2025-task2" in out
+    code, out, err = run_cli("challenges", "show", "imageclef2025-task2")
+    assert code == 0 and "prompt0001_img0001.png" in out and "images_per_prompt: 10" in out
+    code, out, err = run_cli("challenges", "show", "nope")
+    assert code == 2 and "no such challenge" in err
