@@ -1,0 +1,82 @@
+"""The 2025 task-2 metrics against a straightforward NumPy re-computation on fixed features (intended and quirk),
+and the BiomedCLIP CLS extractor on a tiny CLIP vision tower saved with save_pretrained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.challenges.metrics_2025 import INTENDED, QUIRKS, metrics_2025
+
+
+def _fd(a, b):
+    # tr(sqrtm(S1 S2)) = sum of the square roots of the eigenvalues of S1 S2 (real, >= 0 for PSD S1, S2).
+    mu = a.mean(0) - b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ev = np.linalg.eigvals(s1 @ s2)
+    return float(mu @ mu + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev.real, 0, None)).sum())
+
+
+def _reference(gen, real, quirk):
+    n = len(gen)
+    loop = range(0, n // 2, 2) if quirk else range(0, n, 2)  # the public script's loop vs every pair
+    agree, div, fid = [], [], []
+    for i in loop:
+        a, b = gen[i], gen[i + 1]
+        sims = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x in a for y in b]
+        agree.append(np.mean(sims))
+        for feats in (a, b):
+            u = [f / np.linalg.norm(f) for f in feats]
+            div.append(np.mean([np.linalg.norm(u[j] - u[k]) for j in range(len(u)) for k in range(j + 1, len(u))]))
+            fid.append(_fd(feats, real[i if feats is a else i + 1]))
+    fbd = _fd(np.concatenate(gen), np.concatenate(real))
+    return {"fidelity": np.mean([1000 / (1 + f) for f in fid]), "agreement": np.mean(agree),
+            "diversity": np.mean(div), "FBD": fbd}
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_metrics_match_a_numpy_recomputation(quirk):
+    rng = np.random.default_rng(0)
+    d, k, n_prompts = 6, 10, 8  # 4 pairs: the quirk scores 2 of them
+    gen = [rng.normal(p * 0.1, 1, size=(k, d)) for p in range(n_prompts)]
+    real = [rng.normal(0, 1, size=(12, d)) for _ in range(n_prompts)]
+    got = metrics_2025(gen, real, organiser_quirks=quirk).to_dict()
+    want = _reference(gen, real, quirk)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert got["variant"] == (QUIRKS if quirk else INTENDED)
+    assert got["pairs_scored"] == (2 if quirk else 4) and got["pairs_total"] == 4
+
+
+def test_quirk_changes_the_numbers_and_odd_counts_are_refused():
+    rng = np.random.default_rng(1)
+    gen = [rng.normal(p, 1, size=(5, 4)) for p in range(4)]
+    real = [rng.normal(0, 1, size=(8, 4)) for _ in range(4)]
+    a, b = metrics_2025(gen, real), metrics_2025(gen, real, organiser_quirks=True)
+    assert a.agreement != b.agreement and a.fbd == b.fbd  # FBD is global: the loop does not touch it
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match="even"):
+        metrics_2025(gen[:3], real[:3])
+
+
+def test_biomedclip_cls_features_from_a_saved_tiny_tower(tmp_path):
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from harness.challenges.metrics_2025 import BiomedCLIPFeatures, BiomedCLIPMissing
+
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16)
+    CLIPVisionModel(cfg).save_pretrained(tmp_path / "tower")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "tower")
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    feats = BiomedCLIPFeatures(tmp_path / "tower")(paths, batch_size=2)
+    assert feats.shape == (3, 16) and np.isfinite(feats).all()
+    with pytest.raises(BiomedCLIPMissing, match="BiomedCLIP vision tower not loadable"):
+        BiomedCLIPFeatures(tmp_path / "nothing-here")
