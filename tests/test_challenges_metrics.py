@@ -80,3 +80,54 @@ def test_biomedclip_cls_features_from_a_saved_tiny_tower(tmp_path):
     assert feats.shape == (3, 16) and np.isfinite(feats).all()
     with pytest.raises(BiomedCLIPMissing, match="BiomedCLIP vision tower not loadable"):
         BiomedCLIPFeatures(tmp_path / "nothing-here")
+
+
+def _tiny_tower(path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16)
+    CLIPVisionModel(cfg).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_score_challenge_2025_end_to_end(tmp_path, run_cli):
+    import json
+
+    from PIL import Image
+
+    from harness.runs import create_run
+
+    pairs = {"g": {"a": ["one polyp", "a single polyp"], "b": ["no polyp", "without polyps"]}}
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(pairs), encoding="utf-8")
+    flat = [c for qa in pairs.values() for pair in qa.values() for c in pair]
+    real = tmp_path / "real"
+    (real / "images").mkdir(parents=True)
+    rows = ["Prompt;Filename"]
+    for i, p in enumerate(flat):
+        for j in range(3):
+            name = f"r{i}{j}.jpg"
+            Image.fromarray(np.random.default_rng(10 * i + j).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                real / "images" / name)
+            rows.append(f"{p};{name}")
+    (real / "prompt-gt.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    run = create_run("test-pattern", {"size": 16})
+    assert run_cli("generate", run.dir, "--prompts", prompts, "--challenge", "imageclef2025-task2")[0] == 0
+    tower = _tiny_tower(tmp_path / "tower")
+    out = {}
+    for quirk in (False, True):
+        args = ["score", run.dir, "--challenge", "imageclef2025-task2", "--prompts", prompts, "--data", real,
+                "--biomedclip", tower, "--device", "cpu", "--out", tmp_path / f"m{quirk}.json"]
+        code, stdout, err = run_cli(*args, *(["--organiser-quirks"] if quirk else []))
+        assert code == 0, err
+        out[quirk] = json.loads((tmp_path / f"m{quirk}.json").read_text())
+        assert ("organiser-quirks" in stdout) == quirk
+    assert out[False]["pairs_scored"] == 2 and out[True]["pairs_scored"] == 1
+    assert all(np.isfinite(out[False][k]) for k in ("fidelity", "agreement", "diversity", "FBD"))
+    # Offline without the weights: recorded as not computed, naming what is missing, never a number.
+    code, stdout, err = run_cli("score", run.dir, "--challenge", "imageclef2025-task2", "--prompts", prompts,
+                                "--data", real, "--device", "cpu", "--out", tmp_path / "none.json")
+    assert code == 0 and "not computed" in stdout and "BiomedCLIP_ViT_patch16_224" in stdout
+    assert json.loads((tmp_path / "none.json").read_text())["fidelity"] is None

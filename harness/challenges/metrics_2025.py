@@ -151,3 +151,55 @@ class BiomedCLIPFeatures:
 def not_computed(reason: str, organiser_quirks: bool = False) -> dict[str, Any]:
     return {m: None for m in ("fidelity", "agreement", "diversity", "FBD")} | {
         "variant": QUIRKS if organiser_quirks else INTENDED, "not_computed": reason}
+
+
+# ----------------------------------------------------------------------------------------------- scoring a folder
+
+
+def score_2025(images_dir: Path, prompts: Sequence[str], data_dir: Path, profile, *, organiser_quirks: bool = False,
+               biomedclip: str | Path = BIOMEDCLIP, device: str = "cpu", batch_size: int = 32,
+               out: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """`harness score --challenge imageclef2025-task2`: the four metrics of IMAGES_DIR (named by the profile)
+    against a real set in the harness layout (`prompt-gt.csv + images/`, e.g. from `harness data fetch`), where the
+    real images of a prompt are the images with that exact caption; FBD's real side is every real image mapped to
+    a scored prompt. Writes the result (with its variant, the prompt and real-set hashes) to `out`
+    (default IMAGES_DIR/../metrics-<challenge>.json). Without the BiomedCLIP weights the metrics are recorded as not
+    computed, with the reason."""
+    from harness.data import load_devset
+    from harness.io import sha256_bytes, write_json
+
+    images_dir, k = Path(images_dir), profile.k
+    names = profile.expected_names(len(prompts))
+    missing = [n for n in names if not (images_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) missing, first {missing[0]} (run `harness generate --challenge "
+                        f"{profile.name}`)", images_dir)
+    devset = load_devset(data_dir)
+    by_prompt: dict[str, list[str]] = {}
+    for r in devset.rows:
+        by_prompt.setdefault(r.prompt, []).append(r.filename)
+    no_real = [i + 1 for i, p in enumerate(prompts) if len(set(by_prompt.get(p, []))) < 2]
+    if no_real:
+        raise UserError(f"prompt(s) {', '.join(map(str, no_real[:5]))} have fewer than 2 real images with that exact "
+                        "caption in the real set (FID needs 2 on each side)", devset.csv_path)
+    record: dict[str, Any] = {
+        "challenge": profile.name, "images": str(images_dir), "n_prompts": len(prompts), "images_per_prompt": k,
+        "prompts_sha256": sha256_bytes("\n".join(prompts).encode()), "real": str(devset.root),
+        "real_csv_sha256": devset.csv_sha256, "features": f"{biomedclip} vision tower, CLS (last_hidden_state[:, 0])",
+        "fidelity_scale": FIDELITY_SCALE,
+    }
+    try:
+        extract = BiomedCLIPFeatures(biomedclip, device=device)
+    except BiomedCLIPMissing as e:
+        record |= not_computed(str(e), organiser_quirks)
+    else:
+        feats = extract([images_dir / n for n in names], batch_size)
+        gen = [feats[p * k:(p + 1) * k] for p in range(len(prompts))]
+        real_names = sorted({f for p in prompts for f in by_prompt[p]})
+        real_feats = dict(zip(real_names, extract([devset.image_path(f) for f in real_names], batch_size)))
+        real = [np.stack([real_feats[f] for f in sorted(set(by_prompt[p]))]) for p in prompts]
+        res = metrics_2025(gen, real, np.stack(list(real_feats.values())), organiser_quirks=organiser_quirks)
+        record |= res.to_dict() | {"extractor": extract.identity()}
+    out = Path(out) if out else images_dir.parent / f"metrics-{profile.name}.json"
+    write_json(out, record)
+    return record, out

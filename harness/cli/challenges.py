@@ -73,3 +73,39 @@ def check(path: Path) -> None:
     p = load_profile(str(path) if str(path).endswith(".toml") else f"./{path}")
     click.echo(f"ok {path}: {p.name}, {p.prompts.images_per_prompt} image(s) per prompt, "
                f"names {', '.join(p.expected_names(1)[:2])}")
+
+
+def score_challenge(target: Path, challenge: str, prompts_path, data_dir, organiser_quirks: bool, biomedclip: str,
+                    device: str, batch_size: int, out_path) -> None:
+    """`harness score TARGET --challenge NAME`: the challenge's official metric (the 2025 task-2 metrics)."""
+    from harness.challenges import load_profile
+    from harness.challenges.metrics_2025 import score_2025
+    from harness.errors import UserError
+
+    profile = load_profile(challenge)
+    if "fidelity" not in profile.metrics:
+        raise UserError(f"--challenge {profile.name}: its metrics ({', '.join(profile.metrics) or 'none'}) are "
+                        "`harness score`'s own; drop --challenge")
+    if prompts_path is None or data_dir is None:
+        raise UserError(f"--challenge {profile.name} needs --prompts (the prompt file) and --data (the real set: "
+                        "prompt-gt.csv + images/, e.g. from `harness data fetch`)")
+    target = Path(target)
+    images = target / "images" if (target / "config.json").is_file() else target
+    prompts = profile.read_prompts(prompts_path).prompts
+    dev = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
+    record, out = score_2025(images, prompts, Path(data_dir), profile, organiser_quirks=organiser_quirks,
+                             biomedclip=biomedclip, device=dev, batch_size=batch_size, out=out_path)
+    click.echo(f"{profile.name} [{record['variant']}]")
+    if record.get("not_computed"):
+        click.echo(f"  not computed: {record['not_computed']}")
+    else:
+        for key in ("fidelity", "agreement", "diversity", "FBD"):
+            click.echo(f"  {key:<10} {record[key]:.4f}")
+        click.echo(f"  pairs scored {record['pairs_scored']} of {record['pairs_total']}")
+    click.echo(f"wrote {out}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
