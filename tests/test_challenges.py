@@ -170,3 +170,45 @@ def test_challenges_list_and_show(run_cli):
     assert code == 0 and "prompt0001_img0001.png" in out and "images_per_prompt: 10" in out
     code, out, err = run_cli("challenges", "show", "nope")
     assert code == 2 and "no such challenge" in err
+
+
+def test_hub_folder_for_2025_runs_its_script(tmp_path, run_cli):
+    import subprocess
+    import sys
+
+    prompts = _prompts_2025(tmp_path)
+    run = create_run("test-pattern", {"size": 16})
+    assert run_cli("generate", run.dir, "--prompts", prompts, "--challenge", "imageclef2025-task2",
+                   "--seed", "3")[0] == 0
+    out = tmp_path / "hub"
+    code, stdout, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", out,
+                                "--challenge", "imageclef2025-task2", "--hub-repo", "me/medvqa-t2")
+    assert code == 0, err
+    folder = out / "medvqa-t2"
+    for f in ("submission_task2.py", "requirements.txt", "README.md", "predictions_2.json", "prompts.json",
+              "harness/generate.py", f"runs/{run.id}/config.json"):
+        assert (folder / f).is_file(), f
+    assert not (folder / "runs" / run.id / "images").exists()
+    preds = json.loads((folder / "predictions_2.json").read_text())
+    assert set(preds) == {"submission_info", "public_scores", "total_time", "time_per_item", "memory_used_mb",
+                          "model_memory_mb", "gpu_name", "predictions", "debug"}
+    assert preds["submission_info"]["Team_Name"] == "t"
+    assert "torch" in (folder / "requirements.txt").read_text()
+    # The organisers' way: run the script in a fresh working directory; it regenerates the same images.
+    work = tmp_path / "organisers"
+    work.mkdir()
+    res = subprocess.run([sys.executable, str(folder / "submission_task2.py")], cwd=work, capture_output=True,
+                         text=True, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr
+    made = sorted(p.name for p in (work / "generated_images").glob("*.png"))
+    assert len(made) == 60
+    assert (work / "generated_images" / made[5]).read_bytes() == (run.images_dir / made[5]).read_bytes()
+    done = json.loads((work / "predictions_2.json").read_text())
+    assert done["total_time"] > 0 and len(done["predictions"]) == 6
+    assert run_cli("validate", work / "generated_images", "--prompts", prompts, "--challenge",
+                   "imageclef2025-task2")[0] == 0
+    # --push offline: one line saying what would have been uploaded.
+    code, stdout, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", tmp_path / "h2",
+                                "--challenge", "imageclef2025-task2", "--hub-repo", "me/medvqa-t2", "--push")
+    line = err[err.index("error:"):].strip()
+    assert code == 2 and "would have uploaded" in line and "me/medvqa-t2" in line and "\n" not in line

@@ -205,7 +205,12 @@ def _relaunch_distributed(n: int) -> None:
               show_default=True, help="Folder for the zip.")
 @click.option("--images", "images_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
 @challenge_option
-def package(run_dir, prompts_path, team, out_dir, images_dir, challenge):
+@click.option("--hub-repo", default=None, metavar="USER/NAME",
+              help="imageclef2025-task2: write the Hugging Face model-repo folder the organisers run (weights, "
+                   "submission_task2.py, requirements.txt, model card, predictions_2.json) to OUT/NAME.")
+@click.option("--push", is_flag=True, help="With --hub-repo: upload the folder with huggingface_hub (token from "
+                                           "HF_TOKEN or `hf auth login`; never written to a file).")
+def package(run_dir, prompts_path, team, out_dir, images_dir, challenge, hub_repo, push):
     """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip
     (another --challenge: its archive name and layout, e.g. a flat zip of prompt0001_img0001.png ...).
 
@@ -225,6 +230,13 @@ def package(run_dir, prompts_path, team, out_dir, images_dir, challenge):
     run = open_run(run_dir)
     prompts = profile.read_prompts(prompts_path).prompts
     check_output_dir(out_dir, "--out")
+    if push and not hub_repo:
+        from harness.errors import UserError
+
+        raise UserError("--push uploads the --hub-repo folder: pass --hub-repo USER/NAME")
+    if hub_repo:
+        _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo, push)
+        return
     path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir,
                                profile=profile)
     s = zip_summary(path)
@@ -235,6 +247,30 @@ def package(run_dir, prompts_path, team, out_dir, images_dir, challenge):
     w, h = report.size or (0, 0)
     console.print(f"[green]wrote[/] {path}  ({report.n_images} images {w}x{h}, {s['bytes']:,} bytes)")
     click.echo(f"sha256 {s['sha256']}")
+
+
+def _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo, push) -> None:
+    import json
+
+    from harness.challenges.hub import build_hub_folder, push_hub_folder
+    from harness.errors import UserError
+    from harness.generate import GENERATION_JSON
+    from harness.progress import console
+
+    if profile.name != "imageclef2025-task2":
+        raise UserError(f"--hub-repo: a hub submission is the imageclef2025-task2 format, not {profile.name}'s "
+                        "(pass --challenge imageclef2025-task2)")
+    # Seed and batch size as the local images were made, so the organisers' run draws the same images.
+    gen_json = Path(images_dir or run.images_dir) / GENERATION_JSON
+    seed, batch = 0, 8
+    if gen_json.is_file():
+        rec = json.loads(gen_json.read_text(encoding="utf-8"))
+        seed = int(rec.get("base_seed", 0))
+        batch = int(((rec.get("settings") or [{}])[-1] or {}).get("batch_size") or 8)
+    folder = build_hub_folder(run, team, hub_repo, Path(prompts_path), out_dir, seed=seed, batch_size=batch)
+    console.print(f"[green]wrote[/] {folder} (hub folder for {hub_repo}; seed {seed}, batch size {batch})")
+    if push:
+        click.echo(f"pushed {push_hub_folder(folder, hub_repo)}")
 
 
 @click.command()
