@@ -207,6 +207,10 @@ def test_hub_folder_for_2025_runs_its_script(tmp_path, run_cli):
     assert done["total_time"] > 0 and len(done["predictions"]) == 6
     assert run_cli("validate", work / "generated_images", "--prompts", prompts, "--challenge",
                    "imageclef2025-task2")[0] == 0
+    assert run_cli("validate", folder, "--prompts", prompts, "--challenge", "imageclef2025-task2")[0] == 0
+    (folder / "requirements.txt").unlink()
+    code, stdout, err = run_cli("validate", folder, "--prompts", prompts, "--challenge", "imageclef2025-task2")
+    assert code == 2 and "requirements.txt: missing" in err
     # --push offline: one line saying what would have been uploaded.
     code, stdout, err = run_cli("package", run.dir, "--prompts", prompts, "--team", "t", "--out", tmp_path / "h2",
                                 "--challenge", "imageclef2025-task2", "--hub-repo", "me/medvqa-t2", "--push")

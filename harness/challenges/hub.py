@@ -257,3 +257,38 @@ def push_hub_folder(folder: Path, repo: str) -> str:
         raise UserError(f"upload to {repo} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                         "log in with `hf auth login` or set HF_TOKEN") from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def validate_hub_folder(folder: Path) -> list[str]:
+    """Problems of a hub submission folder (empty = ready): the files the organisers' runner needs, a script
+    that compiles, predictions_2.json with every field, and a run whose family can generate."""
+    folder = Path(folder)
+    problems = []
+    for f in ("submission_task2.py", "requirements.txt", "README.md", "predictions_2.json"):
+        if not (folder / f).is_file():
+            problems.append(f"{f}: missing")
+    script = folder / "submission_task2.py"
+    if script.is_file():
+        try:
+            compile(script.read_text(encoding="utf-8"), str(script), "exec")
+        except (SyntaxError, UnicodeDecodeError) as e:
+            problems.append(f"submission_task2.py: does not compile ({e})")
+    preds = folder / "predictions_2.json"
+    if preds.is_file():
+        try:
+            d = json.loads(preds.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"predictions_2.json: not valid JSON ({e})")
+        else:
+            missing = [k for k in PREDICTION_FIELDS if k not in d]
+            missing += [f"submission_info.{k}" for k in SUBMISSION_INFO_FIELDS
+                        if k not in (d.get("submission_info") or {})]
+            if missing:
+                problems.append(f"predictions_2.json: missing field(s) {', '.join(missing)}")
+    runs = [p for p in (folder / "runs").glob("*/config.json")] if (folder / "runs").is_dir() else []
+    if not runs:
+        problems.append("runs/: no run (runs/<id>/config.json) to generate with")
+    for d in ("harness", "models"):
+        if not (folder / d / "__init__.py").is_file():
+            problems.append(f"{d}/: the vendored package is missing")
+    return problems

@@ -297,6 +297,16 @@ def validate(zip_path, prompts_path, challenge):
 
     profile = load_profile(challenge)
     prompts = profile.read_prompts(prompts_path).prompts
+    if (Path(zip_path) / "submission_task2.py").is_file():  # a hub submission folder (package --hub-repo)
+        from harness.challenges.hub import validate_hub_folder
+
+        problems = validate_hub_folder(Path(zip_path))
+        for p in problems:
+            click.echo(f"  - {p}")
+        if problems:
+            raise UserError(f"{len(problems)} problem(s); first: {problems[0]}", zip_path)
+        console.print(f"[green]valid[/] {zip_path}: hub submission folder ({profile.name})")
+        return
     folder = Path(zip_path).is_dir()
     report = validate_dir(zip_path, prompts, profile) if folder else validate_zip(zip_path, prompts, profile)
     if not report.ok:
