@@ -216,3 +216,32 @@ def test_hub_folder_for_2025_runs_its_script(tmp_path, run_cli):
                                 "--challenge", "imageclef2025-task2", "--hub-repo", "me/medvqa-t2", "--push")
     line = err[err.index("error:"):].strip()
     assert code == 2 and "would have uploaded" in line and "me/medvqa-t2" in line and "\n" not in line
+
+
+def test_profile_naming_keeps_sharding_and_resume_guarantees(tmp_path):
+    from harness.generate import TestPatternGenerator, generate_images
+
+    profile = load_profile("imageclef2025-task2")
+    per_image = profile.image_prompts(["p one", "p two", "p three"])
+    ref = tmp_path / "ref"
+    generate_images(TestPatternGenerator(16), per_image, ref, batch_size=4, name=profile.file_name)
+    shard = tmp_path / "shard"
+    for rank in (0, 1, 2):  # three processes, fixed index blocks
+        generate_images(TestPatternGenerator(16), per_image, shard, batch_size=4, shard=(rank, 3),
+                        name=profile.file_name)
+    names = profile.expected_names(3)
+    assert sorted(p.name for p in shard.glob("*.png")) == sorted(names)
+    assert all((shard / n).read_bytes() == (ref / n).read_bytes() for n in names)
+    # A killed run (two images lost, one truncated) resumes to the same bytes, regenerating only what is missing.
+    (shard / names[5]).unlink()
+    (shard / names[17]).unlink()
+    data = (shard / names[22]).read_bytes()
+    (shard / names[22]).write_bytes(data[: len(data) // 2])
+    rep = generate_images(TestPatternGenerator(16), per_image, shard, batch_size=4, name=profile.file_name)
+    assert rep.generated == 3 and rep.skipped == 27
+    assert all((shard / n).read_bytes() == (ref / n).read_bytes() for n in names)
+
+
+def test_score_challenge_2024_is_the_ordinary_score(tmp_path, run_cli):
+    code, out, err = run_cli("score", tmp_path, "--challenge", "imageclef2024-task1", "--organiser-quirks")
+    assert code == 2 and "--organiser-quirks is for the 2025" in err

@@ -191,22 +191,18 @@ Training data: Kvasir-VQA (SimulaMet-HOST/Kvasir-VQA); see the dataset card for 
 
 
 def build_hub_folder(run, team: str, repo: str, prompts_path: Path, out_dir: Path, *, seed: int = 0,
-                     batch_size: int = 8) -> Path:
-    """Write the hub folder for RUN at OUT_DIR/<NAME> atomically; returns its path."""
+                     batch_size: int = 8, generation: dict[str, Any] | None = None) -> Path:
+    """Write the hub folder for RUN at OUT_DIR/<NAME> atomically; returns its path. `generation`: the local
+    images' generation.json (its model key goes into the card)."""
     import harness
     import models
-    from harness.generate import load_generator
 
     check_hub_repo(repo)
     profile_prompts = Path(prompts_path)
     metrics = run.dir / "metrics-imageclef2025-task2.json"
     scores = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
-    try:
-        model_key = load_generator(run, {"device": "cpu"}).model_key()
-    except UserError:
-        raise
-    except Exception as e:  # a family that cannot load here (no GPU, missing base weights) still gets packaged
-        model_key = f"unknown here ({type(e).__name__})"
+    # The model identity of the local images (loading a real model here just for its key would cost minutes).
+    model_key = (generation or {}).get("model_key") or "no local images generated"
     final = Path(out_dir) / repo.split("/")[1]
     if final.exists():
         raise UserError("exists; remove it or choose another --out", final)

@@ -76,16 +76,18 @@ def check(path: Path) -> None:
 
 
 def score_challenge(target: Path, challenge: str, prompts_path, data_dir, organiser_quirks: bool, biomedclip: str,
-                    device: str, batch_size: int, out_path) -> None:
-    """`harness score TARGET --challenge NAME`: the challenge's official metric (the 2025 task-2 metrics)."""
+                    device: str, batch_size: int, out_path) -> bool:
+    """`harness score TARGET --challenge NAME`: the challenge's official metric when it is the 2025 task-2 one
+    (returns True); False = the profile's metrics are `harness score`'s own, which then runs as usual."""
     from harness.challenges import load_profile
     from harness.challenges.metrics_2025 import score_2025
     from harness.errors import UserError
 
     profile = load_profile(challenge)
     if "fidelity" not in profile.metrics:
-        raise UserError(f"--challenge {profile.name}: its metrics ({', '.join(profile.metrics) or 'none'}) are "
-                        "`harness score`'s own; drop --challenge")
+        if organiser_quirks:
+            raise UserError(f"--organiser-quirks is for the 2025 task-2 metrics, not {profile.name}'s")
+        return False
     if prompts_path is None or data_dir is None:
         raise UserError(f"--challenge {profile.name} needs --prompts (the prompt file) and --data (the real set: "
                         "prompt-gt.csv + images/, e.g. from `harness data fetch`)")
@@ -103,6 +105,7 @@ def score_challenge(target: Path, challenge: str, prompts_path, data_dir, organi
             click.echo(f"  {key:<10} {record[key]:.4f}")
         click.echo(f"  pairs scored {record['pairs_scored']} of {record['pairs_total']}")
     click.echo(f"wrote {out}")
+    return True
 
 
 def _cuda() -> bool:

@@ -144,7 +144,8 @@ def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, se
                     f"world {world}")
         except OSError as e:  # a run on read-only storage, generating into --out elsewhere
             console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
-        console.print(f"[green]{report.total} prompts -> {images_dir}: complete[/]")
+        what = "prompts" if k == 1 or name is None else f"images ({len(pf.prompts) // k} prompts x {k})"
+        console.print(f"[green]{report.total} {what} -> {images_dir}: complete[/]")
 
 
 def _device(device: str | None):
@@ -262,12 +263,16 @@ def _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo
                         "(pass --challenge imageclef2025-task2)")
     # Seed and batch size as the local images were made, so the organisers' run draws the same images.
     gen_json = Path(images_dir or run.images_dir) / GENERATION_JSON
-    seed, batch = 0, 8
+    seed, batch, rec = 0, 8, None
     if gen_json.is_file():
-        rec = json.loads(gen_json.read_text(encoding="utf-8"))
-        seed = int(rec.get("base_seed", 0))
-        batch = int(((rec.get("settings") or [{}])[-1] or {}).get("batch_size") or 8)
-    folder = build_hub_folder(run, team, hub_repo, Path(prompts_path), out_dir, seed=seed, batch_size=batch)
+        try:
+            rec = json.loads(gen_json.read_text(encoding="utf-8"))
+            seed = int(rec.get("base_seed", 0))
+            batch = int(((rec.get("settings") or [{}])[-1] or {}).get("batch_size") or 8)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"not a generation record ({e})", gen_json) from None
+    folder = build_hub_folder(run, team, hub_repo, Path(prompts_path), out_dir, seed=seed, batch_size=batch,
+                              generation=rec)
     console.print(f"[green]wrote[/] {folder} (hub folder for {hub_repo}; seed {seed}, batch size {batch})")
     if push:
         click.echo(f"pushed {push_hub_folder(folder, hub_repo)}")

@@ -66,8 +66,9 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="TESTS ONLY: accept weights whose sha256 is not the published one (randomly initialised "
                    "extractors); results are labelled and kept off the board unless --include-unverified.")
 @click.option("--challenge", default=None,
-              help="Score with a challenge's official metric instead (imageclef2025-task2: fidelity, agreement, "
-                   "diversity, FBD on BiomedCLIP; needs --prompts and --data = real set in prompt-gt.csv layout).")
+              help="A challenge's official metric: imageclef2025-task2 = fidelity, agreement, diversity, FBD on "
+                   "BiomedCLIP (needs --prompts, and --data = the real set in prompt-gt.csv layout); the 2024 "
+                   "profile's metric (imageclef2024) is this command's own, so it scores as without --challenge.")
 @click.option("--prompts", "prompts_path", type=existing_file, default=None, help="--challenge: the prompt file.")
 @click.option("--organiser-quirks", is_flag=True,
               help="--challenge imageclef2025-task2: reproduce the public script's loop (first half of the pairs "
@@ -106,9 +107,9 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     if challenge:
         from harness.cli.challenges import score_challenge
 
-        score_challenge(target, challenge, prompts_path, data_dir, organiser_quirks, biomedclip, device, batch_size,
-                        out_path)
-        return
+        if score_challenge(target, challenge, prompts_path, data_dir, organiser_quirks, biomedclip, device,
+                           batch_size, out_path):
+            return
     cfg = from_dict(ScoreConfig, {
         "real": real, "split": split_path, "data": data_dir, "metrics": parse_metrics(metrics_text),
         "real_preprocess": real_preprocess, "prc_features": prc_features, "inception_weights": inception_weights,
