@@ -245,3 +245,10 @@ def test_profile_naming_keeps_sharding_and_resume_guarantees(tmp_path):
 def test_score_challenge_2024_is_the_ordinary_score(tmp_path, run_cli):
     code, out, err = run_cli("score", tmp_path, "--challenge", "imageclef2024-task1", "--organiser-quirks")
     assert code == 2 and "--organiser-quirks is for the 2025" in err
+
+
+def test_json_prompts_under_the_2024_profile_say_which_challenge(tmp_path, run_cli):
+    prompts = _prompts_2025(tmp_path)
+    run = create_run("test-pattern", {"size": 16})
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts)
+    assert code == 2 and "--challenge imageclef2025-task2" in err and not run.images_dir.exists()

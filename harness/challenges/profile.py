@@ -150,7 +150,15 @@ class ChallengeProfile:
 
         if self.prompts.format == "json-pairs":
             return read_json_pair_prompts(path)
+        self.check_lines_source(str(path))
         return read_prompt_file(path)
+
+    def check_lines_source(self, source: str) -> None:
+        """A .json file under a one-prompt-per-line profile is a mistake (its lines would become prompts)."""
+        if source.lower().endswith(".json"):
+            raise UserError(f"a JSON prompt file, but the challenge {self.name} reads one prompt per line; pass "
+                            "--challenge imageclef2025-task2 (or a profile with prompts.format = \"json-pairs\")",
+                            source)
 
     def image_prompts(self, prompts: list[str]) -> list[str]:
         """One entry per image: each prompt K times, in order (image i belongs to prompt (i-1)//K + 1)."""

@@ -95,6 +95,8 @@ def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, se
                         "per prompt (other counts are for split:val scoring prompts only)")
     run = open_run(run_dir)
     reader = profile.read_prompts if profile.prompts.format != "lines" else None
+    if reader is None and not prompts_path.startswith("split:"):
+        profile.check_lines_source(prompts_path)
     pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt or k, reader=reader)
     # Names follow the challenge only when one image list maps onto its prompts (split:val keeps index names).
     name = profile.file_name if not prompts_path.startswith("split:") or images_per_prompt in (None, k) else None
@@ -221,6 +223,9 @@ def package(run_dir, prompts_path, team, out_dir, images_dir, challenge, hub_rep
     \b
     Example:
       harness package runs/msdm-unet-tiny-20261122-1532 --prompts test-prompts.txt --team simula-fans
+      harness package RUN --prompts test-2025.json --team t --challenge imageclef2025-task2   # flat zip
+      harness package RUN --prompts test-2025.json --team t --challenge imageclef2025-task2 \\
+          --hub-repo me/medvqa-task2 --push                                                    # the hub repo
     """
     from harness.challenges import load_profile
     from harness.package import package_run, zip_summary
@@ -294,6 +299,7 @@ def validate(zip_path, prompts_path, challenge):
     \b
     Example:
       harness validate submissions/simula-fans_clef2024_medvqa.zip --prompts test-prompts.txt
+      harness validate RUN/images --prompts test-2025.json --challenge imageclef2025-task2
     """
     from harness.challenges import load_profile
     from harness.errors import UserError
