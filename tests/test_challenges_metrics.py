@@ -20,16 +20,18 @@ def _fd(a, b):
 def _reference(gen, real, quirk):
     n = len(gen)
     loop = range(0, n // 2, 2) if quirk else range(0, n, 2)  # the public script's loop vs every pair
-    agree, div, fid = [], [], []
+    agree, div, fid, all_gen, all_real = [], [], [], [], []
     for i in loop:
-        a, b = gen[i], gen[i + 1]
+        a, b, ref = gen[i], gen[i + 1], real[i // 2]
         sims = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x in a for y in b]
         agree.append(np.mean(sims))
         for feats in (a, b):
             u = [f / np.linalg.norm(f) for f in feats]
             div.append(np.mean([np.linalg.norm(u[j] - u[k]) for j in range(len(u)) for k in range(j + 1, len(u))]))
-            fid.append(_fd(feats, real[i if feats is a else i + 1]))
-    fbd = _fd(np.concatenate(gen), np.concatenate(real))
+        fid.append((_fd(a, ref) + _fd(b, ref)) / 2)  # the pair's FID: mean of its two prompts'
+        all_gen += [*a, *b]
+        all_real += [*ref]
+    fbd = _fd(np.array(all_gen), np.array(all_real))
     return {"fidelity": np.mean([1000 / (1 + f) for f in fid]), "agreement": np.mean(agree),
             "diversity": np.mean(div), "FBD": fbd}
 
@@ -39,7 +41,7 @@ def test_metrics_match_a_numpy_recomputation(quirk):
     rng = np.random.default_rng(0)
     d, k, n_prompts = 6, 10, 8  # 4 pairs: the quirk scores 2 of them
     gen = [rng.normal(p * 0.1, 1, size=(k, d)) for p in range(n_prompts)]
-    real = [rng.normal(0, 1, size=(12, d)) for _ in range(n_prompts)]
+    real = [rng.normal(0, 1, size=(12, d)) for _ in range(n_prompts // 2)]  # one real set per pair
     got = metrics_2025(gen, real, organiser_quirks=quirk).to_dict()
     want = _reference(gen, real, quirk)
     for key, value in want.items():
@@ -51,13 +53,13 @@ def test_metrics_match_a_numpy_recomputation(quirk):
 def test_quirk_changes_the_numbers_and_odd_counts_are_refused():
     rng = np.random.default_rng(1)
     gen = [rng.normal(p, 1, size=(5, 4)) for p in range(4)]
-    real = [rng.normal(0, 1, size=(8, 4)) for _ in range(4)]
+    real = [rng.normal(0, 1, size=(8, 4)) for _ in range(2)]
     a, b = metrics_2025(gen, real), metrics_2025(gen, real, organiser_quirks=True)
-    assert a.agreement != b.agreement and a.fbd == b.fbd  # FBD is global: the loop does not touch it
+    assert a.agreement != b.agreement and a.fbd != b.fbd and (a.pairs_scored, b.pairs_scored) == (2, 1)
     from harness.errors import UserError
 
     with pytest.raises(UserError, match="even"):
-        metrics_2025(gen[:3], real[:3])
+        metrics_2025(gen[:3], real[:1])
 
 
 def test_biomedclip_cls_features_from_a_saved_tiny_tower(tmp_path):
@@ -125,6 +127,19 @@ def test_score_challenge_2025_end_to_end(tmp_path, run_cli):
         out[quirk] = json.loads((tmp_path / f"m{quirk}.json").read_text())
         assert ("organiser-quirks" in stdout) == quirk
     assert out[False]["pairs_scored"] == 2 and out[True]["pairs_scored"] == 1
+    # The organisers' real_mapping (pair's first prompt number -> img ids = file stems of the real set).
+    mapping = tmp_path / "real_mapping.json"
+    mapping.write_text(json.dumps({"1": ["r00", "r01", "r10"], "3": ["r20", "r21", "r30", "r31"]}))
+    code, stdout, err = run_cli("score", run.dir, "--challenge", "imageclef2025-task2", "--prompts", prompts,
+                                "--data", real, "--biomedclip", tower, "--device", "cpu", "--real-mapping", mapping,
+                                "--out", tmp_path / "mapped.json")
+    assert code == 0, err
+    mapped = json.loads((tmp_path / "mapped.json").read_text())
+    assert mapped["real_mapping_sha256"] and mapped["fidelity"] != out[False]["fidelity"]
+    mapping.write_text(json.dumps({"1": ["r00", "nope"], "3": ["r20", "r21"]}))
+    code, stdout, err = run_cli("score", run.dir, "--challenge", "imageclef2025-task2", "--prompts", prompts,
+                                "--data", real, "--biomedclip", tower, "--real-mapping", mapping)
+    assert code == 2 and "nope" in err and "real_mapping.json" in err
     assert all(np.isfinite(out[False][k]) for k in ("fidelity", "agreement", "diversity", "FBD"))
     # Offline without the weights: recorded as not computed, naming what is missing, never a number.
     code, stdout, err = run_cli("score", run.dir, "--challenge", "imageclef2025-task2", "--prompts", prompts,

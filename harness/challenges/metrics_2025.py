@@ -1,17 +1,20 @@
-"""The MEDVQA-GI 2025 task-2 metrics, on BiomedCLIP image features (the CLS token of the vision tower).
+"""The MEDVQA-GI 2025 task-2 metrics, on BiomedCLIP image features (the CLS token of the vision tower), as the
+organisers' public `submission_task2.py` template computes them.
 
-Prompts come in pairs (0,1), (2,3), ... describing the same content two ways. For a pair (A, B):
-- agreement: mean cosine similarity over every (image of A, image of B) pair;
+Prompts come in pairs (0,1), (2,3), ... describing the same content two ways; each pair has one real reference set
+(the organisers' `real_mapping` names it by the pair's first prompt). For a pair (A, B):
+- agreement: mean cosine similarity over every (image of A, image of B) pair (L2-normalised features);
 - diversity: mean pairwise L2 distance between the L2-normalised features of one prompt's images (each unordered
-  pair once), for A and for B;
-- FID(A, real A) and FID(B, real B): Fréchet distance between a prompt's images and the real images mapped to it.
-Global: fidelity = mean over the scored prompts of 1000 / (1 + FID) (100 / (1 + FID) before 2025-05-09),
-agreement and diversity = means over the scored pairs / prompts, FBD = Fréchet distance between all generated and
-all real features.
+  pair once, scipy's pdist), for A and for B;
+- FID(A, real) and FID(B, real) against the pair's real images; the pair's FID is their mean.
+Global: fidelity = mean over pairs of 1000 / (1 + pair FID) (100 / (1 + FID) before 2025-05-09) - with a pair's two
+FIDs averaged first, as the template does; agreement and diversity = means over the scored pairs / prompts;
+FBD = Fréchet distance between every scored generated feature and the scored pairs' real features (a real image
+shared by two pairs counts twice, as in the template).
 
-The organisers' public script loops `for i in range(0, len(prompts) // 2, 2)`, which scores only the first half of
-the pairs. `organiser_quirks=False` (the default) is the intended metric, over every pair; True reproduces the
-script. Every result carries `variant` saying which one it is.
+The template's pair loop is `for i in range(0, len(prompts) // 2, 2)`, which scores only the first half of the pairs.
+`organiser_quirks=False` (the default) is the intended metric, over every pair; True reproduces the template (it
+changes every number, FBD included). Every result carries `variant` saying which one it is.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ QUIRKS = "organiser-quirks (the public script's loop: first half of the pairs on
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)), scipy sqrtm, real part: the 2024 evaluator's formula."""
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)), scipy sqrtm, real part: the template's formula."""
     from harness.imageclef2024 import frechet_distance
 
     return frechet_distance(np.asarray(a, np.float64), np.asarray(b, np.float64))
@@ -78,23 +81,26 @@ class Result2025:
                 "fid_per_prompt": {str(k + 1): v for k, v in self.fid_per_prompt.items()}}
 
 
-def metrics_2025(gen: Sequence[np.ndarray], real: Sequence[np.ndarray], real_all: np.ndarray | None = None, *,
+def metrics_2025(gen: Sequence[np.ndarray], real: Sequence[np.ndarray], *,
                  organiser_quirks: bool = False) -> Result2025:
-    """`gen[p]`: features (K, D) of prompt p's images; `real[p]`: features of the real images mapped to prompt p;
-    `real_all`: the whole real reference set for FBD (default: every row of `real`, concatenated)."""
+    """`gen[p]`: features (K, D) of prompt p's images (0-based); `real[j]`: features of pair j's real images (pair j
+    = prompts 2j and 2j+1)."""
     n = len(gen)
-    if len(real) != n:
-        raise ValueError(f"{len(real)} real sets for {n} prompts")
     pairs = scored_pairs(n, organiser_quirks)
-    agree, div, fids = [], [], {}
+    if len(real) != n // 2:
+        raise ValueError(f"{len(real)} real sets for {n // 2} pairs")
+    agree, div, pair_fids, fids = [], [], [], {}
+    all_gen, all_real = [], []
     for a, b in pairs:
+        ref = real[a // 2]
         agree.append(agreement(gen[a], gen[b]))
-        for p in (a, b):
-            div.append(diversity(gen[p]))
-            fids[p] = frechet(gen[p], real[p])
-    fidelity = float(np.mean([FIDELITY_SCALE / (1.0 + f) for f in fids.values()]))
-    all_real = real_all if real_all is not None else np.concatenate(list(real))
-    fbd = frechet(np.concatenate(list(gen)), all_real)
+        div += [diversity(gen[a]), diversity(gen[b])]
+        fids[a], fids[b] = frechet(gen[a], ref), frechet(gen[b], ref)
+        pair_fids.append((fids[a] + fids[b]) / 2)
+        all_gen += [gen[a], gen[b]]
+        all_real.append(ref)
+    fidelity = float(np.mean(FIDELITY_SCALE / (1.0 + np.asarray(pair_fids))))
+    fbd = frechet(np.concatenate(all_gen), np.concatenate(all_real))
     return Result2025(fidelity=fidelity, agreement=float(np.mean(agree)), diversity=float(np.mean(div)), fbd=fbd,
                       variant=QUIRKS if organiser_quirks else INTENDED, pairs_scored=len(pairs),
                       pairs_total=n // 2, fid_per_prompt=fids)
@@ -109,19 +115,24 @@ class BiomedCLIPMissing(Exception):
 
 class BiomedCLIPFeatures:
     """CLS features (`last_hidden_state[:, 0, :]`) of BiomedCLIP's vision tower, loaded with transformers from the
-    hub id or a local folder (`save_pretrained` layout: config.json + weights + preprocessor_config.json)."""
+    hub id or a local folder (`save_pretrained` layout: config.json + weights + preprocessor_config.json). Images
+    are read as RGB (PIL `convert("RGB")` in the template; harness.images.open_rgb here) and preprocessed by the
+    repository's own processor."""
 
     def __init__(self, source: str | Path = BIOMEDCLIP, device: str = "cpu"):
         import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import AutoModel, AutoProcessor
 
         from harness.features import offline
 
         self.source, self.device = str(source), torch.device(device)
         local = Path(source).is_dir()
+        # AutoModel/AutoProcessor with the repo's own code, as the organisers' template loads it (the official
+        # repository ships custom code); a local save_pretrained folder of a CLIP vision tower loads the same way.
+        kw = {"local_files_only": local or offline(), "trust_remote_code": True}
         try:
-            self.model = CLIPVisionModel.from_pretrained(self.source, local_files_only=local or offline())
-            self.processor = CLIPImageProcessor.from_pretrained(self.source, local_files_only=local or offline())
+            self.model = AutoModel.from_pretrained(self.source, **kw)
+            self.processor = AutoProcessor.from_pretrained(self.source, **kw)
         except (OSError, ValueError) as e:
             where = f"folder {source}" if local else f"hub model {source} (offline: not in the Hugging Face cache)" \
                 if offline() else f"hub model {source}"
@@ -143,30 +154,57 @@ class BiomedCLIPFeatures:
         with torch.no_grad():
             for s in range(0, len(paths), batch_size):
                 images = [open_rgb(p) for p in paths[s:s + batch_size]]
-                pix = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-                out.append(self.model(pixel_values=pix).last_hidden_state[:, 0, :].float().cpu().numpy())
+                inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+                out.append(self.model(**inputs).last_hidden_state[:, 0, :].float().cpu().numpy())
         return np.concatenate(out)
-
-
-def not_computed(reason: str, organiser_quirks: bool = False) -> dict[str, Any]:
-    return {m: None for m in ("fidelity", "agreement", "diversity", "FBD")} | {
-        "variant": QUIRKS if organiser_quirks else INTENDED, "not_computed": reason}
 
 
 # ----------------------------------------------------------------------------------------------- scoring a folder
 
 
+def real_sets(prompts: Sequence[str], devset, mapping: dict[str, list[str]] | None,
+              mapping_path: Path | None = None) -> list[list[Path]]:
+    """Real image files of each pair. With the organisers' `real_mapping` JSON ({"<1-based number of the pair's
+    first prompt>": [img_id, ...]}): the images `images/<img_id>.*` of the real set (`harness data fetch` names
+    files by img_id). Without it: the images captioned with either prompt of the pair, exactly."""
+    by_stem = {Path(r.filename).stem: r.filename for r in devset.rows}
+    by_prompt: dict[str, set[str]] = {}
+    for r in devset.rows:
+        by_prompt.setdefault(r.prompt, set()).add(r.filename)
+    out = []
+    for a in range(0, len(prompts), 2):
+        if mapping is not None:
+            ids = mapping.get(str(a + 1))
+            if ids is None:
+                raise UserError(f"no entry for prompt {a + 1} (the pair's first prompt)", mapping_path)
+            missing = [i for i in ids if str(i) not in by_stem]
+            if missing:
+                raise UserError(f"prompt {a + 1}: real image id(s) {', '.join(map(str, missing[:5]))} not in "
+                                f"{devset.csv_path}", mapping_path)
+            files = [by_stem[str(i)] for i in ids]
+        else:
+            files = sorted(by_prompt.get(prompts[a], set()) | by_prompt.get(prompts[a + 1], set()))
+        if len(set(files)) < 2:
+            raise UserError(f"pair of prompts {a + 1}-{a + 2} has {len(set(files))} real image(s); FID needs at least 2 "
+                            "(pass the organisers' --real-mapping, or a real set captioned with these prompts)",
+                            mapping_path or devset.csv_path)
+        out.append([devset.image_path(f) for f in files])
+    return out
+
+
 def score_2025(images_dir: Path, prompts: Sequence[str], data_dir: Path, profile, *, organiser_quirks: bool = False,
                biomedclip: str | Path = BIOMEDCLIP, device: str = "cpu", batch_size: int = 32,
-               out: Path | None = None) -> tuple[dict[str, Any], Path]:
+               out: Path | None = None, real_mapping: Path | None = None) -> tuple[dict[str, Any], Path]:
     """`harness score --challenge imageclef2025-task2`: the four metrics of IMAGES_DIR (named by the profile)
-    against a real set in the harness layout (`prompt-gt.csv + images/`, e.g. from `harness data fetch`), where the
-    real images of a prompt are the images with that exact caption; FBD's real side is every real image mapped to
-    a scored prompt. Writes the result (with its variant, the prompt and real-set hashes) to `out`
-    (default IMAGES_DIR/../metrics-<challenge>.json). Without the BiomedCLIP weights the metrics are recorded as not
-    computed, with the reason."""
+    against a real set in the harness layout (`prompt-gt.csv + images/`, e.g. `harness data fetch
+    SimulaMet/Kvasir-VQA-test --split validation`), each pair's real images given by `real_mapping` (the organisers'
+    JSON) or by exact captions (`real_sets`). Writes the result (with its variant, the prompt and real-set hashes)
+    to `out` (default IMAGES_DIR/../metrics-<challenge>.json). Without the BiomedCLIP weights the metrics are
+    recorded as not computed, with the reason."""
+    import json
+
     from harness.data import load_devset
-    from harness.io import sha256_bytes, write_json
+    from harness.io import sha256_bytes, sha256_file, write_json
 
     images_dir, k = Path(images_dir), profile.k
     names = profile.expected_names(len(prompts))
@@ -174,19 +212,24 @@ def score_2025(images_dir: Path, prompts: Sequence[str], data_dir: Path, profile
     if missing:
         raise UserError(f"{len(missing)} image(s) missing, first {missing[0]} (run `harness generate --challenge "
                         f"{profile.name}`)", images_dir)
+    scored_pairs(len(prompts))  # an odd prompt count is refused before any work
     devset = load_devset(data_dir)
-    by_prompt: dict[str, list[str]] = {}
-    for r in devset.rows:
-        by_prompt.setdefault(r.prompt, []).append(r.filename)
-    no_real = [i + 1 for i, p in enumerate(prompts) if len(set(by_prompt.get(p, []))) < 2]
-    if no_real:
-        raise UserError(f"prompt(s) {', '.join(map(str, no_real[:5]))} have fewer than 2 real images with that exact "
-                        "caption in the real set (FID needs 2 on each side)", devset.csv_path)
+    mapping = None
+    if real_mapping is not None:
+        try:
+            mapping = json.loads(Path(real_mapping).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"not a readable JSON mapping ({e})", real_mapping) from None
+        if not isinstance(mapping, dict):
+            raise UserError("expected a JSON object {prompt number: [img_id, ...]}", real_mapping)
+    real_files = real_sets(prompts, devset, mapping, real_mapping)
     record: dict[str, Any] = {
         "challenge": profile.name, "images": str(images_dir), "n_prompts": len(prompts), "images_per_prompt": k,
         "prompts_sha256": sha256_bytes("\n".join(prompts).encode()), "real": str(devset.root),
-        "real_csv_sha256": devset.csv_sha256, "features": f"{biomedclip} vision tower, CLS (last_hidden_state[:, 0])",
-        "fidelity_scale": FIDELITY_SCALE,
+        "real_csv_sha256": devset.csv_sha256,
+        "real_mapping": str(real_mapping) if real_mapping else "exact captions of each pair",
+        "real_mapping_sha256": sha256_file(real_mapping) if real_mapping else None,
+        "features": f"{biomedclip} vision tower, CLS (last_hidden_state[:, 0])", "fidelity_scale": FIDELITY_SCALE,
     }
     try:
         extract = BiomedCLIPFeatures(biomedclip, device=device)
@@ -195,11 +238,16 @@ def score_2025(images_dir: Path, prompts: Sequence[str], data_dir: Path, profile
     else:
         feats = extract([images_dir / n for n in names], batch_size)
         gen = [feats[p * k:(p + 1) * k] for p in range(len(prompts))]
-        real_names = sorted({f for p in prompts for f in by_prompt[p]})
-        real_feats = dict(zip(real_names, extract([devset.image_path(f) for f in real_names], batch_size)))
-        real = [np.stack([real_feats[f] for f in sorted(set(by_prompt[p]))]) for p in prompts]
-        res = metrics_2025(gen, real, np.stack(list(real_feats.values())), organiser_quirks=organiser_quirks)
+        unique = sorted({f for files in real_files for f in files})
+        cache = dict(zip(unique, extract(unique, batch_size)))
+        real = [np.stack([cache[f] for f in files]) for files in real_files]
+        res = metrics_2025(gen, real, organiser_quirks=organiser_quirks)
         record |= res.to_dict() | {"extractor": extract.identity()}
     out = Path(out) if out else images_dir.parent / f"metrics-{profile.name}.json"
     write_json(out, record)
     return record, out
+
+
+def not_computed(reason: str, organiser_quirks: bool = False) -> dict[str, Any]:
+    return {m: None for m in ("fidelity", "agreement", "diversity", "FBD")} | {
+        "variant": QUIRKS if organiser_quirks else INTENDED, "not_computed": reason}

@@ -76,7 +76,7 @@ def check(path: Path) -> None:
 
 
 def score_challenge(target: Path, challenge: str, prompts_path, data_dir, organiser_quirks: bool, biomedclip: str,
-                    device: str, batch_size: int, out_path) -> bool:
+                    device: str, batch_size: int, out_path, real_mapping=None) -> bool:
     """`harness score TARGET --challenge NAME`: the challenge's official metric when it is the 2025 task-2 one
     (returns True); False = the profile's metrics are `harness score`'s own, which then runs as usual."""
     from harness.challenges import load_profile
@@ -96,7 +96,8 @@ def score_challenge(target: Path, challenge: str, prompts_path, data_dir, organi
     prompts = profile.read_prompts(prompts_path).prompts
     dev = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
     record, out = score_2025(images, prompts, Path(data_dir), profile, organiser_quirks=organiser_quirks,
-                             biomedclip=biomedclip, device=dev, batch_size=batch_size, out=out_path)
+                             biomedclip=biomedclip, device=dev, batch_size=batch_size, out=out_path,
+                             real_mapping=real_mapping)
     click.echo(f"{profile.name} [{record['variant']}]")
     if record.get("not_computed"):
         click.echo(f"  not computed: {record['not_computed']}")

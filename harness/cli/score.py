@@ -75,11 +75,14 @@ def register(cli: click.Group, **groups: click.Group) -> None:
                    "only); the default is the intended metric over every pair. The result says which.")
 @click.option("--biomedclip", default="ikim-uk-essen/BiomedCLIP_ViT_patch16_224", show_default=True,
               help="--challenge imageclef2025-task2: BiomedCLIP vision tower, hub id (the organisers') or folder.")
+@click.option("--real-mapping", type=existing_file, default=None,
+              help="--challenge imageclef2025-task2: the organisers' real_mapping JSON (pair's first prompt number -> "
+                   "img_ids of --data); default: the real images captioned with either prompt of the pair.")
 def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, metrics_text: str, prc_features: str,
           inception_weights, vgg_weights, imageclef_weights, clip_weights, bootstrap: int, batch_size: int,
           device: str, kid_subset_size: int, no_strata: bool, out_path, no_cache: bool, no_download: bool,
           leaderboard_path, no_leaderboard: bool, allow_unverified_weights: bool, challenge, prompts_path,
-          organiser_quirks: bool, biomedclip: str) -> None:
+          organiser_quirks: bool, biomedclip: str, real_mapping) -> None:
     """Score RUN/images or any folder of images: FID, IS, precision/recall/F1 (torch-fidelity), KID (also per
     stratum), FD on DINOv2/CLIP, and the organisers' 2024 metric, with bootstrap 95 % intervals.
 
@@ -108,7 +111,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
         from harness.cli.challenges import score_challenge
 
         if score_challenge(target, challenge, prompts_path, data_dir, organiser_quirks, biomedclip, device,
-                           batch_size, out_path):
+                           batch_size, out_path, real_mapping):
             return
     cfg = from_dict(ScoreConfig, {
         "real": real, "split": split_path, "data": data_dir, "metrics": parse_metrics(metrics_text),
