@@ -99,7 +99,7 @@ def predictions_template(team: str, run_id: str, family: str, scores: dict[str, 
         "submission_info": info,
         "public_scores": public,
         "total_time": None, "time_per_item": None, "memory_used_mb": None, "model_memory_mb": None,
-        "gpu_name": None, "predictions": [],
+        "gpu_name": None, "predictions": None,
         "debug": {"harness_run": run_id, "family": family, "scores_variant": (scores or {}).get("variant"),
                   "note": "written by `harness package --hub-repo`; submission_task2.py fills timing and memory"},
     }
@@ -107,15 +107,21 @@ def predictions_template(team: str, run_id: str, family: str, scores: dict[str, 
 
 SCRIPT = '''"""MEDVQA-GI 2025 task 2 submission made with medvqa-harness: run {run_id} (family {family}).
 
-Generates {k} images per prompt, named prompt{{p:04d}}_img{{i:04d}}.png (1-based), with the harness's own generator
-for the family, then writes predictions_2.json (timing, memory, GPU). Prompts: argv[1], $MEDVQA_PROMPTS, or the
-prompts.json shipped beside this file (JSON flattened as [c for qa in d.values() for pair in qa.values() for c in
-pair]). Images go to argv[2] / $MEDVQA_OUT (default generated_images/).
+1. Prompts: argv[1], $MEDVQA_PROMPTS, the organisers' test prompts (dataset SimulaMet/Kvasir-VQA-test, file
+   imagen-test), or - offline - the prompts.json shipped beside this file; flattened as
+   [c for qa in d.values() for pair in qa.values() for c in pair].
+2. {k} images per prompt, prompt{{p:04d}}_img{{i:04d}}.png (1-based), with the harness's own generator for the family
+   (seed of image i derived from (base seed {seed}, i): the same images as the maker's local run), into argv[2] /
+   $MEDVQA_OUT (default generated_images/).
+3. predictions_2.json: timing, memory and GPU measured here; `predictions` = BiomedCLIP CLS features per prompt;
+   `public_scores` as the organisers' template computes them (its pair loop included), the intended metric (every
+   pair) in debug. Anything that cannot be computed (offline, no weights) is null, with the reason in debug.
 """
 
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,40 +135,88 @@ from harness.runs import open_run  # noqa: E402
 RUN = HERE / "runs" / {run_name!r}
 SEED = {seed}
 BATCH_SIZE = {batch_size}
-TEAM = {team!r}
+TEST_REPO = "SimulaMet/Kvasir-VQA-test"
+
+
+def _hub_file(name):
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=TEST_REPO, filename=name, repo_type="dataset")
+
+
+def _prompts_path(debug):
+    if len(sys.argv) > 1 or os.environ.get("MEDVQA_PROMPTS"):
+        return Path(sys.argv[1] if len(sys.argv) > 1 else os.environ["MEDVQA_PROMPTS"])
+    try:
+        return Path(_hub_file("imagen-test"))
+    except Exception as e:  # offline or no access: the prompts packaged with the run
+        debug["prompts_fallback"] = f"{{TEST_REPO}}/imagen-test not loaded ({{type(e).__name__}}); used prompts.json"
+        return HERE / "prompts.json"
+
+
+def _scores(out, prompts, profile, device, debug):
+    """(features per prompt as JSON, public scores): the harness's 2025 metrics on the organisers' real set."""
+    from harness.challenges.hub_data import fetch_dataset
+    from harness.challenges.metrics_2025 import BiomedCLIPFeatures, score_2025
+
+    names = profile.expected_names(len(prompts))
+    feats = BiomedCLIPFeatures(device=device)([out / n for n in names])
+    k = profile.k
+    predictions = json.dumps({{str(p + 1): feats[p * k:(p + 1) * k].tolist() for p in range(len(prompts))}})
+    try:
+        real = Path(tempfile.mkdtemp(prefix="kvasir-vqa-test-")) / "real"
+        fetch_dataset(TEST_REPO, real, split="validation", prompt_template="{{img_id}}", id_column="img_id")
+        mapping = Path(_hub_file("real_mapping"))
+        scores = {{}}
+        for quirks in (True, False):
+            rec, _ = score_2025(out, prompts, real, profile, organiser_quirks=quirks, device=device,
+                                out=real.parent / f"scores-{{quirks}}.json", real_mapping=mapping)
+            scores[quirks] = {{m: rec[m] for m in ("fidelity", "agreement", "diversity", "FBD")}}
+            debug["scores_" + ("organiser_quirks" if quirks else "intended")] = rec["variant"]
+        debug["intended_scores"] = scores[False]
+        return predictions, scores[True]
+    except Exception as e:
+        debug["public_scores_not_computed"] = f"{{type(e).__name__}}: {{e}}"
+        return predictions, None
 
 
 def main() -> None:
     import torch
 
-    prompts_path = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("MEDVQA_PROMPTS", HERE / "prompts.json"))
+    debug = {{}}
+    prompts_path = _prompts_path(debug)
     out = Path(sys.argv[2] if len(sys.argv) > 2 else os.environ.get("MEDVQA_OUT", "generated_images"))
     profile = load_profile("imageclef2025-task2")
     prompts = profile.read_prompts(prompts_path).prompts
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
+    mem = (lambda: torch.cuda.memory_allocated() / 2**20) if device == "cuda" else (lambda: 0.0)
+    initial = mem()
     gen = load_generator(open_run(RUN), {{"device": device}})
-    model_mb = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else None
+    post_model = mem()
+    t0 = time.time()
     generate_images(gen, profile.image_prompts(prompts), out, base_seed=SEED, batch_size=BATCH_SIZE,
                     name=profile.file_name, device=device)
     total = time.time() - t0
-    names = profile.expected_names(len(prompts))
-    k = profile.k
+    n_images = len(prompts) * profile.k
     preds = json.loads((HERE / "predictions_2.json").read_text(encoding="utf-8"))
     preds.update({{
-        "total_time": total,
-        "time_per_item": total / len(names),
-        "memory_used_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        "model_memory_mb": model_mb,
-        "gpu_name": torch.cuda.get_device_name() if device == "cuda" else None,
-        "predictions": [{{"prompt": p, "images": [str(out / n) for n in names[j * k:(j + 1) * k]]}}
-                        for j, p in enumerate(prompts)],
+        "total_time": round(total, 4),
+        "time_per_item": total / n_images,
+        "memory_used_mb": round(mem() - post_model, 2),
+        "model_memory_mb": round(post_model - initial, 2),
+        "gpu_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
     }})
-    preds["debug"] = {{**preds.get("debug", {{}}), "device": device, "prompts": str(prompts_path)}}
+    del gen
+    try:
+        preds["predictions"], scores = _scores(out, prompts, profile, device, debug)
+        if scores:
+            preds["public_scores"] = {{m: round(float(v), 2) for m, v in scores.items()}}
+    except Exception as e:  # BiomedCLIP not loadable (offline): no features, no scores
+        debug["features_not_computed"] = f"{{type(e).__name__}}: {{e}}"
+    preds["debug"] = {{**preds.get("debug", {{}}), **debug, "device": device, "prompts": str(prompts_path),
+                       "images": str(out)}}
     Path("predictions_2.json").write_text(json.dumps(preds, indent=2), encoding="utf-8")
-    print(f"{{len(names)}} images -> {{out}}; predictions_2.json written ({{total:.1f}} s)")
+    print(f"{{n_images}} images -> {{out}}; predictions_2.json written ({{total:.1f}} s)")
 
 
 if __name__ == "__main__":

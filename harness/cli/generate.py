@@ -279,6 +279,11 @@ def _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo
     folder = build_hub_folder(run, team, hub_repo, Path(prompts_path), out_dir, seed=seed, batch_size=batch,
                               generation=rec)
     console.print(f"[green]wrote[/] {folder} (hub folder for {hub_repo}; seed {seed}, batch size {batch})")
+    info = json.loads((folder / "predictions_2.json").read_text(encoding="utf-8"))["submission_info"]
+    empty = [k for k, v in info.items() if not v and k != "Notes_to_organizers"]
+    if empty:
+        console.print(f"[yellow]fill in[/] {', '.join(empty)} in {folder / 'predictions_2.json'} (submission_info, "
+                      "read by submission_task2.py) before the organisers run it", highlight=False)
     if push:
         click.echo(f"pushed {push_hub_folder(folder, hub_repo)}")
 
