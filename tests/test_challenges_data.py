@@ -61,3 +61,10 @@ def test_fetch_offline_and_bad_template_are_one_line(tmp_path, run_cli):
                                 "--prompt-template", "{caption}")
     assert code == 2 and "'caption'" in err and "columns: img_id" in err
     assert not (tmp_path / "k").exists()
+
+
+def test_fetch_test_material_offline_names_what_to_download(tmp_path, run_cli):
+    code, stdout, err = run_cli("data", "fetch", "imageclef2025-task2", "--test", "--out", tmp_path / "t")
+    assert code == 2 and "SimulaMet/Kvasir-VQA-test/imagen-test" in err and "prompts.json" in err
+    code, stdout, err = run_cli("data", "fetch", "imageclef2024-task1", "--test", "--out", tmp_path / "t")
+    assert code == 2 and "names no hub test repository" in err

@@ -135,7 +135,8 @@ from harness.runs import open_run  # noqa: E402
 RUN = HERE / "runs" / {run_name!r}
 SEED = {seed}
 BATCH_SIZE = {batch_size}
-TEST_REPO = "SimulaMet/Kvasir-VQA-test"
+PROFILE = load_profile("imageclef2025-task2")
+TEST_REPO = PROFILE.hub.test_dataset
 
 
 def _hub_file(name):
@@ -148,9 +149,9 @@ def _prompts_path(debug):
     if len(sys.argv) > 1 or os.environ.get("MEDVQA_PROMPTS"):
         return Path(sys.argv[1] if len(sys.argv) > 1 else os.environ["MEDVQA_PROMPTS"])
     try:
-        return Path(_hub_file("imagen-test"))
+        return Path(_hub_file(PROFILE.hub.prompts_file))
     except Exception as e:  # offline or no access: the prompts packaged with the run
-        debug["prompts_fallback"] = f"{{TEST_REPO}}/imagen-test not loaded ({{type(e).__name__}}); used prompts.json"
+        debug["prompts_fallback"] = f"{{TEST_REPO}}/{{PROFILE.hub.prompts_file}} not loaded ({{type(e).__name__}}); used prompts.json"
         return HERE / "prompts.json"
 
 
@@ -165,8 +166,9 @@ def _scores(out, prompts, profile, device, debug):
     predictions = json.dumps({{str(p + 1): feats[p * k:(p + 1) * k].tolist() for p in range(len(prompts))}})
     try:
         real = Path(tempfile.mkdtemp(prefix="kvasir-vqa-test-")) / "real"
-        fetch_dataset(TEST_REPO, real, split="validation", prompt_template="{{img_id}}", id_column="img_id")
-        mapping = Path(_hub_file("real_mapping"))
+        fetch_dataset(TEST_REPO, real, split=PROFILE.hub.test_split, prompt_template="{{img_id}}",
+                      id_column="img_id")
+        mapping = Path(_hub_file(PROFILE.hub.real_mapping_file))
         scores = {{}}
         for quirks in (True, False):
             rec, _ = score_2025(out, prompts, real, profile, organiser_quirks=quirks, device=device,
@@ -186,7 +188,7 @@ def main() -> None:
     debug = {{}}
     prompts_path = _prompts_path(debug)
     out = Path(sys.argv[2] if len(sys.argv) > 2 else os.environ.get("MEDVQA_OUT", "generated_images"))
-    profile = load_profile("imageclef2025-task2")
+    profile = PROFILE
     prompts = profile.read_prompts(prompts_path).prompts
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mem = (lambda: torch.cuda.memory_allocated() / 2**20) if device == "cuda" else (lambda: 0.0)

@@ -1,7 +1,7 @@
 """`harness data fetch NAME --out DIR`: a hub-hosted (or locally saved) Hugging Face dataset converted to the
 harness's dev-set layout, `prompt-gt.csv` (`Prompt;Filename`, CRLF) beside `images/<id>.<ext>`.
 
-NAME is a challenge profile with a `hub_dataset` (imageclef2025-task2 -> SimulaMet-HOST/Kvasir-VQA), a hub dataset
+NAME is a challenge profile with a `[hub] train_dataset` (imageclef2025-task2 -> SimulaMet-HOST/Kvasir-VQA), a hub dataset
 id, a folder written by `Dataset.save_to_disk`, or a parquet file. Image bytes are written verbatim (no re-encoding);
 rows sharing an image id (Kvasir-VQA has several question/answer rows per image) share one file. The prompt of a row
 is `--prompt-template` formatted with the row's columns (default: its prompt/caption/text column, else
@@ -81,9 +81,9 @@ def fetch_dataset(name: str, out: Path, *, split: str | None = None, image_colum
     source = name
     if name in shipped_names():
         profile = load_profile(name)
-        if not profile.hub_dataset:
+        if not profile.hub.train_dataset:
             raise UserError(f"challenge {name} names no hub dataset (its real data is not published on the hub)")
-        source = profile.hub_dataset
+        source = profile.hub.train_dataset
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError("exists and is not empty; choose an empty --out", out)
@@ -139,3 +139,39 @@ def fetch_dataset(name: str, out: Path, *, split: str | None = None, image_colum
         raise
     return {"source": source, "rows": len(rows) - 1, "images": len(written), "prompt_template": prompt_template,
             "out": str(out)}
+
+
+def fetch_test_files(name: str, out: Path) -> dict[str, Any]:
+    """`harness data fetch NAME --test`: the challenge's scoring material, as its organisers publish it - the real
+    reference set (`test_dataset`, split `test_split`, images named by img_id, the id as prompt: scoring maps
+    prompts to real images through the mapping, not through captions), the test-prompt file and the real mapping,
+    beside it as prompts.json and real_mapping.json."""
+    from harness.challenges import load_profile
+
+    profile = load_profile(name)
+    hub = profile.hub
+    if not (hub.test_dataset and hub.prompts_file):
+        raise UserError(f"challenge {profile.name} names no hub test repository ([hub] test_dataset, prompts_file)")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError("exists and is not empty; choose an empty --out", out)
+    files = {"prompts.json": hub.prompts_file}
+    if hub.real_mapping_file:
+        files["real_mapping.json"] = hub.real_mapping_file
+    got = {}
+    for local, remote in files.items():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            got[local] = Path(hf_hub_download(repo_id=hub.test_dataset, filename=remote, repo_type="dataset"))
+        except Exception as e:
+            raise UserError(f"{hub.test_dataset}/{remote} could not be downloaded ({type(e).__name__}); on a machine "
+                            f"with internet run `huggingface-cli download --repo-type dataset {hub.test_dataset} "
+                            f"{remote} --local-dir DIR` and copy it to {out / local}") from None
+    res = {}
+    if hub.test_split:
+        res = fetch_dataset(hub.test_dataset, out / "real", split=hub.test_split, prompt_template="{img_id}",
+                            id_column="img_id")
+    for local, path in got.items():
+        shutil.copyfile(path, out / local)
+    return {"out": str(out), "files": sorted(files), "real": res}

@@ -100,12 +100,22 @@ class ArchiveSpec:
 
 
 @dataclass
+class HubSpec:
+    """Where a challenge publishes its data on the Hugging Face hub (`harness data fetch NAME [--test]`)."""
+    train_dataset: str | None = None  # training images with captions / QA
+    test_dataset: str | None = None  # the organisers' scoring repo (a dataset repo)
+    test_split: str | None = None  # its split holding the real reference images
+    prompts_file: str | None = None  # file of test_dataset holding the test prompts
+    real_mapping_file: str | None = None  # file of test_dataset: prompt number -> real image ids
+
+
+@dataclass
 class ChallengeProfile:
     name: str
     title: str = ""
     reference: str = ""  # the real reference set, in words
     metrics: list[str] = field(default_factory=list)
-    hub_dataset: str | None = None  # where `harness data fetch NAME` gets the real data
+    hub: HubSpec = field(default_factory=HubSpec)
     prompts: PromptSpec = field(default_factory=PromptSpec)
     images: ImageSpec = field(default_factory=ImageSpec)
     archive: ArchiveSpec = field(default_factory=ArchiveSpec)

@@ -44,7 +44,11 @@ def data() -> None:
 @click.option("--id-column", default=None,
               help="Column naming the image, so rows of one image share a file (default: img_id, image_id, id, "
                    "filename or file_name, the first present; else one file per row).")
-def data_fetch(name: str, out_dir: Path, split_name, image_column: str, prompt_template, id_column) -> None:
+@click.option("--test", "test_files", is_flag=True,
+              help="NAME is a challenge: fetch its scoring material instead - the real reference set (OUT/real/), "
+                   "the test prompts (OUT/prompts.json) and the real mapping (OUT/real_mapping.json).")
+def data_fetch(name: str, out_dir: Path, split_name, image_column: str, prompt_template, id_column,
+               test_files: bool) -> None:
     """Convert a Hugging Face dataset to prompt-gt.csv + images/ (the layout every harness command reads).
 
     NAME: a challenge (imageclef2025-task2 -> SimulaMet-HOST/Kvasir-VQA), a hub dataset id, a `save_to_disk`
@@ -54,9 +58,15 @@ def data_fetch(name: str, out_dir: Path, split_name, image_column: str, prompt_t
     Examples:
       harness data fetch imageclef2025-task2 --out data/kvasir-vqa
       harness data fetch ./kvasir-vqa-saved --out data/kvasir-vqa
+      harness data fetch imageclef2025-task2 --test --out data/kvasir-vqa-test   # prompts, real set, mapping
     """
-    from harness.challenges.hub_data import fetch_dataset
+    from harness.challenges.hub_data import fetch_dataset, fetch_test_files
 
+    if test_files:
+        got = fetch_test_files(name, out_dir)
+        _console().print(f"[green]{got['out']}[/]: {', '.join(got['files'])}"
+                         + (f", real/ ({got['real']['images']} images)" if got["real"] else ""))
+        return
     res = fetch_dataset(name, out_dir, split=split_name, image_column=image_column,
                         prompt_template=prompt_template, id_column=id_column)
     _console().print(f"[green]{res['out']}[/]: {res['rows']} rows, {res['images']} images from {res['source']} "
