@@ -64,7 +64,7 @@ def run(epochs: int, batch_size: int, workdir: Path) -> None:
     from harness.runs import create_run
     from harness.sample import sample_dir
     from harness.split import write_split
-    from harness.train_kandinsky import build_task, config_from_dict, default_config
+    from harness.families.kandinsky22.train import build_task, config_from_dict, default_config
     from harness.trainer import run_training
     from models.kandinsky.testing import tiny_decoder_pipeline, tiny_prior_pipeline
 

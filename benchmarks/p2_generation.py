@@ -43,7 +43,7 @@ def _prompts(n: int, unique: int) -> list[str]:
 
 
 def _generator(prior_dir: Path, decoder_dir: Path):
-    from harness.train_kandinsky import GenerationConfig, KandinskyGenerator
+    from harness.families.kandinsky22.train import GenerationConfig, KandinskyGenerator
     from models.kandinsky.loading import load_decoder, load_prior
 
     gen = GenerationConfig(**STEPS, height=SIZE, width=SIZE)

@@ -1,7 +1,7 @@
 """P4: MSDM UNet training step - fp32 re-encoding every step vs cached VAE posteriors (+ bf16 autocast + channels_last).
 
 Three configurations train the same UNet from the same seed on the shipped 64 px sample through the real loop
-(`harness.msdm.unet_task.UNetTask` + `harness.trainer.run_training`):
+(`harness.families.msdm.unet_task.UNetTask` + `harness.trainer.run_training`):
   A  fp32, the VAE encodes every batch (what the public scripts do)
   B  fp32, VAE posteriors (mean, logvar) cached once, z drawn from them each step
   C  B + bf16 autocast + channels_last UNet
@@ -40,11 +40,11 @@ def main() -> None:
     import torch
 
     from harness.data import load_devset
-    from harness.msdm.config import VAE_FAMILY, unet_config
-    from harness.msdm.data import load_sides
-    from harness.msdm.sampling import load_text
-    from harness.msdm.train import _prepare_latents
-    from harness.msdm.unet_task import UNetTask
+    from harness.families.msdm.config import VAE_FAMILY, unet_config
+    from harness.families.msdm.data import load_sides
+    from harness.families.msdm.sampling import load_text
+    from harness.families.msdm.train import _prepare_latents
+    from harness.families.msdm.unet_task import UNetTask
     from harness.runs import create_run
     from harness.sample import sample_dir
     from harness.split import write_split

@@ -40,7 +40,7 @@ ASSUMED_MFU = 0.35
 
 class _Collate:
     def collate(self, items):
-        from harness.msdm.data import collate
+        from harness.families.msdm.data import collate
 
         return collate(items)
 

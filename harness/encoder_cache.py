@@ -145,3 +145,11 @@ def image_key(kind: str, fingerprint: str, preprocessing: dict, image_sha256: st
 
 def unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def needed_captions(ds) -> list[str]:
+    """Every caption a `harness.dataset.CaptionedImages` can produce: its pools, their paraphrases (replace
+    strategies) and "" (caption dropout) - what a frozen text encoder's cache must hold."""
+    caps = [c for pool in ds.pools for c in pool]
+    caps += [p for c in list(caps) for p in ds.paraphrases.get(c, [])]
+    return unique(caps + [""])

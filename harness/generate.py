@@ -4,14 +4,13 @@ One image per prompt line. Image i (1-based index among non-empty prompt lines) 
 `<images_dir>/<i:05d>.png` from a seed derived only from (base seed, i), so the same index gives the same image
 whatever the batch size, the number of processes, or how often the run was interrupted and resumed.
 
-Model families plug in through `Generator` (below) and a loader registered in `FAMILIES`.
+Model families plug in through `Generator` (below) and a loader named in harness/families/registry.py.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
 import io
 import os
 from abc import ABC, abstractmethod
@@ -81,25 +80,11 @@ def location_free(info: Any) -> Any:
     return info
 
 
-# family name -> "module:function"; the function is `load(run: Run, overrides: dict) -> Generator`.
-# Imported lazily so a family's heavy dependencies are only loaded when it is used.
-FAMILIES: dict[str, str] = {
-    "test-pattern": "harness.generate:load_test_pattern",
-    "msdm-unet": "harness.msdm.sampling:load_generator",
-    "kandinsky-prior": "harness.train_kandinsky:load_generator",
-    "kandinsky-decoder": "harness.train_kandinsky:load_generator",
-}
-
-
 def load_generator(run: Run, overrides: dict[str, Any] | None = None) -> Generator:
-    family = run.family
-    if family not in FAMILIES:
-        raise UserError(
-            f"family {family!r} cannot generate images (generating families: {', '.join(sorted(FAMILIES))})",
-            run.config_path,
-        )
-    module, func = FAMILIES[family].split(":")
-    loader: Callable[[Run, dict], Generator] = getattr(importlib.import_module(module), func)
+    """The generator of `run`, by the loader its family registered (harness/families/registry.py)."""
+    from harness.families.registry import generator_loader
+
+    loader: Callable[[Run, dict], Generator] = generator_loader(run.family, run.config_path)
     return loader(run, {k: v for k, v in (overrides or {}).items() if v is not None})
 
 

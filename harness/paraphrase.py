@@ -389,6 +389,19 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     return {o: list(r["paraphrases"]) for o, r in read_records(path).items() if r["paraphrases"]}
 
 
+def training_paraphrases(path: str | Path | None, strategy: str) -> tuple[dict[str, list[str]] | None, str | None]:
+    """(paraphrases, sha256) a trainer uses for --paraphrases PATH with --paraphrase-strategy; (None, None) when no
+    file is given, which only the strategy "none" allows."""
+    if not path:
+        if strategy != "none":
+            raise UserError(f"--paraphrase-strategy {strategy} needs --paraphrases FILE")
+        return None, None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("paraphrase file not found", path)
+    return load_paraphrases(path), paraphrases_sha256(path)
+
+
 def paraphrases_sha256(path: str | Path) -> str:
     """Hash of what `load_paraphrases` returns (canonical JSON), for run configs: independent of line order (which
     concurrency makes arbitrary), superseded lines and bookkeeping fields, so equal content gives an equal hash."""

@@ -32,9 +32,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sweep_plot(points: Sequence[dict], out: Path, title: str) -> Path:
-    """`points`: dicts with `rank`, `series` (a line label, e.g. the family) and any of fid/precision/recall/f1;
-    optional `<metric>_low` / `<metric>_high` (a confidence interval) are drawn as error bars."""
+def sweep_plot(points: Sequence[dict], out: Path, title: str, xlabel: str = "LoRA rank", log2: bool = True,
+               tick_labels: dict | None = None) -> Path:
+    """`points`: dicts with `rank` (the x value), `series` (a line label, e.g. the family) and any of
+    fid/precision/recall/f1; optional `<metric>_low` / `<metric>_high` (a confidence interval) are drawn as error
+    bars. Other swept axes: `xlabel`, `log2=False` for a linear axis, `tick_labels` {x: label} for cells that are
+    not numbers (x = the cell's position)."""
     fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4 * len(SWEEP_PANELS), 3.4), constrained_layout=True)
     series = sorted({p["series"] for p in points})
     ranks = sorted({p["rank"] for p in points})
@@ -43,16 +46,21 @@ def sweep_plot(points: Sequence[dict], out: Path, title: str) -> Path:
             pts = sorted((p["rank"], p[key], p.get(f"{key}_low"), p.get(f"{key}_high")) for p in points
                          if p["series"] == s and p.get(key) is not None)
             if pts:
-                line = ax.plot([r for r, *_ in pts], [v for _, v, *_ in pts], marker="o", label=s)[0]
+                # cells of a multi-axis grid are not an ordered axis: points, no line between them
+                line = ax.plot([r for r, *_ in pts], [v for _, v, *_ in pts], marker="o", label=s,
+                               linestyle="none" if tick_labels else "-")[0]
                 bars = [(r, v, lo, hi) for r, v, lo, hi in pts if lo is not None and hi is not None]
                 if bars:
                     ax.errorbar([b[0] for b in bars], [b[1] for b in bars],
                                 yerr=[[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]], fmt="none",
                                 ecolor=line.get_color(), capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
+        if log2:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str((tick_labels or {}).get(r, r)) for r in ranks],
+                      rotation=30 if tick_labels else 0, fontsize=8 if tick_labels else None,
+                      ha="right" if tick_labels else "center")
         ax.minorticks_off()
-        ax.set_xlabel("LoRA rank")
+        ax.set_xlabel(xlabel)
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
     if len(series) > 1:

@@ -137,7 +137,7 @@ def _train_tiny_msdm(data: Path, split_path: Path, workdir: Path, seed: int):
     import json
 
     from harness.data import load_devset
-    from harness.msdm.train import train_quickstart
+    from harness.families.msdm.train import train_quickstart
     from models.tiny_clip import save_tiny_clip_text
 
     text_dir = workdir / "tiny-clip"

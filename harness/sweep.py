@@ -1,39 +1,54 @@
-"""Rank-grid sweeps of Kandinsky LoRA: for each rank train -> generate the validation prompts -> score -> record.
+"""Sweeps: for each cell of a grid over training options, train -> generate the validation prompts -> score -> record.
 
-The seed paper's three-stage recipe, as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over
-the caption rows, 25 prior + 150 decoder sampling steps):
+    harness sweep KIND --split S --data D --grid KEY=V1,V2 [--grid KEY2=A,B ...] [training options]
+
+The grid is the cartesian product of the `--grid` axes; a key is a field of the family's typed config (its dotted
+path, e.g. `loop.lr`, or its leaf name when unique, e.g. `lr`, `rank`) or one of the family's option aliases
+(`resolve_grid`); an unknown key is one line naming the allowed ones. Every cell's config is built and validated
+before anything trains. What a family provides is a `SweepTarget` (below), registered with its run kind in
+harness/families/registry.py.
+
+LoRA rank sweeps are the special case the seed paper needs (`--ranks R1,R2` = `--grid rank=R1,R2`), its three-stage
+recipe as commands (--preset paper: lr 1e-4, batch 64, 256 px padded, epochs over the caption rows, 25 prior + 150
+decoder sampling steps):
     harness train kandinsky-decoder --split S --data D --preset paper          # 1. decoder r=32, 40 epochs
     harness sweep kandinsky-prior --split S --data D --preset paper --decoder-adapter runs/<decoder-r32>
                                                                                # 2. prior ranks, 100 epochs each
     harness sweep kandinsky-decoder --split S --data D --preset paper --prior-adapter runs/<best prior>
                                                                                # 3. decoder ranks, 100 epochs each
 
-Per rank: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
-score against the validation images, then bootstrap 95 % intervals (harness/stats.py) and a paired comparison of
-each rank's FID with the best rank's: the summary table marks the ranks statistically indistinguishable from it.
+Per cell: train, generate K images per validation caption (N_gen >= 2,000 by default, the paper's protocol size),
+every cell the same prompts with the same seeds, score against the validation images, then bootstrap 95 %
+intervals (harness/stats.py) and a paired comparison of each cell's FID with the best cell's: the summary table
+marks the cells statistically indistinguishable from it; sweep.png plots them against the swept axis (rank on a
+log2 axis) or per cell label for a multi-axis grid.
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per rank the run directory
+State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per cell the run directory
 (recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
-crash. A crash in one rank is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
-it, once). Running the same command again skips finished ranks, continues a rank whose training was killed
+crash. A crash in one cell is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
+it, once). Running the same command again skips finished cells, continues a cell whose training was killed
 (SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
-they stopped. The sweep dir defaults to runs/sweeps/<family>-<hash of the base config and protocol>, so the same
-command finds its own record; another base config or protocol (n_prompts, generation seed, images per prompt,
-sampling steps/guidance) in the same dir is refused, naming the differences.
+they stopped. The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
+fields are left out of the base config), so the same command finds its own record; another base config or
+protocol (n_prompts, generation seed, images per prompt, sampling steps/guidance) in the same dir is refused,
+naming the differences. Rank-only sweeps keep their cells under "ranks" (so sweeps started before --grid existed
+continue), other grids under "cells" with their "axes".
 
-`--dry-run` needs no data and no weights: the trainable-parameter counts come from the real architectures built on
-the meta device (models/kandinsky/counting.py) and equal the paper's tables.
+Kandinsky's `--dry-run` needs no data and no weights: the trainable-parameter counts come from the real
+architectures built on the meta device (models/kandinsky/counting.py) and equal the paper's tables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
+import itertools
+import json
 import traceback
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from harness.config import to_dict
 from harness.errors import UserError
@@ -54,45 +69,153 @@ def parse_ranks(text: str) -> list[int]:
     return list(dict.fromkeys(ranks))
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+class SweepTarget(ABC):
+    """What a family implements so `harness sweep KIND` can train its cells (registered as the run kind's `sweep`
+    in harness/families/registry.py). The config is the family's typed training config; it must have `data_dir`,
+    `split_path` (the validation prompts) and `validate()`."""
+
+    kind: str  # the run kind, recorded in sweep.json and used in the default sweep dir name
+    # Grid keys that are not a config field's own (leaf) name: CLI option name -> dotted config path.
+    aliases: dict[str, str] = {}
+    # Fields a grid may not vary: the data and split define the validation prompts every cell shares.
+    fixed: tuple[str, ...] = ("data_dir", "split_path")
+
+    @abstractmethod
+    def config_from_dict(self, d: dict[str, Any]) -> Any:
+        """The typed config from its dict (unknown keys and bad values are UserErrors)."""
+
+    @abstractmethod
+    def check(self, cfg: Any) -> None:
+        """Fail early, once for the whole sweep (bad base model, missing paired run, ...)."""
+
+    @abstractmethod
+    def train(self, cfg: Any, on_run: Callable[[Run], None]) -> Run:
+        """Train a new run; call `on_run(run)` once its directory exists, before the first step."""
+
+    @abstractmethod
+    def continue_run(self, run: Run) -> Run:
+        """Finish a killed training in its own directory (from its last checkpoint, or from step 0)."""
+
+    @abstractmethod
+    def finished(self, run: Run) -> bool:
+        """Whether the run's training finished (its final artefact exists)."""
+
+    def matches(self, cfg: Any) -> bool:
+        """Whether `cfg` is a config this target trains (run_sweep finds the target of a config by it)."""
+        return False
+
+    def trainable(self, cfg: Any) -> int | None:
+        """Trainable parameters of the cell (informative; None when unknown)."""
+        return None
 
 
-def plan_rows(component: str, ranks: list[int], alpha: float | None = None, targets: str = "paper",
-              dora: bool = False, rslora: bool = False) -> list[dict[str, Any]]:
-    from models.kandinsky.counting import count_lora
-    from models.kandinsky.lora import LoraSpec
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """`--grid key=v1,v2` options -> {key: [raw values]} (keys in the order given; a repeated key is an error)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not vals:
+            raise UserError(f"--grid takes KEY=V1,V2,..., got {item!r}")
+        if key in grid:
+            raise UserError(f"--grid {key} is given twice; list all its values in one --grid {key}=...")
+        grid[key] = list(dict.fromkeys(vals))
+    return grid
 
-    rows = []
-    for r in ranks:
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _typed(raw: str, like: Any) -> Any:
+    """A grid value typed like the base config's value of the field (a str field keeps "4" a string)."""
+    low = raw.lower()
+    if low in ("none", "null"):
+        return None
+    if isinstance(like, bool) or (like is None and low in ("true", "false")):
+        if low in ("true", "false", "1", "0", "yes", "no"):
+            return low in ("true", "1", "yes")
+        raise UserError(f"--grid value {raw!r} is not a boolean (true/false)")
+    if isinstance(like, str):
+        return raw
+    try:
+        return int(raw) if not isinstance(like, float) else float(raw)
+    except ValueError:
         try:
-            spec = LoraSpec(rank=r, alpha=alpha, targets=targets, dora=dora, rslora=rslora)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        c = count_lora(component, spec)
-        rows.append({"rank": r, "alpha": c.alpha, "targets": targets, "dora": dora, "trainable": c.trainable,
-                     "base": c.base, "optimizer_bytes": c.optimizer_bytes()})
-    return rows
+            return float(raw)
+        except ValueError:
+            if isinstance(like, (int, float)):
+                raise UserError(f"--grid value {raw!r} is not a number") from None
+            return raw
 
 
-def plan_table(component: str, ranks: list[int], alpha: float | None = None, targets: str = "paper",
-               dora: bool = False, rslora: bool = False):
-    from rich.table import Table
+def resolve_grid(target: SweepTarget, base: Any, grid: dict[str, list[str]]) -> dict[str, list[Any]]:
+    """{grid key: raw values} -> {dotted config path: typed values}. A key is a config field's dotted path
+    (`loop.lr`), its leaf name when unique (`lr`, `rank`), or one of the target's aliases
+    (CLI option names such as `lora_targets`). Unknown keys: one line naming the allowed ones."""
+    leaves = {p: v for p, v in _leaves(to_dict(base)).items() if p not in target.fixed}
+    by_leaf: dict[str, list[str]] = {}
+    for path in leaves:
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    out: dict[str, list[Any]] = {}
+    for key, raws in grid.items():
+        if key in target.aliases:
+            path = target.aliases[key]
+        elif key in leaves:
+            path = key
+        elif len(by_leaf.get(key, [])) == 1:
+            path = by_leaf[key][0]
+        else:
+            allowed = sorted(set(target.aliases) | {k for k, v in by_leaf.items() if len(v) == 1}
+                             | {p for v in by_leaf.values() if len(v) > 1 for p in v})
+            what = "names several fields (give its dotted path)" if key in by_leaf else \
+                f"is not a training option of {target.kind}"
+            if key in target.fixed:
+                what = "is fixed for a whole sweep (every cell is scored on the same validation prompts)"
+            raise UserError(f"--grid key {key!r} {what}; allowed: {', '.join(allowed)}")
+        if path in out:
+            raise UserError(f"--grid keys {key!r} and another one both set {path}")
+        out[path] = [_typed(r, leaves[path]) for r in raws]
+    return out
 
-    rows = plan_rows(component, ranks, alpha, targets, dora, rslora)
-    t = Table(title=f"kandinsky-{component} LoRA sweep plan (real architecture, meta device; "
-                    f"base {rows[0]['base']:,} frozen parameters)")
-    for col in ("rank", "alpha", "targets", "trainable params", "% of base", "AdamW memory (fp32 w+g+m+v)"):
-        t.add_column(col, justify="left" if col == "targets" else "right")
-    for r in rows:
-        t.add_row(str(r["rank"]), f"{r['alpha']:g}", r["targets"] + (" +DoRA" if r["dora"] else ""),
-                  f"{r['trainable']:,}", f"{100 * r['trainable'] / r['base']:.2f}",
-                  _human_bytes(r["optimizer_bytes"]))
-    return t
+
+def grid_cells(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the axes, in the order given: [{path: value}, ...]."""
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    """"4" for a one-axis grid; "method=lora,rank=4" (leaf names) for more axes."""
+    if len(cell) == 1:
+        return _fmt(next(iter(cell.values())))
+    return ",".join(f"{p.rsplit('.', 1)[-1]}={_fmt(v)}" for p, v in cell.items())
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if v is None or isinstance(v, bool) else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        d = d[p]
+    d[leaf] = value
+
+
+# Sweeps over LoRA rank alone keep their cells under "ranks" (sweep.json files written before --grid existed
+# continue unchanged); any other grid uses "cells".
+RANK_PATH = "lora.rank"
+
+
+def cells_key(axes: Sequence[str]) -> str:
+    return "ranks" if list(axes) == [RANK_PATH] else "cells"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,34 +245,47 @@ class SweepResult:
     path: Path
     record: dict[str, Any]
 
-    def failed(self) -> list[int]:
-        return [int(r) for r, v in self.record["ranks"].items() if v.get("status") == "failed"]
+    @property
+    def key(self) -> str:
+        return "ranks" if "ranks" in self.record else "cells"
+
+    def failed(self) -> list:
+        """Failed cells: ranks (ints) for a rank sweep, cell labels otherwise."""
+        bad = [c for c, v in self.record[self.key].items() if v.get("status") == "failed"]
+        return [int(c) for c in bad] if self.key == "ranks" else bad
+
+    def _cells(self) -> list[tuple[str, dict]]:
+        items = list(self.record[self.key].items())
+        return sorted(items, key=lambda kv: int(kv[0])) if self.key == "ranks" else items
 
     def table(self):
-        """Per rank: status, run, trainable parameters, losses and metrics. Once ranks carry bootstrap intervals the
-        table shows FID / P / R / F1 with their 95 % intervals and which ranks are indistinguishable from the best
+        """Per cell: status, run, trainable parameters, losses and metrics. Once cells carry bootstrap intervals the
+        table shows FID / P / R / F1 with their 95 % intervals and which cells are indistinguishable from the best
         (the run ids and errors stay in sweep.json)."""
         from rich.table import Table
 
-        ranks = sorted(self.record["ranks"].items(), key=lambda kv: int(kv[0]))
-        best = self.record.get("best_rank")
+        cells = self._cells()
+        head = "rank" if self.key == "ranks" else "cell"
+        best = self.record.get("best_rank", self.record.get("best"))
         title = f"{self.record['family']} sweep ({self.path.parent})"
         if best is None:
             t = Table(title=title)
-            for col in ("rank", "status", "run", "trainable", "val loss", "metrics / error"):
+            t.add_column(head, no_wrap=True)  # a cell label stays one line
+            for col in ("status", "run", "trainable", "val loss", "metrics / error"):
                 t.add_column(col)
-            for r, v in ranks:
+            for r, v in cells:
                 what = v.get("metrics_summary") or v.get("error", "")
                 val = v.get("val_loss")
                 t.add_row(r, v.get("status", "?"), Path(v["run"]).name if v.get("run") else "-",
                           f"{v['trainable']:,}" if v.get("trainable") else "-",
                           f"{val:.4f}" if isinstance(val, float) else "-", what)
             return t
-        t = Table(title=f"{title}; best rank {best} by FID; '≈' = statistically indistinguishable from it "
+        t = Table(title=f"{title}; best {head} {best} by FID; '≈' = statistically indistinguishable from it "
                         "(paired bootstrap 95 % interval of the FID difference holds 0)")
-        for col in ("rank", "status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
+        t.add_column(head, no_wrap=True)
+        for col in ("status", "trainable", "FID [95 % CI]", "precision", "recall", "F1", "vs best"):
             t.add_column(col)
-        for r, v in ranks:
+        for r, v in cells:
             iv = v.get("intervals") or {}
 
             def cell(key: str, fmt: str = ".3f") -> str:
@@ -201,35 +337,43 @@ def sweep_protocol(base, n_prompts: int, gen_seed: int, images_per_prompt: int |
     return out
 
 
-def check_bases(base) -> None:
-    """Resolve the base pipelines once, before any rank: a wrong --prior/--decoder or a hub id that is not cached
-    offline is one line for the whole sweep, not one traceback per rank."""
-    from models.kandinsky.loading import resolve_source
+def find_target(base) -> SweepTarget:
+    """The registered SweepTarget whose config type and kind fit `base`."""
+    from harness.families.registry import kinds, load_ref
 
-    for which in ("prior", "decoder"):
-        try:
-            resolve_source(getattr(base, which), getattr(base, f"{which}_revision"))
-        except FileNotFoundError as e:
-            raise UserError(f"--{which}: {e}") from None
+    for k in kinds():
+        if k.sweep:
+            target = load_ref(k.sweep)
+            if target.matches(base):
+                return target
+    raise UserError(f"no registered family sweeps a {type(base).__name__}")
 
 
-def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: int = 0, gen_batch_size: int = 8,
-              device: str | None = None, score: bool = True, gen_seed: int = 0,
-              images_per_prompt: int | None = None) -> SweepResult:
-    """Run (or continue) the sweep of `base` (a KandinskyConfig) over `ranks`; see the module docstring.
+def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path | None = None, n_prompts: int = 0,
+              gen_batch_size: int = 8, device: str | None = None, score: bool = True, gen_seed: int = 0,
+              images_per_prompt: int | None = None, target: SweepTarget | None = None) -> SweepResult:
+    """Run (or continue) the sweep of `base` (a family's typed training config) over `grid`; see the module
+    docstring. `grid` is a list of LoRA ranks, or {key: values} with keys as `harness sweep --grid` takes them
+    (cartesian product, in the order given).
 
-    `images_per_prompt` None = enough for MIN_GENERATED images per rank. Everything that changes a rank's results
+    `images_per_prompt` None = enough for MIN_GENERATED images per cell. Everything that changes a cell's results
     (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
     them is refused in an explicit --sweep-dir and gets its own directory by default."""
-    from harness.train_kandinsky import FAMILIES, resolve_adapter
-
-    base.validate()
-    family = FAMILIES[base.component]
-    other = "decoder" if base.component == "prior" else "prior"
-    resolve_adapter(base.decoder_adapter if other == "decoder" else base.prior_adapter, other)  # fail early
-    check_bases(base)
+    target = target or find_target(base)
+    axes = resolve_grid(target, base, {RANK_PATH if isinstance(grid, list) else k: [str(v) for v in vals]
+                                       for k, vals in ({"rank": grid} if isinstance(grid, list) else grid).items()})
+    target.check(base)
+    # Every cell's config is built (and validated) before anything trains: a bad value is one line, up front.
+    cells = []
+    for cell in grid_cells(axes):
+        cfg_dict = to_dict(base)
+        for p, v in cell.items():
+            _set_path(cfg_dict, p, v)
+        cells.append((cell, target.config_from_dict(cfg_dict)))
+    family = target.kind
     base_dict = to_dict(base)
-    base_dict["lora"]["rank"] = None  # the rank varies; everything else must match to continue a sweep
+    for path in axes:  # the swept fields vary; everything else must match to continue a sweep
+        _set_path(base_dict, path, None)
     val_prompts = validation_prompts(base.data_dir, base.split_path, n_prompts)
     k = images_per_prompt if images_per_prompt is not None else images_per_prompt_for(len(val_prompts))
     if k < 1:
@@ -238,6 +382,7 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
     sweep_dir = Path(sweep_dir) if sweep_dir else \
         runs_root() / "sweeps" / f"{family}-{_config_hash({'base': base_dict, 'protocol': protocol})}"
     path = sweep_dir / "sweep.json"
+    key = cells_key(axes)
     if path.is_file():
         record = read_json(path)
         diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
@@ -245,9 +390,11 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
         if diff:
             raise UserError(f"this sweep dir holds a sweep with another base config or protocol ({'; '.join(diff)}); "
                             "rerun with the same options to continue it, or pass another --sweep-dir", path)
+        record.setdefault(key, {})
     else:
-        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "protocol": protocol,
-                  "ranks": {}}
+        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "protocol": protocol, key: {}}
+    if key == "cells":
+        record["axes"] = list(axes)  # dotted config paths, in the order of the cell labels
     # One line per generated image: prompt i of the validation list K times (each with its own image seed).
     prompts = [p for p in val_prompts for _ in range(k)]
     prompts_file = sweep_dir / "val-prompts.txt"
@@ -258,13 +405,17 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
 
     from harness.progress import console
 
-    for r in ranks:
-        entry = record["ranks"].setdefault(str(r), {"status": "pending"})
+    what = "rank" if key == "ranks" else "cell"
+    for cell, cfg in cells:
+        label = cell_label(cell)
+        entry = record[key].setdefault(label, {"status": "pending"})
+        if key == "cells":
+            entry["params"] = cell
         if entry.get("status") == "done":
-            console.print(f"rank {r}: done earlier ({entry.get('run')}), skipped")
+            console.print(f"{what} {label}: done earlier ({entry.get('run')}), skipped")
             continue
         try:
-            _run_rank(base, r, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
+            _run_cell(target, cfg, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
             entry["status"] = "done"
             entry.pop("error", None)
             entry.pop("traceback", None)
@@ -272,53 +423,51 @@ def run_sweep(base, ranks: list[int], sweep_dir: Path | None = None, n_prompts: 
             entry["status"] = "interrupted"
             write_json(path, record)
             raise
-        except UserError as e:  # the user's setup: every other rank would fail the same way
+        except UserError as e:  # the user's setup: every other cell would fail the same way
             entry["status"] = "failed"
             entry["error"] = str(e)
             write_json(path, record)
             raise
-        except Exception as e:  # noqa: BLE001 - one rank's crash must not stop the others
+        except Exception as e:  # noqa: BLE001 - one cell's crash must not stop the others
             entry["status"] = "failed"
             entry["error"] = f"{type(e).__name__}: {e}"
             entry["traceback"] = traceback.format_exc(limit=8)
-            console.print(f"[red]rank {r} failed:[/] {entry['error']}")
+            console.print(f"[red]{what} {label} failed:[/] {entry['error']}")
         write_json(path, record)
     if score:
         best = mark_best(record)
         if best is not None:
-            record["best_rank"] = best
+            record["best_rank" if key == "ranks" else "best"] = int(best) if key == "ranks" else best
             plot = plot_sweep(record, sweep_dir / "sweep.png")
             record["plot"] = str(plot) if plot else None
         write_json(path, record)
     return SweepResult(path, record)
 
 
-def _run_rank(base, rank: int, entry: dict, record: dict, path: Path, prompts: list[str], gen_batch_size: int,
-              device: str | None, score: bool, gen_seed: int) -> None:
+def _run_cell(target: SweepTarget, cfg, entry: dict, record: dict, path: Path, prompts: list[str],
+              gen_batch_size: int, device: str | None, score: bool, gen_seed: int) -> None:
     from harness.generate import generate_images, load_generator
     from harness.runs import open_run
-    from harness.train_kandinsky import ADAPTER_DIR, WEIGHT_NAME, continue_run, train
-    from models.kandinsky.counting import count_lora
 
-    cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank),
-                              loop=dataclasses.replace(base.loop), data=dataclasses.replace(base.data))
     try:
-        entry["trainable"] = count_lora(cfg.component, cfg.lora).trainable  # of the real architecture
+        n = target.trainable(cfg)
+        if n is not None:
+            entry["trainable"] = n
     except Exception:  # noqa: BLE001 - the count is informative only
         pass
     run: Run | None = open_run(entry["run"]) if entry.get("run") and Path(entry["run"]).is_dir() else None
 
     # 1. train, or continue the recorded run of a killed training in its own directory (from its last checkpoint)
-    if run is None or not (run.dir / ADAPTER_DIR / WEIGHT_NAME).is_file():
+    if run is None or not target.finished(run):
         entry["stage"] = "train"
         if run is not None:
-            run = continue_run(run)
+            run = target.continue_run(run)
         else:
             def record_run(new: Run) -> None:  # before the first step: a kill from here on leaves a resumable record
                 entry["run"] = str(new.dir)
                 write_json(path, record)
 
-            run = train(cfg, on_run=record_run)
+            run = target.train(cfg, record_run)
         entry["run"] = str(run.dir)
         write_json(path, record)
     stats = read_json(run.dir / "train_stats.json") if (run.dir / "train_stats.json").is_file() else {}
@@ -406,15 +555,16 @@ def _intervals(feats: dict[str, Any]) -> dict[str, Any]:
     return {k: {"value": v.value, **v.to_dict()} for k, v in out.items()}
 
 
-def mark_best(record: dict[str, Any]) -> int | None:
-    """Compare every scored rank with the best one (lowest FID) by the paired bootstrap of the FID difference
-    (same real features; image i of both runs comes from prompt i); each rank gets `vs_best` with the difference,
-    its 95 % interval and whether the interval holds 0 (statistically indistinguishable). Kept in sweep.json per
-    (rank run, best run), so a rerun does not recompute it."""
+def mark_best(record: dict[str, Any]) -> str | None:
+    """The label of the best cell. Compare every scored cell with the best one (lowest FID) by the paired
+    bootstrap of the FID difference (same real features; image i of both runs comes from prompt i); each cell gets
+    `vs_best` with the difference, its 95 % interval and whether the interval holds 0 (statistically
+    indistinguishable). Kept in sweep.json per (cell run, best run), so a rerun does not recompute it."""
     from harness import stats
     from harness.runs import open_run
 
-    scored = {r: v for r, v in record["ranks"].items()
+    cells = record["ranks" if "ranks" in record else "cells"]
+    scored = {r: v for r, v in cells.items()
               if v.get("status") == "done" and "fid" in (v.get("intervals") or {})}
     if not scored:
         return None
@@ -434,24 +584,36 @@ def mark_best(record: dict[str, Any]) -> int | None:
                           n_boot=N_BOOT)["fid"]
         v["vs_best"] = {"best": False, "best_run": scored[best]["run"], "indistinguishable": c.indistinguishable,
                         **c.to_dict()}
-    return int(best)
+    return best
 
 
 def plot_sweep(record: dict[str, Any], out: Path) -> Path | None:
-    """FID / precision / recall / F1 against rank, with the 95 % bootstrap intervals as error bars."""
+    """FID / precision / recall / F1 against the swept axis (rank on a log2 axis; another numeric axis linear), or
+    per cell label for a multi-axis or non-numeric grid, with the 95 % bootstrap intervals as error bars."""
     from harness.plots import sweep_plot
 
-    points = []
-    for r, v in record["ranks"].items():
-        iv = v.get("intervals") or {}
-        if not iv:
-            continue
-        p: dict[str, Any] = {"rank": int(r), "series": record["family"]}
-        for key in ("fid", "precision", "recall", "f1"):
-            if key in iv:
-                p[key], p[f"{key}_low"], p[f"{key}_high"] = iv[key]["value"], iv[key]["low"], iv[key]["high"]
-        points.append(p)
-    if not points:
+    key = "ranks" if "ranks" in record else "cells"
+    cells = [(c, v) for c, v in record[key].items() if v.get("intervals")]
+    if not cells:
         return None
+    axes = record.get("axes") or [RANK_PATH]
+    values = [next(iter(v["params"].values())) if key == "cells" else int(c) for c, v in cells]
+    numeric = len(axes) == 1 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+    if numeric:
+        xs, ticks = values, None
+    else:
+        xs = list(range(1, len(cells) + 1))
+        ticks = {x: c for x, (c, _) in zip(xs, cells)}
+    points = []
+    for x, (_, v) in zip(xs, cells):
+        iv = v["intervals"]
+        p: dict[str, Any] = {"rank": x, "series": record["family"]}
+        for m in ("fid", "precision", "recall", "f1"):
+            if m in iv:
+                p[m], p[f"{m}_low"], p[f"{m}_high"] = iv[m]["value"], iv[m]["low"], iv[m]["high"]
+        points.append(p)
     n = record.get("prompts", {}).get("n")
-    return sweep_plot(points, out, f"{record['family']} sweep: 95 % bootstrap intervals (N_gen = {n})")
+    xlabel = "LoRA rank" if key == "ranks" else (axes[0] if numeric else " x ".join(axes))
+    log2 = key == "ranks" and all(x > 0 for x in xs)
+    return sweep_plot(points, out, f"{record['family']} sweep: 95 % bootstrap intervals (N_gen = {n})",
+                      xlabel=xlabel, log2=log2, tick_labels=ticks)

@@ -225,6 +225,11 @@ class TrainTask(ABC):
         current weights (rank 0 only; modules are unwrapped and in eval mode). None = not available."""
         return None
 
+    def make_optimizer(self, params: list[nn.Parameter], cfg: "LoopConfig") -> torch.optim.Optimizer:
+        """The optimizer over exactly `params` (AdamW by default); a family may return another one or several
+        parameter groups (e.g. a separate text-encoder learning rate), as long as it covers the same parameters."""
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
     def use_modules(self, modules: dict[str, nn.Module]) -> None:
         for name, m in modules.items():
             setattr(self, name, m)
@@ -500,7 +505,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
         m.train(has_trainable[k])
     task.use_modules(prepared)
 
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = task.make_optimizer(trainable, cfg)
     optimizer = acc.prepare_optimizer(optimizer)
     warm = cfg.warmup_steps
     # Not prepared: accelerate's scheduler wrapper steps once per process, which would shorten the warm-up under DDP.

@@ -11,7 +11,7 @@ from harness.errors import UserError
 
 
 def _stats(cfg):
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
 
     task, hashes = build_task(cfg)
     return task, hashes["encoder_cache"]
@@ -80,7 +80,7 @@ def test_cache_refused_with_augmentation(tiny_kandinsky, mini_data, tmp_path):
 
 @pytest.mark.parametrize("component", ["prior", "decoder"])
 def test_cached_and_recomputed_streams_give_the_same_loss(component, tiny_kandinsky, mini_data, tmp_path):
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
     from harness.trainer import cpu_generator
 
     extra = {"image_embed_dropout": 0.5} if component == "decoder" else {}
@@ -123,6 +123,6 @@ def test_paraphrases_are_encoded_up_front_and_recorded(tiny_kandinsky, mini_data
 
 
 def _stats_full(cfg):
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
 
     return build_task(cfg)

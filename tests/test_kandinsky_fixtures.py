@@ -65,7 +65,7 @@ def mini_data(sample_dir, tmp_path) -> tuple[Path, Path]:
 def tiny_config(component: str, tiny_kandinsky, mini_data, tmp_path, **changes):
     """A KandinskyConfig that trains in about a second on the tiny models (32 px images)."""
     from harness.config import to_dict
-    from harness.train_kandinsky import config_from_dict, default_config
+    from harness.families.kandinsky22.train import config_from_dict, default_config
 
     prior_dir, decoder_dir = tiny_kandinsky
     d = to_dict(default_config(component))
@@ -117,7 +117,7 @@ def test_loader_errors_are_clear(tmp_path):
 
 
 def test_fingerprint_changes_with_weights(tiny_kandinsky, tmp_path):
-    from models.kandinsky.loading import fingerprint
+    from models.hub import fingerprint
 
     copy = tmp_path / "prior"
     shutil.copytree(tiny_kandinsky[0], copy)
@@ -154,7 +154,7 @@ def test_make_tiny_writes_diffusers_layout_and_refuses_to_overwrite(tiny_kandins
 @pytest.mark.parametrize("version,key", [("0.35.0", "torch_dtype"), ("0.39.2", "torch_dtype"),
                                          ("0.40.0", "dtype"), ("0.42.0.dev0", "dtype")])
 def test_dtype_keyword_matches_the_installed_diffusers(version, key):
-    from models.kandinsky.loading import dtype_kwargs
+    from models.hub import dtype_kwargs
 
     assert dtype_kwargs(torch.float16, version) == {key: torch.float16}
 

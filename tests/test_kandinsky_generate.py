@@ -45,7 +45,7 @@ def test_sampler_equals_the_diffusers_pipelines(tiny_kandinsky):
 
 
 def _train(component, tiny_kandinsky, mini_data, tmp_path, **changes):
-    from harness.train_kandinsky import train
+    from harness.families.kandinsky22.train import train
 
     cfg = tiny_config(component, tiny_kandinsky, mini_data, tmp_path, lora={"rank": 4},
                       loop={"max_steps": 3, "lr": 5e-2}, **changes)
@@ -53,7 +53,7 @@ def _train(component, tiny_kandinsky, mini_data, tmp_path, **changes):
 
 
 def test_adapters_pair_and_reload_in_a_fresh_process(tiny_kandinsky, mini_data, tmp_path):
-    from harness.train_kandinsky import load_generator
+    from harness.families.kandinsky22.train import load_generator
 
     decoder_run = _train("decoder", tiny_kandinsky, mini_data, tmp_path)
     prior_run = _train("prior", tiny_kandinsky, mini_data, tmp_path, decoder_adapter=str(decoder_run.dir))
@@ -71,7 +71,7 @@ def test_adapters_pair_and_reload_in_a_fresh_process(tiny_kandinsky, mini_data, 
 
     # The base models (no adapters) give other images: the adapters really are applied.
     base = tiny_config("prior", tiny_kandinsky, mini_data, tmp_path)
-    from harness.train_kandinsky import KandinskyGenerator
+    from harness.families.kandinsky22.train import KandinskyGenerator
     from models.kandinsky.loading import load_decoder, load_prior
 
     plain = KandinskyGenerator(load_prior(tiny_kandinsky[0]), load_decoder(tiny_kandinsky[1]), base.generation, 32, 32,
@@ -128,7 +128,7 @@ def test_generate_refuses_unfinished_run(tiny_kandinsky, mini_data, tmp_path):
     from harness.errors import UserError
     from harness.runs import create_run
     from harness.config import to_dict
-    from harness.train_kandinsky import load_generator
+    from harness.families.kandinsky22.train import load_generator
 
     cfg = tiny_config("prior", tiny_kandinsky, mini_data, tmp_path)
     run = create_run("kandinsky-prior", to_dict(cfg))

@@ -15,7 +15,7 @@ def _batch(task, n=4):
 
 
 def test_decoder_defaults_to_image_embed_dropout_and_validation_turns_it_off(tiny_kandinsky, mini_data, tmp_path):
-    from harness.train_kandinsky import build_task, default_config
+    from harness.families.kandinsky22.train import build_task, default_config
     from harness.trainer import cpu_generator
 
     assert default_config("decoder").image_embed_dropout == 0.1 and default_config("prior").image_embed_dropout == 0
@@ -38,7 +38,7 @@ def test_decoder_defaults_to_image_embed_dropout_and_validation_turns_it_off(tin
 @pytest.mark.parametrize("component", ["prior", "decoder"])
 def test_gradient_checkpointing_same_gradients_fewer_saved_activations(component, tiny_kandinsky, mini_data,
                                                                         tmp_path):
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
     from harness.trainer import cpu_generator
 
     results = []
@@ -80,7 +80,7 @@ def test_lora_inits_that_rewrite_the_base_are_refused(tiny_kandinsky, mini_data,
 
 
 def test_rslora_without_alpha_warns(tiny_kandinsky, mini_data, tmp_path, run_cli):
-    from harness.train_kandinsky import default_config
+    from harness.families.kandinsky22.train import default_config
 
     args = ["train", "kandinsky-prior", "--split", mini_data[1], "--data", mini_data[0], "--prior", tiny_kandinsky[0],
             "--decoder", tiny_kandinsky[1], "--rank", "16", "--rslora", "--max-steps", "1", "--batch-size", "2",
@@ -101,7 +101,7 @@ def test_sample_grid_reuses_the_task_modules(tiny_kandinsky, mini_data, tmp_path
     """The decoder task's grid uses the prior parts it already holds (no second prior); the prior task loads its
     decoder once, for every grid; modules training does not hold on the device go back where they were."""
     import models.kandinsky.loading as loading
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
 
     task, _ = build_task(tiny_config("decoder", tiny_kandinsky, mini_data, tmp_path))
     calls: list[str] = []

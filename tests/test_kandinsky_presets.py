@@ -71,7 +71,7 @@ def test_eval_every_epochs_exports_the_best_adapter_with_its_epoch(tiny_kandinsk
     from), last/ the last weights. A validation loss that is best at epoch 2 of 4 is forced here so the test
     does not depend on how a tiny model happens to train."""
     import harness.trainer as trainer
-    from harness.train_kandinsky import train
+    from harness.families.kandinsky22.train import train
     from models.kandinsky.lora import adapter_content_hash
 
     losses = iter([3.0, 1.0, 2.0, 2.5])
@@ -97,7 +97,7 @@ def test_eval_every_epochs_selects_by_fid_when_inception_weights_exist(tiny_kand
     captions (randomly initialised Inception here: the value is meaningless, the wiring is what is tested)."""
     import math
 
-    import harness.train_kandinsky as tk
+    import harness.families.kandinsky22.train as tk
     from harness.features import resolve_weights, write_random_weights
     from harness.score import INCEPTION
 

@@ -12,7 +12,7 @@ from test_kandinsky_fixtures import _one_torch_thread, mini_data, tiny_config, t
 
 
 def test_sweep_records_a_crash_continues_and_rerun_skips_done(tiny_kandinsky, mini_data, tmp_path, monkeypatch):
-    import harness.train_kandinsky as tk
+    import harness.families.kandinsky22.train as tk
     from harness.sweep import run_sweep
 
     cfg = tiny_config("prior", tiny_kandinsky, mini_data, tmp_path, loop={"max_steps": 2})

@@ -22,7 +22,7 @@ def test_prior_overfits_and_only_lora_changes(tiny_kandinsky, mini_data, tmp_pat
     """4 images, captions fixed (no dropout), 60 steps at lr 1e-2: the x0 loss, averaged over 16 fixed noise seeds on
     the whole training set, must fall by more than half (measured: 1.44 -> 0.40)."""
     from harness.runs import create_run
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
     from harness.trainer import run_training
     from models.kandinsky.lora import base_parameters, lora_parameters
 
@@ -51,7 +51,7 @@ def test_prior_overfits_and_only_lora_changes(tiny_kandinsky, mini_data, tmp_pat
 
 def test_decoder_trains_only_lora_with_added_kv(tiny_kandinsky, mini_data, tmp_path):
     from harness.runs import create_run
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
     from harness.trainer import run_training
     from models.kandinsky.lora import base_parameters, lora_parameters
 
@@ -77,7 +77,7 @@ def test_prior_objective_is_x0_on_normalised_embedding():
     """With a prior that returns its noisy input, the loss is exactly the x0 MSE of the squaredcos_cap_v2 process."""
     from types import SimpleNamespace
 
-    from harness.train_kandinsky import prior_loss, prior_noise_scheduler
+    from harness.families.kandinsky22.train import prior_loss, prior_noise_scheduler
     from harness.trainer import cpu_generator
 
     class Echo(torch.nn.Module):
@@ -156,7 +156,7 @@ def test_half_precision_base_needs_matching_autocast(tiny_kandinsky, mini_data, 
         tiny_config("prior", tiny_kandinsky, mini_data, tmp_path, base_dtype="bf16")
     # bf16 frozen base + fp32 LoRA under bf16 autocast trains (CPU autocast here, the GPU path is the same code)
     from harness.runs import create_run
-    from harness.train_kandinsky import build_task
+    from harness.families.kandinsky22.train import build_task
     from harness.trainer import run_training
 
     cfg = tiny_config("prior", tiny_kandinsky, mini_data, tmp_path, base_dtype="bf16",

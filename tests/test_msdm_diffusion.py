@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.msdm.data import to_uint8
+from harness.families.msdm.data import to_uint8
 from models.msdm.diffusion import DiffusionConfig, GaussianDiffusion, sample
 
 

@@ -12,9 +12,9 @@ import torch
 
 from harness.io import read_json, write_json
 from harness.runs import open_run
-from harness.msdm.config import merge, unet_config, vae_config
-from harness.msdm.data import CachedLatents
-from harness.msdm.train import _build_unet, resume, train
+from harness.families.msdm.config import merge, unet_config, vae_config
+from harness.families.msdm.data import CachedLatents
+from harness.families.msdm.train import _build_unet, resume, train
 from harness.trainer import cpu_generator, run_training
 
 FAST_LOOP = {"batch_size": 8, "checkpoint_every": 0, "val_every": 0, "val_batches": 1, "log_every": 1,
@@ -258,8 +258,8 @@ def test_cli_train_vae_and_unet_and_bad_input(env, run_cli):
 
 def test_vae_loss_terms_are_medfusion_per_sample_sums():
     """A fixed batch: every logged term equals its hand-computed per-sample sum, averaged over the batch."""
-    from harness.msdm.config import VAELossConfig
-    from harness.msdm.vae_task import ssim, vae_loss
+    from harness.families.msdm.config import VAELossConfig
+    from harness.families.msdm.vae_task import ssim, vae_loss
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -303,8 +303,8 @@ def test_vae_log_has_each_term(env):
 
 
 def test_latent_scale_is_measured_on_sampled_latents_and_recorded(env):
-    from harness.msdm.data import encode_images, load_sides
-    from harness.msdm.unet_task import measure_latent_scale
+    from harness.families.msdm.data import encode_images, load_sides
+    from harness.families.msdm.unet_task import measure_latent_scale
     from models.msdm.vae import MSDMAutoencoder
 
     cfg = read_json(env["unet_run"].config_path)
@@ -379,8 +379,8 @@ def test_select_best_val_loss_keeps_best_weights_and_generation_uses_them(env):
 
 
 def test_text_cache_survives_validation_and_follows_the_device(env):
-    from harness.msdm.sampling import TextCache
-    from harness.msdm.sampling import load_text
+    from harness.families.msdm.sampling import TextCache
+    from harness.families.msdm.sampling import load_text
 
     text = load_text(str(env["root"] / "clip"), 77)
     cache = TextCache(text)

@@ -52,7 +52,7 @@ def train() -> None:
 
 @cli.group(context_settings=CONTEXT)
 def sweep() -> None:
-    """Train -> generate -> score over a grid of LoRA ranks."""
+    """Train -> generate -> score over a grid of training options (--grid KEY=V1,V2 ...; --ranks for LoRA ranks)."""
 
 
 @cli.group(context_settings=CONTEXT)
@@ -78,15 +78,19 @@ def models_make_tiny() -> None:
 
 
 def _register_all() -> None:
-    # Each module exposes `register(cli, train, sweep, models)`. Imported here, not at the top of the stage modules,
-    # so `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
+    # Each module exposes `register(cli, train, sweep, models)`: the shared areas here, then every family of the
+    # registry (harness/families/registry.py). Imported here, not at the top of the stage modules, so
+    # `harness --help` stays fast (torch/diffusers are imported lazily inside commands).
     import importlib
 
-    for name in ("data", "generate", "msdm", "kandinsky", "score", "paraphrase", "rate", "challenges"):
+    from harness.families.registry import FAMILIES
+
+    shared = [f"harness.cli.{name}" for name in ("data", "generate", "score", "paraphrase", "rate", "challenges")]
+    for name in shared + [f.cli for f in FAMILIES if f.cli]:
         try:
-            mod = importlib.import_module(f"harness.cli.{name}")
+            mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == f"harness.cli.{name}":
+            if e.name == name:
                 continue  # area not installed in this build
             raise
         mod.register(cli, train=train, sweep=sweep, models=models)
@@ -148,8 +152,9 @@ def _os_error_line(e: OSError) -> str:
 
 def _fail(message: str, exc: BaseException) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     if _verbose or os.environ.get("HARNESS_VERBOSE"):
         traceback.print_exception(exc)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
     sys.exit(2)

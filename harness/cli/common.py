@@ -164,3 +164,98 @@ def check_output_dir(path: str | Path, option: str = "", name: str | Path | None
         raise UserError(f"{what}is not writable: cannot create anything in {anc} ({e.strerror})",
                         name or path) from None
     return path
+
+
+def grid_option(f):
+    """`--grid KEY=V1,V2` of `harness sweep` commands (harness/sweep.py resolves the keys against the family's
+    config and checks them before anything trains)."""
+    return click.option(
+        "--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+        help="Sweep a training option over values; repeat for a cartesian product (--grid rank=4,16 --grid "
+             "lr=1e-4,3e-4). KEY is a config field (its name, e.g. lr, or dotted path, e.g. "
+             "loop.lr) or an option name (lora_targets); an unknown key is refused with the allowed "
+             "ones.")(f)
+
+
+def sweep_options(f):
+    """The options every `harness sweep KIND` command shares (besides the family's training options)."""
+    opts = [
+        grid_option,
+        click.option("--sweep-dir", type=existing_dir, default=None,
+                     help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done "
+                          "cells."),
+        click.option("--n-prompts", type=click.IntRange(min=0), default=0,
+                     help="Validation prompts to generate per cell (one caption per validation image; 0 = all)."),
+        click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
+                     help="Images generated per validation prompt (each with its own seed). Default: the smallest K "
+                          "with n_prompts x K >= 2,000, the Kandinsky seed paper's protocol size (K = 10 for 200 "
+                          "validation images)."),
+        click.option("--gen-seed", type=SEED, default=0,
+                     help="Base seed of the generated images (image i gets a seed derived from it and i)."),
+        click.option("--gen-batch-size", type=POSITIVE, default=8, help="Generation batch size."),
+        click.option("--device", type=str, default=None, help="Generation device (default cuda if available)."),
+        click.option("--score/--no-score", default=True, help="Score each cell (harness score)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+SWEEP_KEYS = ("grid", "sweep_dir", "n_prompts", "images_per_prompt", "gen_seed", "gen_batch_size", "device", "score")
+
+
+def run_sweep_command(target, cfg, grid, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device,
+                      score) -> None:
+    """Run the sweep of `cfg` over `grid` (a list of ranks or {key: values}) and print its table; failed cells are
+    one line at the end (exit 2) once the others are done."""
+    from rich.console import Console
+
+    from harness.errors import UserError
+    from harness.sweep import run_sweep
+
+    result = run_sweep(cfg, grid, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
+                       device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt,
+                       target=target)
+    console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
+    console.print(result.table())
+    console.print(f"sweep record: {result.path}")
+    if result.failed():
+        what = "rank(s)" if isinstance(grid, list) else "cell(s)"
+        raise UserError(f"{len(result.failed())} {what} failed: {'; '.join(map(str, result.failed()))} "
+                        f"(errors in {result.path}); rerun the same command to retry them")
+
+
+def sweep_command(train_command: click.Command, target_ref: str, build_config) -> click.Command:
+    """`harness sweep KIND` for a family whose sweep takes exactly its training options plus the shared sweep
+    options: built from its `harness train KIND` command, so every training option is also a sweep option.
+    `build_config(train_kwargs)` is the typed config the train command would train; `target_ref` is the
+    registry's "module:attr" of the family's SweepTarget."""
+
+    def callback(**kwargs):
+        from harness.errors import UserError
+        from harness.families.registry import load_ref
+        from harness.sweep import parse_grid
+
+        sweep_kw = {k: kwargs.pop(k) for k in SWEEP_KEYS}
+        if kwargs.pop("resume_run", None):
+            raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
+        if kwargs.pop("print_config", False):
+            raise UserError("--print-config shows a training config: use `harness train ... --print-config`")
+        kwargs.pop("run_id", None)
+        grid = parse_grid(sweep_kw.pop("grid"))
+        if not grid:
+            raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
+        run_sweep_command(load_ref(target_ref), build_config(kwargs), grid, **sweep_kw)
+
+    cmd = sweep_options(click.Command(train_command.name, callback=callback, params=list(train_command.params),
+                                      context_settings=train_command.context_settings))
+    cmd.help = (f"Sweep `harness train {train_command.name}` over a grid of its options: per cell train -> "
+                "generate the validation prompts -> score.\n\n"
+                "Each cell is recorded in sweep.json (run, status, metrics or the error); a crash in one cell is "
+                "recorded and the sweep goes on; rerunning the same command skips finished cells and continues a "
+                "killed training in its own run directory. Every cell generates the same validation prompts with "
+                "the same seeds; the table gives FID / precision / recall / F1 with bootstrap 95 % intervals and marks "
+                "the cells indistinguishable from the best; sweep.png plots them per cell.\n\n"
+                f"\b\nExample:\n  harness sweep {train_command.name} --split split.json --data DATA_DIR "
+                "--grid lr=1e-4,3e-4 --grid loop.seed=0,1 ...")
+    return cmd

@@ -5,7 +5,7 @@
     parts = load_prior("kandinsky-community/kandinsky-2-2-prior", dtype="fp16", device="cuda")
     add_lora(parts.prior, LoraSpec(rank=32))          # only the LoRA weights are trainable
 
-No training logic lives here (that is harness/train_kandinsky.py); nothing here imports the harness.
+No training logic lives here (that is harness/families/kandinsky22/train.py); nothing here imports the harness.
 """
 
 from models.kandinsky.loading import (DEFAULT_DECODER, DEFAULT_PRIOR, DecoderParts, PriorParts, load_decoder,

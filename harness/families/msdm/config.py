@@ -14,7 +14,7 @@ from typing import Any, Literal
 from harness.config import from_dict, to_dict
 from harness.dataset import DatasetConfig
 from harness.errors import UserError
-from harness.msdm.sources import PAPER_SOURCES  # noqa: F401 (re-exported: the presets' provenance)
+from harness.families.msdm.sources import PAPER_SOURCES  # noqa: F401 (re-exported: the presets' provenance)
 from harness.runs import open_run
 from harness.trainer import LoopConfig
 from models.msdm.diffusion import DiffusionConfig

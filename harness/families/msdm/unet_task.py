@@ -25,9 +25,9 @@ import torch
 from harness.config import to_dict
 from harness.errors import UserError
 from harness.io import write_json
-from harness.msdm.config import UNetConfig
-from harness.msdm.data import MSDMDataTask, save_grid
-from harness.msdm.sampling import MSDMSampler, TextCache
+from harness.families.msdm.config import UNetConfig
+from harness.families.msdm.data import MSDMDataTask, save_grid
+from harness.families.msdm.sampling import MSDMSampler, TextCache
 from harness.trainer import unwrap
 from models.msdm.diffusion import GaussianDiffusion
 from models.msdm.presets import get_preset

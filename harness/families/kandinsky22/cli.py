@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from harness.cli.common import SEED, existing_dir, pop_loop_overrides, training_options
+from click.core import ParameterSource
+
+from harness.cli.common import SEED, existing_dir, pop_loop_overrides, sweep_options, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -122,7 +124,7 @@ def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
     from harness.config import to_dict
     from harness.errors import UserError
     from harness.io import read_json
-    from harness.train_kandinsky import base_config, config_from_dict
+    from harness.families.kandinsky22.train import base_config, config_from_dict
 
     loop = pop_loop_overrides(kwargs)
     d = to_dict(base_config(component, kwargs.pop("preset", None), stage))  # type: ignore[arg-type]
@@ -198,7 +200,7 @@ def _train_command(component: str) -> click.Command:
         from harness.cli.common import print_config
         from harness.progress import console
         from harness.runs import open_run
-        from harness.train_kandinsky import resolved_config, resume, train
+        from harness.families.kandinsky22.train import resolved_config, resume, train
 
         resume_run = kwargs.pop("resume_run", None)
         run_id = kwargs.pop("run_id", None)
@@ -258,33 +260,34 @@ def _sweep_command(component: str) -> click.Command:
                   help="Comma-separated LoRA ranks.")
     @click.option("--dry-run", is_flag=True, help="Print the plan (trainable parameters on the real architecture, "
                                                   "optimizer memory) and exit; needs no data and no weights.")
-    @click.option("--sweep-dir", type=existing_dir, default=None,
-                  help="Where sweep.json goes (default runs/sweeps/<family>-<config hash>); a rerun skips done ranks.")
-    @click.option("--n-prompts", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Validation prompts to generate per rank (one caption per validation image; 0 = all).")
-    @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
-                  help="Images generated per validation prompt (each with its own seed). Default: the smallest K "
-                       "with n_prompts x K >= 2,000, the paper's protocol size (K = 10 for 200 validation images).")
-    @click.option("--gen-seed", type=SEED, default=0, show_default=True,
-                  help="Base seed of the generated images (image i gets a seed derived from it and i).")
-    @click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Generation batch size.")
-    @click.option("--device", type=str, default=None, help="Generation device (default cuda if available).")
-    @click.option("--score/--no-score", default=True, show_default=True, help="Score each rank (harness score).")
+    @sweep_options
     @training_options
     @preset_option(component, "sweep")
     @eval_option
     @lora_options(component)
-    def cmd(ranks, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
+    def cmd(ranks, grid, dry_run, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device, score,
             **kwargs):
         from rich.console import Console
 
         from harness.errors import UserError
-        from harness.sweep import parse_ranks, plan_table, run_sweep
+        from harness.families.kandinsky22.sweep import plan_table
+        from harness.cli.common import run_sweep_command
+        from harness.sweep import parse_grid, parse_ranks
 
         console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
 
-        rank_list = parse_ranks(ranks)
+        # --ranks R1,R2 is --grid rank=R1,R2; its default applies unless --grid is given.
+        grid_dict = parse_grid(grid)
+        ranks_given = click.get_current_context().get_parameter_source("ranks") != ParameterSource.DEFAULT
+        if "rank" in grid_dict and ranks_given:
+            raise UserError("--ranks and --grid rank=... both set the rank: give one")
+        if ranks_given or not grid_dict:
+            grid_dict = {"rank": [str(r) for r in parse_ranks(ranks)], **grid_dict}
+        rank_list = parse_ranks(",".join(grid_dict["rank"])) if "rank" in grid_dict else None
+        sweep_grid = rank_list if list(grid_dict) == ["rank"] else grid_dict
         if dry_run:
+            if rank_list is None:
+                raise UserError("--dry-run plans LoRA ranks: give --ranks or --grid rank=...")
             alpha = kwargs.get("alpha")
             console.print(plan_table(component, rank_list, alpha=alpha, targets=kwargs.get("lora_targets") or "paper",
                                      dora=bool(kwargs.get("dora")), rslora=bool(kwargs.get("rslora"))))
@@ -292,14 +295,22 @@ def _sweep_command(component: str) -> click.Command:
         if kwargs.pop("print_config", False):
             from harness.cli.common import print_config
             from harness.sweep import sweep_protocol
-            from harness.train_kandinsky import resolved_config
+            from harness.families.kandinsky22.train import resolved_config
 
             kwargs.pop("resume_run", None)
             kwargs.pop("run_id", None)
             cfg = build_config(component, kwargs, stage="sweep")
             resolved = resolved_config(cfg)
-            resolved["lora"]["rank"] = None  # each sweep rank
-            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), ranks=rank_list)
+            from harness.families.kandinsky22.sweep import PRIOR, DECODER
+            from harness.sweep import _set_path, resolve_grid
+
+            axes = resolve_grid(PRIOR if component == "prior" else DECODER, cfg,
+                                {"rank": [str(r) for r in sweep_grid]} if isinstance(sweep_grid, list) else grid_dict)
+            for path in axes:
+                _set_path(resolved, path, None)  # each sweep cell's
+            resolved["sweep"] = dict(sweep_protocol(cfg, n_prompts, gen_seed, images_per_prompt), grid=axes)
+            if isinstance(sweep_grid, list):
+                resolved["sweep"]["ranks"] = sweep_grid
             print_config(resolved)
             return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
@@ -309,19 +320,16 @@ def _sweep_command(component: str) -> click.Command:
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
         kwargs.pop("run_id", None)
         cfg = build_config(component, kwargs, stage="sweep")
-        result = run_sweep(cfg, rank_list, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
-                           device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt)
-        console.print(result.table())
-        console.print(f"sweep record: {result.path}")
-        if result.failed():
-            raise UserError(f"{len(result.failed())} rank(s) failed: {', '.join(map(str, result.failed()))} "
-                            f"(errors in {result.path}); rerun the same command to retry them")
+        from harness.families.kandinsky22.sweep import DECODER, PRIOR
+
+        run_sweep_command(PRIOR if component == "prior" else DECODER, cfg, sweep_grid, sweep_dir, n_prompts,
+                          images_per_prompt, gen_seed, gen_batch_size, device, score)
 
     # --split/--data are not needed for --dry-run; the command checks them itself otherwise.
     for p in cmd.params:
         if p.name in ("split_path", "data_dir"):
             p.required = False
-    cmd.help = f"""Rank-grid sweep of the {component} LoRA: per rank train -> generate the validation prompts -> score.
+    cmd.help = f"""Sweep the {component} LoRA over ranks (or any --grid): per cell train -> generate -> score.
 
     Each rank is recorded in sweep.json (run, status, metrics or the error); a crash in one rank is recorded and the
     sweep goes on; rerunning the same command skips finished ranks and continues a killed training in its own run
@@ -330,9 +338,13 @@ def _sweep_command(component: str) -> click.Command:
     precision, recall and F1 with bootstrap 95 % intervals and marks the ranks statistically indistinguishable
     from the best (paired bootstrap of the FID difference); sweep.png plots them against rank.
 
+    --grid KEY=V1,V2 sweeps any training option (repeat it for a cartesian product); --ranks R1,R2 is
+    --grid rank=R1,R2 (the default ranks apply when neither is given; with --grid alone the rank is --rank's).
+
     \b
     Examples:
       harness sweep {FAMILY[component]} --ranks 4,8,16,32,64,128 --dry-run
+      harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --grid rank=8,32 --grid lr=1e-4,3e-4
       harness sweep {FAMILY[component]} --preset paper --print-config
       harness sweep {FAMILY[component]} --split split.json --data DATA_DIR --preset paper \\
           --{other}-adapter {pair} --eval-every-epochs 10 --mixed-precision bf16
@@ -354,7 +366,8 @@ def models_kandinsky(ranks, lora_targets):
     from rich.console import Console
     from rich.table import Table
 
-    from harness.sweep import parse_ranks, plan_table
+    from harness.families.kandinsky22.sweep import plan_table
+    from harness.sweep import parse_ranks
     from models.kandinsky.counting import architecture_summary
 
     console = Console(highlight=False)

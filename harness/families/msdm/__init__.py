@@ -7,5 +7,6 @@ One home per part:
     unet_task.py  the UNet's task (latent scale, self-conditioning, EMA, FID selection)
     sampling.py   the sampler, the text-encoding cache and the `harness generate` Generator
     train.py      train / resume / --print-config / quickstart entry points
+    cli.py        `harness train msdm-vae|msdm-unet`, `harness models info msdm`
 See REFERENCE.md section 3 for the published recipe.
 """

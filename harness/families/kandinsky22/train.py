@@ -323,15 +323,6 @@ def decoder_loss(unet: nn.Module, scheduler, batch: dict, generator: torch.Gener
 # Data: images + captions, or the same items read from the encoder cache.
 
 
-def needed_captions(ds: CaptionedImages) -> list[str]:
-    """Every caption the dataset can produce: pools, their paraphrases (replace strategies) and "" (dropout)."""
-    from harness.encoder_cache import unique
-
-    caps = [c for pool in ds.pools for c in pool]
-    caps += [p for c in list(caps) for p in ds.paraphrases.get(c, [])]
-    return unique(caps + [""])
-
-
 class CachedItems(torch.utils.data.Dataset):
     """The items of `base` (same caption draws for the same (seed, epoch, index)) as cached encoder outputs."""
 
@@ -505,6 +496,8 @@ class KandinskyTask(TrainTask):
         grid costs no resident memory."""
         from PIL import Image
 
+        from harness.encoder_cache import needed_captions
+
         if self._val is None:
             return False
         base = self._val.base if isinstance(self._val, CachedItems) else self._val
@@ -618,27 +611,15 @@ def _unwrap(m: nn.Module | None) -> nn.Module | None:
 # Building the task: load models, data, fill the cache.
 
 
-def _load_paraphrases(cfg: KandinskyConfig) -> tuple[dict[str, list[str]] | None, str | None]:
-    if not cfg.paraphrases_path:
-        if cfg.data.paraphrase_strategy != "none":
-            raise UserError(f"--paraphrase-strategy {cfg.data.paraphrase_strategy} needs --paraphrases FILE")
-        return None, None
-    from harness.paraphrase import load_paraphrases, paraphrases_sha256
-
-    path = Path(cfg.paraphrases_path)
-    if not path.is_file():
-        raise UserError("paraphrase file not found", path)
-    return load_paraphrases(path), paraphrases_sha256(path)
-
-
 def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None) -> tuple[KandinskyTask, dict]:
     """Load the base models and the data, fill the encoder cache; returns (task, data hashes for the run)."""
     from harness.dataset import load_training_data
+    from harness.paraphrase import training_paraphrases
     from models.kandinsky import encoders as E
     from models.kandinsky.loading import load_decoder, load_prior
 
     cfg.validate()
-    paraphrases, para_sha = _load_paraphrases(cfg)
+    paraphrases, para_sha = training_paraphrases(cfg.paraphrases_path, cfg.data.paraphrase_strategy)
     train_cfg = dataclasses.replace(cfg.data)
     # Validation measures the conditional loss, each validation image once (its caption drawn at a fixed seed), so
     # a few batches cover the whole side (4 x 64 >= the 200 validation images of the paper's split).
@@ -678,7 +659,7 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
                      prior_parts, decoder_parts, log) -> tuple[CachedItems, CachedItems | None, dict]:
     from harness.distributed import state as dist_state
 
-    from harness.encoder_cache import TensorStore, default_cache_dir, image_key, text_key, unique
+    from harness.encoder_cache import TensorStore, default_cache_dir, image_key, needed_captions, text_key, unique
     from harness.progress import progress
     from models.kandinsky import encoders as E
 

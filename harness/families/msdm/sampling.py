@@ -1,6 +1,6 @@
 """MSDM text -> image sampling (training-time grids, --select-best fid) and the `harness generate` Generator.
 
-`load_generator(run, overrides)` is the family loader registered for "msdm-unet" in `harness.generate.FAMILIES`.
+`load_generator(run, overrides)` is the family loader registered for "msdm-unet" in harness/families/registry.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from harness.distributed import pick_device
 from harness.errors import UserError
 from harness.generate import Generator
 from harness.io import read_json
-from harness.msdm.config import UNET_FAMILY, SamplingConfig
-from harness.msdm.data import to_uint8
+from harness.families.msdm.config import UNET_FAMILY, SamplingConfig
+from harness.families.msdm.data import to_uint8
 from harness.runs import Run
 from models.msdm.diffusion import DiffusionConfig, GaussianDiffusion, sample
 from models.msdm.text import CLIPText

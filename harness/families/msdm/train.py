@@ -19,9 +19,9 @@ from harness.config import to_dict
 from harness.dataset import ParaphraseStrategy, load_training_data
 from harness.errors import UserError
 from harness.io import write_json
-from harness.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, VAE_FAMILY, UNetConfig, VAEConfig,
+from harness.families.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, VAE_FAMILY, UNetConfig, VAEConfig,
                                  config_from_run, merge, unet_config, vae_config)
-from harness.msdm.data import CachedLatents, encode_images, load_sides
+from harness.families.msdm.data import CachedLatents, encode_images, load_sides
 from harness.runs import Run, create_run, open_run
 from harness.trainer import check_resumable, create_run_on_main, loop_description, resolve_loop, run_training
 from models.msdm.presets import get_preset
@@ -45,7 +45,7 @@ def _describe_text(source: str) -> str:
 
 
 def _build_vae(cfg: VAEConfig):
-    from harness.msdm.vae_task import VAETask, VGGPerceptual, find_vgg16
+    from harness.families.msdm.vae_task import VAETask, VGGPerceptual, find_vgg16
 
     train_ds, val_ds, hashes = load_sides(cfg.data_dir, cfg.split_path, cfg.data)
     perceptual = None
@@ -85,7 +85,7 @@ def _prepare_latents(cfg: UNetConfig, train_ds, vae) -> tuple[Any, float]:
                 m, lv = means[:LATENT_SCALE_IMAGES], logvars[:LATENT_SCALE_IMAGES]
             else:
                 m, lv = encode_images(vae, train_ds, device, limit=LATENT_SCALE_IMAGES)
-            from harness.msdm.unet_task import measure_latent_scale
+            from harness.families.msdm.unet_task import measure_latent_scale
 
             scale = measure_latent_scale(m, lv, cfg.loop.seed)
         vae.to("cpu")
@@ -97,8 +97,8 @@ def _prepare_latents(cfg: UNetConfig, train_ds, vae) -> tuple[Any, float]:
 
 
 def _build_unet(cfg: UNetConfig):
-    from harness.msdm.sampling import load_text
-    from harness.msdm.unet_task import UNetTask
+    from harness.families.msdm.sampling import load_text
+    from harness.families.msdm.unet_task import UNetTask
     from models.msdm.vae import MSDMAutoencoder
 
     train_ds, val_ds, hashes = load_sides(cfg.data_dir, cfg.split_path, cfg.data,
@@ -126,18 +126,40 @@ def _summary(cfg: VAEConfig | UNetConfig) -> dict:
             "paraphrase_strategy": str(ParaphraseStrategy.parse(strategy))}
 
 
-def train(cfg: VAEConfig | UNetConfig, run_id: str | None = None, tag: str = "", run: Run | None = None) -> Run:
-    """Train `cfg` into a new run, or (with `run`) continue that run exactly from its last checkpoint."""
+def train(cfg: VAEConfig | UNetConfig, run_id: str | None = None, tag: str = "", run: Run | None = None,
+          on_run=None, resume: bool = True) -> Run:
+    """Train `cfg` into a new run, or (with `run`) continue that run exactly from its last checkpoint (`resume`) or
+    train it again from step 0 in its own directory (not `resume`: a run killed before its first checkpoint).
+
+    `on_run(run)` is called once a new run's directory exists, before the first step (the sweep records it there,
+    so a kill during training leaves a record pointing at the run to continue)."""
+    from harness.distributed import state as dist_state
+
     family = VAE_FAMILY if isinstance(cfg, VAEConfig) else UNET_FAMILY
     cfg.validate()
     task, hashes, cfg, extra = (_build_vae if family == VAE_FAMILY else _build_unet)(cfg)
     if run is None:
         config = {**to_dict(cfg), **extra, "summary": _summary(cfg)}
         run = create_run_on_main(lambda: create_run(family, config, hashes, tag=tag or cfg.preset, run_id=run_id))
+        if on_run is not None and dist_state().is_main_process:
+            on_run(run)
         run_training(task, cfg.loop, run)
     else:
-        run_training(task, cfg.loop, run, resume=True)
+        run_training(task, cfg.loop, run, resume=resume)
     return run
+
+
+def continue_run(run: Run) -> Run:
+    """Finish the training of `run` in its own directory: from its last checkpoint, or from step 0 when it was
+    stopped before its first checkpoint (what a sweep rerun does after a kill)."""
+    from harness.trainer import TRAIN_LOG, latest_checkpoint
+
+    if latest_checkpoint(run) is not None:
+        return resume(run.dir)
+    cfg = config_from_run(run.config(), run.family)
+    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
+    run.log("no checkpoint yet: training again from step 0 in the same run")
+    return train(cfg, run=run, resume=False)
 
 
 def resume(run_dir: str | Path, loop_overrides: dict | None = None) -> Run:

@@ -27,8 +27,8 @@ from torch import nn
 
 from harness.errors import UserError
 from harness.io import write_json
-from harness.msdm.config import VAEConfig
-from harness.msdm.data import MSDMDataTask, save_grid, to_uint8
+from harness.families.msdm.config import VAEConfig
+from harness.families.msdm.data import MSDMDataTask, save_grid, to_uint8
 from harness.trainer import unwrap
 from models.msdm.presets import get_preset
 

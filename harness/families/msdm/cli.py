@@ -1,4 +1,4 @@
-"""`harness train msdm-vae`, `harness train msdm-unet`, `harness models info msdm`."""
+"""`harness train msdm-vae`, `harness train msdm-unet`, `harness sweep msdm-unet`, `harness models info msdm`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_file, pop_loop_overrides, training_options
+from harness.cli.common import existing_file, pop_loop_overrides, sweep_command, training_options
 from harness.errors import UserError
-from harness.msdm.sources import preset_help
+from harness.families.msdm.sources import preset_help
 
 
 def register(cli: click.Group, train: click.Group, sweep: click.Group, models: click.Group) -> None:
     train.add_command(msdm_vae)
     train.add_command(msdm_unet)
+    sweep.add_command(sweep_command(msdm_unet, "harness.families.msdm.sweep:UNET",
+                                    lambda kw: unet_config_from_options(**kw)))
     models.commands["info"].add_command(msdm_info)
 
 
@@ -63,7 +65,7 @@ def _done(run, what: str) -> None:
 
 def _finish(cfg, print_config: bool, run_id) -> None:
     from harness.cli.common import print_config as show
-    from harness.msdm.train import resolved_config, train
+    from harness.families.msdm.train import resolved_config, train
 
     if print_config:
         return show(resolved_config(cfg))
@@ -71,7 +73,7 @@ def _finish(cfg, print_config: bool, run_id) -> None:
 
 
 def _resume(resume_run, loop: dict, print_config: bool) -> None:
-    from harness.msdm.train import resume
+    from harness.families.msdm.train import resume
 
     if print_config:
         raise UserError("--print-config prints a new run's config; a run's own is RUN/config.json")
@@ -113,7 +115,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
       harness train msdm-vae --split split.json --data DATA --epochs 100 --mixed-precision bf16
       harness train msdm-vae --split split.json --data DATA --resume runs/msdm-vae-paper-20261122-1532
     """
-    from harness.msdm.config import vae_config
+    from harness.families.msdm.config import vae_config
 
     loop = pop_loop_overrides(kw)
     if resume_run:
@@ -171,10 +173,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
 @click.option("--steps", "sample_steps_gen", type=click.IntRange(min=1), default=None,
               help="Default sampling steps (default 150).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=None, help="Default sampler (default ddpm).")
-def msdm_unet(split_path, data_dir, config_file, run_id, resume_run, paraphrases_path, paraphrase_strategy, vae_run,
-              preset, text_encoder, max_length, jitter, hflip_uncond, captions, caption_dropout, self_cond_prob,
-              ema_decay, dropout, dropout_layout, cache_latents, loss_kind, min_snr_gamma, schedule, guidance,
-              sample_steps_gen, sampler, print_config, **kw):
+def msdm_unet(run_id, resume_run, print_config, **options):
     """Train the MSDM text-conditioned UNet on the latents of an msdm-vae run.
 
     Epsilon prediction, L1, context dropout to "" per sample, self-conditioning, EMA. Writes RUN/final/{unet,vae}
@@ -189,11 +188,20 @@ def msdm_unet(split_path, data_dir, config_file, run_id, resume_run, paraphrases
       harness train msdm-unet --split split.json --data DATA --vae RUN --paraphrases para.jsonl --paraphrase-strategy add
       harness train msdm-unet --split split.json --data DATA --resume runs/msdm-unet-paper-...
     """
-    from harness.msdm.config import unet_config
+    if resume_run:
+        return _resume(resume_run, pop_loop_overrides(options), print_config)
+    _finish(unet_config_from_options(**options), print_config, run_id)
+
+
+def unet_config_from_options(split_path, data_dir, config_file, paraphrases_path, paraphrase_strategy, vae_run,
+                             preset, text_encoder, max_length, jitter, hflip_uncond, captions, caption_dropout,
+                             self_cond_prob, ema_decay, dropout, dropout_layout, cache_latents, loss_kind,
+                             min_snr_gamma, schedule, guidance, sample_steps_gen, sampler, **kw):
+    """The UNetConfig `harness train msdm-unet` trains for these options (also what `harness sweep msdm-unet`
+    sweeps from)."""
+    from harness.families.msdm.config import unet_config
 
     loop = pop_loop_overrides(kw)
-    if resume_run:
-        return _resume(resume_run, loop, print_config)
     over = _base_overrides(config_file, loop, paraphrases_path, paraphrase_strategy)
     vae_run = vae_run or over.pop("vae_run", None)
     if not vae_run:
@@ -208,7 +216,7 @@ def msdm_unet(split_path, data_dir, config_file, run_id, resume_run, paraphrases
         _set(over, path, v)
     preset = preset or over.pop("preset", None)
     over.pop("data_dir", None), over.pop("split_path", None), over.pop("vae_run", None)
-    _finish(unet_config(preset, data_dir, split_path, vae_run, over), print_config, run_id)
+    return unet_config(preset, data_dir, split_path, vae_run, over)
 
 
 @click.command("msdm")
