@@ -253,3 +253,15 @@ def test_json_prompts_under_the_2024_profile_say_which_challenge(tmp_path, run_c
     run = create_run("test-pattern", {"size": 16})
     code, out, err = run_cli("generate", run.dir, "--prompts", prompts)
     assert code == 2 and "--challenge imageclef2025-task2" in err and not run.images_dir.exists()
+
+
+def test_images_per_prompt_keeps_its_2024_meaning_and_is_checked_against_a_profile(tmp_path, run_cli):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a polyp\nan instrument\n", encoding="utf-8")
+    run = create_run("test-pattern", {"size": 16})
+    code, out, err = run_cli("generate", run.dir, "--prompts", prompts, "--images-per-prompt", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in run.images_dir.glob("*.png")) == [f"{i:05d}.png" for i in range(1, 7)]
+    code, out, err = run_cli("generate", run.dir, "--prompts", _prompts_2025(tmp_path), "--challenge",
+                             "imageclef2025-task2", "--images-per-prompt", "3", "--out", tmp_path / "x")
+    assert code == 2 and "asks for 10 image(s) per prompt" in err

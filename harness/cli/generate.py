@@ -90,18 +90,23 @@ def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, se
 
     profile = load_profile(challenge)
     k = profile.k
-    if images_per_prompt not in (None, k) and not prompts_path.startswith("split:"):
+    split = prompts_path.startswith("split:")
+    template = profile.images.file_template
+    per_prompt_names = "{prompt" in template or "{image" in template  # names that say which prompt an image is of
+    eff_k = images_per_prompt or k
+    if eff_k != k and per_prompt_names and not split:
         raise UserError(f"--images-per-prompt {images_per_prompt}: the challenge {profile.name} asks for {k} image(s) "
                         "per prompt (other counts are for split:val scoring prompts only)")
     run = open_run(run_dir)
     reader = profile.read_prompts if profile.prompts.format != "lines" else None
-    if reader is None and not prompts_path.startswith("split:"):
+    if reader is None and not split:
         profile.check_lines_source(prompts_path)
-    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt or k, reader=reader)
-    # Names follow the challenge only when one image list maps onto its prompts (split:val keeps index names).
-    name = profile.file_name if not prompts_path.startswith("split:") or images_per_prompt in (None, k) else None
-    if profile.images.file_template == "{index:05d}.png":
-        name = None  # the 2024 names: generate's own default, unchanged
+    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), eff_k, reader=reader)
+    # The challenge's names where they fit the image list; 00001.png ... (generate's own default) otherwise: the
+    # 2024 names, and split:val prompts drawn with another K than a per-prompt naming expects.
+    name = None
+    if template != "{index:05d}.png" and (eff_k == k or not per_prompt_names):
+        name = profile.file_name
     images_dir = Path(out_dir) if out_dir else run.images_dir
     # Every option is checked before the model is loaded (minutes on a real model) or anything is written.
     check_output_dir(images_dir, "--out" if out_dir else "")
@@ -146,7 +151,7 @@ def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, se
                     f"world {world}")
         except OSError as e:  # a run on read-only storage, generating into --out elsewhere
             console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
-        what = "prompts" if k == 1 or name is None else f"images ({len(pf.prompts) // k} prompts x {k})"
+        what = "prompts" if eff_k == 1 else f"images ({len(pf.prompts) // eff_k} prompts x {eff_k})"
         console.print(f"[green]{report.total} {what} -> {images_dir}: complete[/]")
 
 
