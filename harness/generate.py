@@ -140,9 +140,31 @@ def load_test_pattern(run: Run, overrides: dict[str, Any]) -> Generator:
 # Writing and checking images.
 
 
-def encode_png(img: np.ndarray, meta: dict[str, str]) -> bytes:
+def is_jpeg_name(name: str | Path) -> bool:
+    """A challenge profile may ask for JPEG files; the format follows the file name's extension."""
+    return Path(name).suffix.lower() in (".jpg", ".jpeg")
+
+
+def encode_image(img: np.ndarray, meta: dict[str, str], name: str | Path) -> bytes:
+    """PNG (iTXt metadata) or, for a .jpg name, baseline JPEG quality 95 with the metadata as a JSON comment: the
+    metadata is what lets a resume keep an image, so both formats carry it."""
+    if not is_jpeg_name(name):
+        return encode_png(img, meta)
+    import json
+
+    _check_array(img)
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=95, comment=json.dumps(meta, sort_keys=True))
+    return buf.getvalue()
+
+
+def _check_array(img: np.ndarray) -> None:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"generator returned {img.dtype} {img.shape}; expected uint8 (H, W, 3)")
+
+
+def encode_png(img: np.ndarray, meta: dict[str, str]) -> bytes:
+    _check_array(img)
     info = PngImagePlugin.PngInfo()
     for k, v in meta.items():
         info.add_itxt(k, v)
@@ -164,10 +186,19 @@ def existing_image_problem(path: Path, meta: dict[str, str]) -> str | None:
         return "missing"
     try:
         with open_header(path, name="") as im:
-            if im.format != "PNG" or im.mode != "RGB":
-                return f"{im.format} {im.mode} data, not an RGB PNG"
+            want = "JPEG" if is_jpeg_name(path) else "PNG"
+            if im.format != want or im.mode != "RGB":
+                return f"{im.format} {im.mode} data, not an RGB {want}"
             decode(im)
-            text = getattr(im, "text", {}) or {}
+            if want == "JPEG":
+                import json
+
+                try:
+                    text = json.loads(im.info.get("comment", b"{}"))
+                except ValueError:
+                    text = {}
+            else:
+                text = getattr(im, "text", {}) or {}
     except UserError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for broken files
@@ -193,12 +224,13 @@ class GenerateReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def write_manifest(images_dir: Path, prompts: Sequence[str], base_seed: int, model_key: str) -> Path:
+def write_manifest(images_dir: Path, prompts: Sequence[str], base_seed: int, model_key: str,
+                   name: Callable[[int], str] = image_name) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(MANIFEST_FIELDS)
     for i, p in enumerate(prompts, start=1):
-        w.writerow([i, p, image_name(i), image_seed(base_seed, i), model_key])
+        w.writerow([i, p, name(i), image_seed(base_seed, i), model_key])
     return write_text(images_dir / MANIFEST, buf.getvalue())
 
 
@@ -246,12 +278,20 @@ def _read_generation_json(path: Path) -> dict[str, Any]:
     return old
 
 
-def remove_stale_images(images_dir: Path, n: int) -> list[Path]:
-    """Delete the numbered images past `n` (an --overwrite with a shorter prompt file): they are in no manifest,
-    and a folder must hold exactly one image per prompt."""
+def remove_stale_images(images_dir: Path, n: int, name: Callable[[int], str] = image_name) -> list[Path]:
+    """Delete the images past `n` (an --overwrite with a shorter prompt file): they are in no manifest, and a
+    folder must hold exactly one image per prompt. With another naming (a challenge profile), an image file of the
+    folder that image 1..n does not name is stale (the folder is generate's own)."""
     stale = []
-    for p in images_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):
-        if int(p.stem) > n:
+    if name is image_name:
+        for p in images_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+            if int(p.stem) > n:
+                p.unlink(missing_ok=True)
+                stale.append(p)
+        return sorted(stale)
+    keep = {name(i) for i in range(1, n + 1)}
+    for p in images_dir.iterdir():
+        if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.name not in keep:
             p.unlink(missing_ok=True)
             stale.append(p)
     return sorted(stale)
@@ -271,6 +311,7 @@ def generate_images(
     barrier: Callable[[], None] | None = None,
     device: str | None = None,
     warn: Callable[[str], None] | None = None,
+    name: Callable[[int], str] = image_name,
 ) -> GenerateReport:
     """Generate one image per prompt into `images_dir`, resuming where a previous (killed) run stopped.
 
@@ -278,6 +319,8 @@ def generate_images(
     degenerate (constant: what a NaN/inf tensor becomes once cast to uint8) is never written: the run stops with a
     UserError naming its index. `device` is recorded (with the batch size and thread count) in generation.json;
     resuming with other values is allowed, but `warn` is told, since it may move a pixel by one grey level.
+    `name(i)` is image i's file name (a challenge profile's template; default 00001.png ...); a .jpg name writes
+    JPEG. `prompts` has one entry per image: K images of a prompt are K entries (K per-index seeds).
     """
     import time
 
@@ -316,12 +359,12 @@ def generate_images(
     if rank == 0:
         remove_stale_temps(images_dir)
         if overwrite:
-            remove_stale_images(images_dir, len(prompts))
+            remove_stale_images(images_dir, len(prompts), name)
         # Every setting images of this folder were made with, in order (one entry per change).
         record = {**gen_meta, "settings": history + ([settings] if not history or changed else [])}
         write_text(gen_json, dumps_json(record))
         # The manifest is a pure function of (prompts, seed, model), so it is written first and in one piece.
-        write_manifest(images_dir, prompts, base_seed, model_key)
+        write_manifest(images_dir, prompts, base_seed, model_key, name)
     if barrier is not None:
         barrier()  # other ranks start writing only after rank 0 has cleaned stale temps and written the manifest
 
@@ -336,7 +379,7 @@ def generate_images(
     for block in blocks:
         missing = [
             i for i in block
-            if overwrite or not existing_image_ok(images_dir / image_name(i),
+            if overwrite or not existing_image_ok(images_dir / name(i),
                                                   _png_meta(i, prompts[i - 1], image_seed(base_seed, i), model_key))
         ]
         skipped += len(block) - len(missing)
@@ -366,14 +409,14 @@ def generate_images(
             if i not in missing:
                 continue
             img = np.asarray(img)
-            data = encode_png(img, _png_meta(i, p, s, model_key))
+            data = encode_image(img, _png_meta(i, p, s, model_key), name(i))
             reason = degenerate_reason(img)
             if reason:
-                raise UserError(f"image {i} ({image_name(i)}, prompt {p!r}) came out as a {reason}; nothing of its "
+                raise UserError(f"image {i} ({name(i)}, prompt {p!r}) came out as a {reason}; nothing of its "
                                 "batch was written (images already written are kept)", images_dir)
             encoded.append((i, data))
         for i, data in encoded:  # the block is checked whole before any of it is written
-            with atomic_path(images_dir / image_name(i)) as tmp:
+            with atomic_path(images_dir / name(i)) as tmp:
                 tmp.write_bytes(data)
         generated += len(missing)
         if on_batch:

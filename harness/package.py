@@ -9,6 +9,10 @@ Layout (the 2023 edition's naming; 2024 prescribed none):
 The same checks run on the images before a zip is written and on any zip afterwards, so what `package` accepts
 `validate` accepts too: exactly one image per prompt, each decodes, 3-channel RGB, one common size, lowercase
 extension, nothing outside `task1/`, no subfolders, and (zip only) no absolute, `..`, symlink or duplicate entries.
+
+That is the 2024 profile (the default). Another challenge profile (harness.challenges) sets the file names (K images
+per prompt), the image format, the zip's name and folder ("" = flat) and whether the manifest goes in; the checks
+are the same, and `validate_dir` runs them on a plain images folder.
 """
 
 from __future__ import annotations
@@ -58,7 +62,13 @@ class ValidationReport:
         return not self.problems
 
 
-def _check_image_bytes(name: str, data: bytes, max_pixels: int = MAX_PIXELS
+def _profile(profile):
+    from harness.challenges import load_profile
+
+    return profile if profile is not None else load_profile()
+
+
+def _check_image_bytes(name: str, data: bytes, max_pixels: int = MAX_PIXELS, want: str = "PNG"
                        ) -> tuple[tuple[int, int] | None, str | None, str | None]:
     """(size, problem, pixel digest) for one PNG's bytes. The size limit is checked on the header, before a pixel
     is decoded (a 12000x12000 PNG costs its header, not 432 MB); the digest spots a set of identical images."""
@@ -68,8 +78,8 @@ def _check_image_bytes(name: str, data: bytes, max_pixels: int = MAX_PIXELS
         return None, str(e), None
     with im:
         fmt, mode, size = im.format, im.mode, im.size
-        if fmt != "PNG":
-            return size, f"{name}: is {fmt} data, not PNG", None
+        if fmt != want:
+            return size, f"{name}: is {fmt} data, not {want}", None
         if mode != "RGB":
             return size, f"{name}: mode {mode}, expected 3-channel RGB (no alpha, no grey)", None
         try:
@@ -84,35 +94,54 @@ def _check_image_bytes(name: str, data: bytes, max_pixels: int = MAX_PIXELS
 
 def check_entries(
     names: Sequence[str], read: Callable[[str], bytes], prompts: Sequence[str], report: ValidationReport,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int | None = None, profile=None, folder: str | None = None, manifest_required: bool | None = None,
 ) -> None:
-    """Check a set of `task1/...` entries against the prompt list; problems are appended to `report`.
+    """Check a set of `task1/...` entries (the profile's folder; `folder` overrides it, "" for a plain images
+    folder) against the prompt list (one entry per prompt); problems are appended to `report`.
 
     Content is checked too: a constant image (what a NaN/inf tensor becomes), a set of identical images, and
     images above `max_pixels` (read from the header) are problems."""
-    expected = {f"{TASK_DIR}/{image_name(i)}" for i in range(1, len(prompts) + 1)}
-    images = sorted(n for n in names if n != f"{TASK_DIR}/{MANIFEST}")
+    profile = _profile(profile)
+    max_pixels = max_pixels if max_pixels is not None else profile.images.max_pixels
+    folder = profile.archive.folder if folder is None else folder
+    manifest_required = profile.archive.manifest if manifest_required is None else manifest_required
+    k = profile.k
+    default = profile.images.file_template == "{index:05d}.png"
+
+    def at(name: str) -> str:
+        return f"{folder}/{name}" if folder else name
+
+    expected_list = [at(n) for n in profile.expected_names(len(prompts))]
+    expected = set(expected_list)
+    manifest = at(MANIFEST)
+    images = sorted(n for n in names if n != manifest)
     report.n_images = len(images)
     for n in images:
         p = PurePosixPath(n)
-        if p.parent.as_posix() != TASK_DIR:
-            report.problems.append(f"{n}: outside {TASK_DIR}/ or in a subfolder")
+        if p.parent.as_posix() != (folder or "."):
+            report.problems.append(f"{n}: outside {folder}/ or in a subfolder" if folder else f"{n}: in a subfolder")
         elif p.suffix != p.suffix.lower():
             report.problems.append(f"{n}: extension must be lowercase")
-        elif not _IMAGE_NAME.match(p.name):
+        elif default and not _IMAGE_NAME.match(p.name):
             report.problems.append(f"{n}: unexpected file (images are named 00001.png ...)")
-    missing = sorted(expected - set(images))
+        elif not default and n not in expected:
+            report.problems.append(f"{n}: unexpected file (images are named {', '.join(profile.expected_names(1)[:2])}"
+                                   " ...)")
+    missing = [n for n in expected_list if n not in set(images)]
     extra = sorted(set(images) - expected)
-    if len(images) != len(prompts) or missing or extra:
-        detail = f"; missing {missing[0]}" if missing else ""
+    n_expected = len(expected_list)
+    if len(images) != n_expected or missing or extra:
+        detail = f"; missing {', '.join(missing[:5])}" if missing else ""
+        detail += f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         detail += f"; unexpected {extra[0]}" if extra else ""
-        report.problems.append(f"{len(images)} images for {len(prompts)} prompts{detail}")
+        per = f" x {k} per prompt" if k > 1 else ""
+        report.problems.append(f"{len(images)} images for {len(prompts)} prompts{per}{detail}")
 
     sizes: dict[tuple[int, int], str] = {}
     digests: set[str | None] = set()
     checked = sorted(expected & set(images))
     for n in checked:
-        size, problem, digest = _check_image_bytes(n, read(n), max_pixels)
+        size, problem, digest = _check_image_bytes(n, read(n), max_pixels, profile.images.pil_format)
         if problem:
             report.problems.append(problem)
         if size and size not in sizes:
@@ -121,14 +150,19 @@ def check_entries(
     if len(checked) > 1 and len(digests) == 1 and None not in digests:
         report.problems.append(f"all {len(checked)} images are identical, pixel for pixel (a model that ignores its "
                                "prompt and seed, or one image copied N times)")
-    if len(sizes) > 1:
+    if len(sizes) > 1 and profile.images.same_size:
         desc = ", ".join(f"{w}x{h} ({n})" for (w, h), n in list(sizes.items())[:3])
         report.problems.append(f"images have {len(sizes)} different sizes: {desc}")
+    want = tuple(profile.images.size) if profile.images.size else None
+    if want:
+        for (w, h), n in sizes.items():
+            if (w, h) != want:
+                report.problems.append(f"{n}: {w}x{h}, the challenge asks for {want[0]}x{want[1]}")
     report.size = next(iter(sizes)) if len(sizes) == 1 else None
 
-    manifest = f"{TASK_DIR}/{MANIFEST}"
     if manifest not in names:
-        report.problems.append(f"{manifest}: missing")
+        if manifest_required:
+            report.problems.append(f"{manifest}: missing")
         return
     try:
         rows = list(csv.DictReader(io.StringIO(read(manifest).decode("utf-8"))))
@@ -138,31 +172,36 @@ def check_entries(
     if rows and list(rows[0].keys()) != MANIFEST_FIELDS:
         report.problems.append(f"{manifest}: columns {list(rows[0].keys())}, expected {MANIFEST_FIELDS}")
         return
-    if len(rows) != len(prompts):
+    per_image = profile.image_prompts(list(prompts))
+    if len(rows) != len(per_image):
         report.problems.append(f"{manifest}: {len(rows)} rows for {len(prompts)} prompts")
-    for i, (row, prompt) in enumerate(zip(rows, prompts), start=1):
-        if row["prompt"] != prompt or row["filename"] != image_name(i):
-            report.problems.append(f"{manifest}: row {i} does not match prompt line {i} of the prompt file")
+    for i, (row, prompt) in enumerate(zip(rows, per_image), start=1):
+        if row["prompt"] != prompt or row["filename"] != profile.file_name(i):
+            where = f"prompt line {i}" if k == 1 else f"image {i} (prompt {(i - 1) // k + 1})"
+            report.problems.append(f"{manifest}: row {i} does not match {where} of the prompt file")
             break
 
 
 def package_run(
-    images_dir: Path, prompts: Sequence[str], team: str, out_dir: Path
+    images_dir: Path, prompts: Sequence[str], team: str, out_dir: Path, profile=None,
 ) -> tuple[Path, ValidationReport]:
-    """Validate `images_dir` against `prompts`, then write the zip atomically. Raises UserError on any problem."""
-    out_path = Path(out_dir) / zip_name(team)
+    """Validate `images_dir` against `prompts` (one entry per prompt), then write the zip atomically. Raises
+    UserError on any problem."""
+    profile = _profile(profile)
+    out_path = Path(out_dir) / profile.zip_name(team)
     report = ValidationReport(source=str(images_dir), n_prompts=len(prompts))
-    problems = check_images_dir(images_dir, prompts)
+    problems = check_images_dir(images_dir, profile.image_prompts(list(prompts)))
     if problems:
         raise UserError(
             f"{len(problems)} problem(s), first: {problems[0]} (run `harness generate` to complete the run)"
         )
-    names = [f"{TASK_DIR}/{image_name(i)}" for i in range(1, len(prompts) + 1)] + [f"{TASK_DIR}/{MANIFEST}"]
+    names = [profile.entry(n) for n in profile.expected_names(len(prompts))]
+    names += [profile.entry(MANIFEST)] if profile.archive.manifest else []
 
     def read(name: str) -> bytes:
         return (images_dir / PurePosixPath(name).name).read_bytes()
 
-    check_entries(names, read, prompts, report)
+    check_entries(names, read, prompts, report, profile=profile)
     if not report.ok:
         raise UserError(f"{report.problems[0]} ({len(report.problems)} problem(s) in {images_dir})")
 
@@ -182,8 +221,31 @@ def _entry(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def validate_zip(zip_path: Path, prompts: Sequence[str]) -> ValidationReport:
+def validate_dir(images_dir: Path, prompts: Sequence[str], profile=None) -> ValidationReport:
+    """The same checks on a plain images folder (what the organisers' script reads). The harness's own
+    manifest.csv and generation.json are allowed beside the images (a manifest present must match)."""
+    from harness.generate import GENERATION_JSON
+
+    profile = _profile(profile)
+    images_dir = Path(images_dir)
+    report = ValidationReport(source=str(images_dir), n_prompts=len(prompts))
+    names = []
+    for p in sorted(images_dir.iterdir()):
+        if p.name == GENERATION_JSON or p.name.startswith(".") and ".tmp" in p.name:
+            continue
+        if p.is_dir() or p.is_symlink():
+            report.problems.append(f"{p.name}: {'subfolder' if p.is_dir() else 'symbolic link'} in the images folder")
+            continue
+        names.append(p.name)
+    check_entries(names, lambda n: (images_dir / n).read_bytes(), prompts, report, profile=profile, folder="",
+                  manifest_required=False)
+    return report
+
+
+def validate_zip(zip_path: Path, prompts: Sequence[str], profile=None) -> ValidationReport:
     """All checks on an existing zip; returns a report (problems listed) instead of raising on content issues."""
+    profile = _profile(profile)
+    folder = profile.archive.folder
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise UserError("file not found", zip_path)
@@ -213,15 +275,16 @@ def validate_zip(zip_path: Path, prompts: Sequence[str]) -> ValidationReport:
                 continue
             seen.add(n)
             if info.is_dir():
-                if n.rstrip("/") != TASK_DIR:
-                    report.problems.append(f"{n}: unexpected folder (only {TASK_DIR}/ is allowed)")
+                if not folder or n.rstrip("/") != folder:
+                    allowed = f"only {folder}/ is allowed" if folder else "images lie at the top level"
+                    report.problems.append(f"{n}: unexpected folder ({allowed})")
                 continue
-            if not n.startswith(f"{TASK_DIR}/"):
-                report.problems.append(f"{n}: outside {TASK_DIR}/")
+            if folder and not n.startswith(f"{folder}/"):
+                report.problems.append(f"{n}: outside {folder}/")
                 continue
             names.append(n)
         try:
-            check_entries(names, zf.read, prompts, report)
+            check_entries(names, zf.read, prompts, report, profile=profile)
         except zipfile.BadZipFile as e:
             report.problems.append(f"{zip_path}: corrupt entry ({e})")
     return report

@@ -203,11 +203,13 @@ def validation_prompts(data_dir: str | Path, split_path: str | Path, images_per_
     return out
 
 
-def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_per_prompt: int = 1) -> PromptFile:
+def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_per_prompt: int = 1,
+                          reader=None) -> PromptFile:
     """`--prompts` of `harness generate`: a prompt file, or `split:val` = the run's validation captions (for
     scoring; test prompts are for the submission). With --images-per-prompt K, split:val takes K captions per
     validation image and a prompt file has each line K times; the derived list is written to RUN/prompts/ and read
-    back like any prompt file, so its sha256 is recorded like one."""
+    back like any prompt file, so its sha256 is recorded like one. `reader` reads a prompt file in another format
+    (a challenge profile's `read_prompts`, e.g. the 2025 JSON); default: one prompt per line."""
     from harness.io import write_text
 
     if source.startswith("split:"):
@@ -223,10 +225,47 @@ def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_p
         prompts = validation_prompts(data_dir, split_path, images_per_prompt)
         derived = run_dir / "prompts" / f"split-val-x{images_per_prompt}.txt"
     else:
-        pf = read_prompt_file(source)
-        if images_per_prompt == 1:
+        pf = (reader or read_prompt_file)(source)
+        if images_per_prompt == 1 and reader is None:
             return pf
         prompts = [p for p in pf.prompts for _ in range(images_per_prompt)]
         derived = run_dir / "prompts" / f"{Path(source).stem}-{pf.sha256[:8]}-x{images_per_prompt}.txt"
     write_text(derived, format_prompt_file(prompts))
     return read_prompt_file(derived)
+
+
+# ------------------------------------------------------------------------------------------- JSON prompts (2025)
+
+
+def read_json_pair_prompts(path: str | Path) -> PromptFile:
+    """A MEDVQA-GI 2025 prompt JSON, flattened as the organisers do:
+    `[c for qa in data.values() for pair in qa.values() for c in pair]`. Prompts come in pairs (0,1), (2,3), ...
+    that describe the same content two ways, so every innermost list must hold exactly two non-empty strings."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("prompt file not found", path)
+    data = path.read_bytes()
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 (byte offset {e.start})", path) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", path, e.lineno) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"expected a JSON object of question groups, got {type(obj).__name__}", path)
+    prompts: list[str] = []
+    for gk, qa in obj.items():
+        if not isinstance(qa, dict):
+            raise UserError(f"group {gk!r}: expected an object of prompt pairs, got {type(qa).__name__}", path)
+        for pk, pair in qa.items():
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or not all(isinstance(c, str) and c.strip() for c in pair)):
+                raise UserError(f"group {gk!r}, pair {pk!r}: expected a list of two non-empty prompt strings, got "
+                                f"{pair!r:.80}", path)
+            prompts.extend(pair)
+    if not prompts:
+        raise UserError("no prompts (an empty JSON object)", path)
+    return PromptFile(path=path, prompts=prompts, blank_lines=[], sha256=sha256_bytes(data),
+                      line_numbers=[], bom=data.startswith(BOM))

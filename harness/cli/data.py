@@ -32,6 +32,47 @@ def data() -> None:
     """Inspect a dev-set directory (prompt-gt.csv beside images/)."""
 
 
+@data.command("fetch")
+@click.argument("name", metavar="NAME")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Empty folder for prompt-gt.csv + images/.")
+@click.option("--split", "split_name", default=None, help="Dataset split (default: its first, e.g. Kvasir-VQA's raw).")
+@click.option("--image-column", default="image", show_default=True, help="Column holding the images.")
+@click.option("--prompt-template", default=None,
+              help="Prompt of a row, formatted with its columns (default: its prompt/caption/text column, else "
+                   "'{question} {answer}', Kvasir-VQA's columns).")
+@click.option("--id-column", default=None,
+              help="Column naming the image, so rows of one image share a file (default: img_id, image_id, id, "
+                   "filename or file_name, the first present; else one file per row).")
+@click.option("--test", "test_files", is_flag=True,
+              help="NAME is a challenge: fetch its scoring material instead - the real reference set (OUT/real/), "
+                   "the test prompts (OUT/prompts.json) and the real mapping (OUT/real_mapping.json).")
+def data_fetch(name: str, out_dir: Path, split_name, image_column: str, prompt_template, id_column,
+               test_files: bool) -> None:
+    """Convert a Hugging Face dataset to prompt-gt.csv + images/ (the layout every harness command reads).
+
+    NAME: a challenge (imageclef2025-task2 -> SimulaMet-HOST/Kvasir-VQA), a hub dataset id, a `save_to_disk`
+    folder or a parquet file. Image bytes are copied verbatim. Offline, one line says what to download and where.
+
+    \b
+    Examples:
+      harness data fetch imageclef2025-task2 --out data/kvasir-vqa
+      harness data fetch ./kvasir-vqa-saved --out data/kvasir-vqa
+      harness data fetch imageclef2025-task2 --test --out data/kvasir-vqa-test   # prompts, real set, mapping
+    """
+    from harness.challenges.hub_data import fetch_dataset, fetch_test_files
+
+    if test_files:
+        got = fetch_test_files(name, out_dir)
+        _console().print(f"[green]{got['out']}[/]: {', '.join(got['files'])}"
+                         + (f", real/ ({got['real']['images']} images)" if got["real"] else ""))
+        return
+    res = fetch_dataset(name, out_dir, split=split_name, image_column=image_column,
+                        prompt_template=prompt_template, id_column=id_column)
+    _console().print(f"[green]{res['out']}[/]: {res['rows']} rows, {res['images']} images from {res['source']} "
+                     f"(prompt = {res['prompt_template']!r})")
+
+
 @data.command("check")
 @click.argument("data_dir", metavar="DIR", type=existing_dir)
 @click.option("--json", "json_out", type=out_file, default=None, help="Write the full report (every problem) here.")

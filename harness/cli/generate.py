@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli.challenges import challenge_option
 from harness.cli.common import FiniteFloatRange, check_output_dir
 from harness.cli.common import SEED, existing_dir, existing_file
 
@@ -31,8 +32,10 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--prompts", "prompts_path", type=str, required=True,
               help="Prompt file, one per line (the test prompts: for the submission), or split:val = the run's "
                    "validation captions (for `harness score --real val`).")
-@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True,
-              help="split:val: K captions per validation image; a prompt file: each line K times.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
+              help="split:val: K captions per validation image; a prompt file: each line K times (default: the "
+                   "challenge's images per prompt: 1 for 2024, 10 for 2025 task 2).")
+@challenge_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per forward pass. Keep it (and --threads, --device) fixed when resuming for bit-identical "
                    "images; generation.json records them and a resume with other values warns.")
@@ -64,9 +67,13 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Image height in pixels (default: the run's, its training resolution; sd, kandinsky).")
 @click.option("--width", type=click.IntRange(min=8), default=None,
               help="Image width in pixels (default: the run's, its training resolution; sd, kandinsky).")
-def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir, overwrite, steps, guidance, device,
-             threads, dtype, num_processes, scheduler, negative_prompt, height, width):
+def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, seed, out_dir, overwrite, steps,
+             guidance, device, threads, dtype, num_processes, scheduler, negative_prompt, height, width):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.
+
+    With --challenge the prompt file is read in the challenge's format (2025: the JSON of prompt pairs), each
+    prompt gets the challenge's K images (K per-index seeds of the same prompt) and the files are named by its
+    template (2025: prompt0001_img0001.png ...), all in one folder.
 
     Resumable: images already written for the same prompt file, seed and model are kept; a killed run is simply
     started again. Image i depends only on (seed, i) and --batch-size: the same for any number of processes and any
@@ -82,6 +89,7 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
       harness generate runs/kandinsky-prior-r128-... --prompts test.txt --batch-size 16 --steps 50
       harness generate RUN --prompts test.txt --num-processes 4      # 4 GPUs, one process each
       harness generate RUN --prompts split:val --images-per-prompt 4   # validation captions: for scoring
+      harness generate RUN --prompts test-2025.json --challenge imageclef2025-task2   # 10 images per prompt
     """
     from rich.markup import escape
 
@@ -91,8 +99,27 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
     from harness.prompts import resolve_prompt_source
     from harness.runs import open_run
 
+    from harness.challenges import load_profile
+
+    profile = load_profile(challenge)
+    k = profile.k
+    split = prompts_path.startswith("split:")
+    template = profile.images.file_template
+    per_prompt_names = "{prompt" in template or "{image" in template  # names that say which prompt an image is of
+    eff_k = images_per_prompt or k
+    if eff_k != k and per_prompt_names and not split:
+        raise UserError(f"--images-per-prompt {images_per_prompt}: the challenge {profile.name} asks for {k} image(s) "
+                        "per prompt (other counts are for split:val scoring prompts only)")
     run = open_run(run_dir)
-    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), images_per_prompt)
+    reader = profile.read_prompts if profile.prompts.format != "lines" else None
+    if reader is None and not split:
+        profile.check_lines_source(prompts_path)
+    pf = resolve_prompt_source(prompts_path, run.dir, run.config(), eff_k, reader=reader)
+    # The challenge's names where they fit the image list; 00001.png ... (generate's own default) otherwise: the
+    # 2024 names, and split:val prompts drawn with another K than a per-prompt naming expects.
+    name = None
+    if template != "{index:05d}.png" and (eff_k == k or not per_prompt_names):
+        name = profile.file_name
     images_dir = Path(out_dir) if out_dir else run.images_dir
     # Every option is checked before the model is loaded (minutes on a real model) or anything is written.
     check_output_dir(images_dir, "--out" if out_dir else "")
@@ -123,6 +150,7 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
             overwrite=overwrite, shard=(rank, world), on_batch=lambda n: bar.advance(task, n), barrier=barrier,
             device=_device_label(dev),
             warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}", markup=True, highlight=False),
+            **({"name": name} if name else {}),
         )
         bar.update(task, completed=share)
     shard_note = f" on rank {rank}/{world}" if world > 1 else ""
@@ -138,7 +166,8 @@ def generate(run_dir, prompts_path, images_per_prompt, batch_size, seed, out_dir
                     f"world {world}")
         except OSError as e:  # a run on read-only storage, generating into --out elsewhere
             console.print(f"[yellow]warning:[/] not logged in {run.dir} ({e.strerror})", markup=True, highlight=False)
-        console.print(f"[green]{report.total} prompts -> {images_dir}: complete[/]")
+        what = "prompts" if eff_k == 1 else f"images ({len(pf.prompts) // eff_k} prompts x {eff_k})"
+        console.print(f"[green]{report.total} {what} -> {images_dir}: complete[/]")
 
 
 def _device(device: str | None):
@@ -198,8 +227,15 @@ def _relaunch_distributed(n: int) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("submissions"),
               show_default=True, help="Folder for the zip.")
 @click.option("--images", "images_dir", type=existing_dir, default=None, help="Images folder (default RUN/images).")
-def package(run_dir, prompts_path, team, out_dir, images_dir):
-    """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip.
+@challenge_option
+@click.option("--hub-repo", default=None, metavar="USER/NAME",
+              help="imageclef2025-task2: write the Hugging Face model-repo folder the organisers run (weights, "
+                   "submission_task2.py, requirements.txt, model card, predictions_2.json) to OUT/NAME.")
+@click.option("--push", is_flag=True, help="With --hub-repo: upload the folder with huggingface_hub (token from "
+                                           "HF_TOKEN or `hf auth login`; never written to a file).")
+def package(run_dir, prompts_path, team, out_dir, images_dir, challenge, hub_repo, push):
+    """Validate RUN's images against the prompt file, then write submissions/<team>_clef2024_medvqa.zip
+    (another --challenge: its archive name and layout, e.g. a flat zip of prompt0001_img0001.png ...).
 
     The checks are `harness validate`'s (so what package writes, validate accepts), and the zip appears only when
     all pass, in one piece (written under a temporary name, then renamed).
@@ -207,15 +243,28 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
     \b
     Example:
       harness package runs/msdm-unet-tiny-20261122-1532 --prompts test-prompts.txt --team simula-fans
+      harness package RUN --prompts test-2025.json --team t --challenge imageclef2025-task2   # flat zip
+      harness package RUN --prompts test-2025.json --team t --challenge imageclef2025-task2 \\
+          --hub-repo me/medvqa-task2 --push                                                    # the hub repo
     """
-    from harness.package import package_run, read_prompts, zip_summary
+    from harness.challenges import load_profile
+    from harness.package import package_run, zip_summary
     from harness.progress import console
     from harness.runs import open_run
 
+    profile = load_profile(challenge)
     run = open_run(run_dir)
-    prompts = read_prompts(prompts_path)
+    prompts = profile.read_prompts(prompts_path).prompts
     check_output_dir(out_dir, "--out")
-    path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir)
+    if push and not hub_repo:
+        from harness.errors import UserError
+
+        raise UserError("--push uploads the --hub-repo folder: pass --hub-repo USER/NAME")
+    if hub_repo:
+        _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo, push)
+        return
+    path, report = package_run(Path(images_dir) if images_dir else run.images_dir, prompts, team, out_dir,
+                               profile=profile)
     s = zip_summary(path)
     try:
         run.log(f"package: {path} sha256 {s['sha256']}")
@@ -226,11 +275,48 @@ def package(run_dir, prompts_path, team, out_dir, images_dir):
     click.echo(f"sha256 {s['sha256']}")
 
 
+def _package_hub(run, profile, prompts_path, team, out_dir, images_dir, hub_repo, push) -> None:
+    import json
+
+    from harness.challenges.hub import build_hub_folder, push_hub_folder
+    from harness.errors import UserError
+    from harness.generate import GENERATION_JSON
+    from harness.progress import console
+
+    if profile.name != "imageclef2025-task2":
+        raise UserError(f"--hub-repo: a hub submission is the imageclef2025-task2 format, not {profile.name}'s "
+                        "(pass --challenge imageclef2025-task2)")
+    # Seed and batch size as the local images were made, so the organisers' run draws the same images.
+    gen_json = Path(images_dir or run.images_dir) / GENERATION_JSON
+    seed, batch, rec = 0, 8, None
+    if gen_json.is_file():
+        try:
+            rec = json.loads(gen_json.read_text(encoding="utf-8"))
+            seed = int(rec.get("base_seed", 0))
+            batch = int(((rec.get("settings") or [{}])[-1] or {}).get("batch_size") or 8)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"not a generation record ({e})", gen_json) from None
+    folder = build_hub_folder(run, team, hub_repo, Path(prompts_path), out_dir, seed=seed, batch_size=batch,
+                              generation=rec)
+    console.print(f"[green]wrote[/] {folder} (hub folder for {hub_repo}; seed {seed}, batch size {batch})")
+    info = json.loads((folder / "predictions_2.json").read_text(encoding="utf-8"))["submission_info"]
+    empty = [k for k, v in info.items() if not v and k != "Notes_to_organizers"]
+    if empty:
+        console.print(f"[yellow]fill in[/] {', '.join(empty)} in {folder / 'predictions_2.json'} (submission_info, "
+                      "read by submission_task2.py) before the organisers run it", highlight=False)
+    if push:
+        click.echo(f"pushed {push_hub_folder(folder, hub_repo)}")
+
+
 @click.command()
-@click.argument("zip_path", metavar="ZIP", type=existing_file)
+@click.argument("zip_path", metavar="ZIP|FOLDER", type=click.Path(exists=False, path_type=Path))
 @click.option("--prompts", "prompts_path", type=existing_file, required=True, help="The prompt file.")
-def validate(zip_path, prompts_path):
+@challenge_option
+def validate(zip_path, prompts_path, challenge):
     """Check a submission zip: one RGB PNG per prompt, one size, safe entry names, manifest matches, and content.
+
+    A FOLDER of images gets the same checks (what the organisers' script reads); --challenge sets the names, the
+    count (K per prompt), the format and the zip layout. Each missing, extra or malformed file is named.
 
     Content problems: a constant image (all black is what a NaN/inf tensor becomes), a set of identical images, and
     images above 4096x4096 pixels (16.8 MP; read from the PNG header, so a decompression bomb is never decoded).
@@ -238,21 +324,36 @@ def validate(zip_path, prompts_path):
     \b
     Example:
       harness validate submissions/simula-fans_clef2024_medvqa.zip --prompts test-prompts.txt
+      harness validate RUN/images --prompts test-2025.json --challenge imageclef2025-task2
     """
+    from harness.challenges import load_profile
     from harness.errors import UserError
-    from harness.package import iter_problems, read_prompts, validate_zip, zip_summary
+    from harness.package import iter_problems, validate_dir, validate_zip, zip_summary
     from harness.progress import console
 
-    prompts = read_prompts(prompts_path)
-    report = validate_zip(zip_path, prompts)
+    profile = load_profile(challenge)
+    prompts = profile.read_prompts(prompts_path).prompts
+    if (Path(zip_path) / "submission_task2.py").is_file():  # a hub submission folder (package --hub-repo)
+        from harness.challenges.hub import validate_hub_folder
+
+        problems = validate_hub_folder(Path(zip_path))
+        for p in problems:
+            click.echo(f"  - {p}")
+        if problems:
+            raise UserError(f"{len(problems)} problem(s); first: {problems[0]}", zip_path)
+        console.print(f"[green]valid[/] {zip_path}: hub submission folder ({profile.name})")
+        return
+    folder = Path(zip_path).is_dir()
+    report = validate_dir(zip_path, prompts, profile) if folder else validate_zip(zip_path, prompts, profile)
     if not report.ok:
         for p in iter_problems(report):  # the report goes to stdout; stderr gets the one error line
             click.echo(f"  - {p}")
         raise UserError(f"{len(report.problems)} problem(s); first: {report.problems[0]}", zip_path)
-    s = zip_summary(Path(zip_path))
     w, h = report.size or (0, 0)
-    console.print(f"[green]valid[/] {zip_path}: {report.n_images} images {w}x{h} for {report.n_prompts} prompts")
-    click.echo(f"sha256 {s['sha256']}")
+    console.print(f"[green]valid[/] {zip_path}: {report.n_images} images {w}x{h} for {report.n_prompts} prompts "
+                  f"({profile.name})")
+    if not folder:
+        click.echo(f"sha256 {zip_summary(Path(zip_path))['sha256']}")
 
 
 @click.command()

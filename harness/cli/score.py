@@ -65,10 +65,24 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--allow-unverified-weights", is_flag=True,
               help="TESTS ONLY: accept weights whose sha256 is not the published one (randomly initialised "
                    "extractors); results are labelled and kept off the board unless --include-unverified.")
+@click.option("--challenge", default=None,
+              help="A challenge's official metric: imageclef2025-task2 = fidelity, agreement, diversity, FBD on "
+                   "BiomedCLIP (needs --prompts, and --data = the real set in prompt-gt.csv layout); the 2024 "
+                   "profile's metric (imageclef2024) is this command's own, so it scores as without --challenge.")
+@click.option("--prompts", "prompts_path", type=existing_file, default=None, help="--challenge: the prompt file.")
+@click.option("--organiser-quirks", is_flag=True,
+              help="--challenge imageclef2025-task2: reproduce the public script's loop (first half of the pairs "
+                   "only); the default is the intended metric over every pair. The result says which.")
+@click.option("--biomedclip", default="ikim-uk-essen/BiomedCLIP_ViT_patch16_224", show_default=True,
+              help="--challenge imageclef2025-task2: BiomedCLIP vision tower, hub id (the organisers') or folder.")
+@click.option("--real-mapping", type=existing_file, default=None,
+              help="--challenge imageclef2025-task2: the organisers' real_mapping JSON (pair's first prompt number -> "
+                   "img_ids of --data); default: the real images captioned with either prompt of the pair.")
 def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, metrics_text: str, prc_features: str,
           inception_weights, vgg_weights, imageclef_weights, clip_weights, bootstrap: int, batch_size: int,
           device: str, kid_subset_size: int, no_strata: bool, out_path, no_cache: bool, no_download: bool,
-          leaderboard_path, no_leaderboard: bool, allow_unverified_weights: bool) -> None:
+          leaderboard_path, no_leaderboard: bool, allow_unverified_weights: bool, challenge, prompts_path,
+          organiser_quirks: bool, biomedclip: str, real_mapping) -> None:
     """Score RUN/images or any folder of images: FID, IS, precision/recall/F1 (torch-fidelity), KID (also per
     stratum), FD on DINOv2/CLIP, and the organisers' 2024 metric, with bootstrap 95 % intervals.
 
@@ -93,6 +107,12 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     from harness.score import ScoreConfig, parse_metrics, score_folder, score_run
 
     err = Console(stderr=True, highlight=False)
+    if challenge:
+        from harness.cli.challenges import score_challenge
+
+        if score_challenge(target, challenge, prompts_path, data_dir, organiser_quirks, biomedclip, device,
+                           batch_size, out_path, real_mapping):
+            return
     cfg = from_dict(ScoreConfig, {
         "real": real, "split": split_path, "data": data_dir, "metrics": parse_metrics(metrics_text),
         "real_preprocess": real_preprocess, "prc_features": prc_features, "inception_weights": inception_weights,
