@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_dir, existing_file
+from harness.cli.common import FiniteFloatRange, existing_dir, existing_file
 
 
 def register(cli: click.Group, **groups: click.Group) -> None:
@@ -298,7 +298,7 @@ def cache_info_cmd() -> None:
 
 
 @cache.command("prune")
-@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None,
+@click.option("--older-than", "older_than", type=FiniteFloatRange(min=0), default=None,
               help="Only entries not used for this many days (default: everything).")
 def cache_prune_cmd(older_than) -> None:
     """Delete cache entries (all, or those unused for --older-than days); the next score recomputes them.
