@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import FiniteFloatRange, existing_dir, existing_file
+from harness.cli.common import FiniteFloatRange, check_output_file, existing_dir, existing_file
 
 
 def register(cli: click.Group, **groups: click.Group) -> None:
@@ -92,6 +92,11 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     from harness.runs import open_run
     from harness.score import ScoreConfig, parse_metrics, score_folder, score_run
 
+    # Output paths are checked before any feature is extracted (a bad one used to fail after the work, naming a
+    # temp file).
+    for path, option in ((out_path, "--out"), (leaderboard_path, "--leaderboard")):
+        if path is not None:
+            check_output_file(path, option)
     err = Console(stderr=True, highlight=False)
     cfg = from_dict(ScoreConfig, {
         "real": real, "split": split_path, "data": data_dir, "metrics": parse_metrics(metrics_text),
@@ -215,6 +220,8 @@ def compare(targets, metrics_text: str, bootstrap: int, seed: int, real_key, out
     from harness.compare import compare_scored
     from harness.io import write_json
 
+    if out_path is not None:
+        check_output_file(out_path, "--out")
     names = tuple(m.strip() for m in metrics_text.split(",") if m.strip())
     bad = [m for m in names if m not in ("fid", "kid", "prc")]
     if bad or not names:
@@ -263,6 +270,8 @@ def leaderboard(fmt: str, out: Path, runs_dir: Path | None, no_plots: bool, incl
     """
     from harness.leaderboard import collect, print_rich, write_leaderboard
 
+    if fmt == "md":
+        check_output_file(out, "--out")
     if fmt == "rich":
         print_rich(collect(runs_dir, include_unverified=include_unverified))
         return
