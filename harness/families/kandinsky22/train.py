@@ -531,7 +531,7 @@ class KandinskyTask(TrainTask):
 
         from harness.features import ImageSet, TorchFidelityExtractor, extract_features
         from harness.generate import image_seed
-        from harness.score import INCEPTION, _identity
+        from harness.score import INCEPTION, RealPreprocess, _identity
 
         base = self._val.base if isinstance(self._val, CachedItems) else self._val
         base.set_epoch(0)
@@ -540,7 +540,12 @@ class KandinskyTask(TrainTask):
             self._fid_generator = self._make_grid_generator(self.cfg.generation)
         gen = self._fid_generator
         device = next(_unwrap(self.trained).parameters()).device
-        identity = _identity(INCEPTION, ("2048",), weights)
+        # Real images reach Inception as `harness score`'s default (match: the training transform to the generated
+        # size), so the selection metric is the FID the user will score with.
+        height = gen.height or self.cfg.data.resolution
+        real_pre = RealPreprocess("match", height, self.cfg.data.fit)
+        identity = _identity(INCEPTION, ("2048",), weights, device, None)
+        real_identity = _identity(INCEPTION, ("2048",), weights, device, real_pre.preprocess_id)
         extractor: list = []
 
         def make():
@@ -559,7 +564,7 @@ class KandinskyTask(TrainTask):
                         paths.append(Path(tmp) / f"{i + 1:05d}.png")
                         Image.fromarray(im).save(paths[-1])
             fake = extract_features(ImageSet("in-training generations", paths), identity, make, use_cache=False)
-        reals = extract_features(real, identity, make)
+        reals = extract_features(real, real_identity, make, load=real_pre.load, shape_key=real_pre.shape_key)
         out = fid_statistics_to_metric(fid_features_to_statistics(fake.features["2048"]),
                                        fid_features_to_statistics(reals.features["2048"]), verbose=False)
         return float(out["frechet_inception_distance"])
