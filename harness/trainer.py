@@ -108,6 +108,13 @@ class LoopConfig:
                 raise UserError(f"LoopConfig.{k} must be >= 0, got {v}")
         if not self.lr > 0:
             raise UserError(f"LoopConfig.lr must be > 0, got {self.lr}")
+        # What the CLI's ranges check, also for values from --config files and sweep grids (nan passes any
+        # comparison, so finiteness is its own check; seeds feed numpy's RNG, which takes 0 .. 2**32 - 1).
+        for k in ("lr", "max_grad_norm", "weight_decay"):
+            if not math.isfinite(getattr(self, k)):
+                raise UserError(f"LoopConfig.{k} must be a finite number, got {getattr(self, k)}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise UserError(f"LoopConfig.seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.select_best not in ("none", "val_loss", "fid"):
             raise UserError(f"LoopConfig.select_best must be none, val_loss or fid, got {self.select_best!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -86,3 +86,46 @@ def test_training_into_an_unwritable_runs_root_is_one_line(tmp_path, run_cli, mo
                              "--preset", "tiny", "--max-steps", "1", "--perceptual-weight", "0")
     line = _one_error_line(err)
     assert code == 2 and str(tmp_path / "a-file") in line, line
+
+
+def _leaf_commands(cmd, path):
+    import click
+
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _leaf_commands(sub, path + [name])
+    else:
+        yield " ".join(path), cmd
+
+
+def test_every_float_option_of_every_command_refuses_nan_and_inf():
+    """The class, not the example: a click range lets nan through (every comparison with nan is false), so
+    `--kl-weight nan`, `--guidance nan`, `--snr-gamma inf` ... used to be accepted (or, for --eval-every-epochs inf,
+    crash with a traceback). Every float option of every command must refuse them at parse time."""
+    import click
+
+    from harness.cli import cli
+
+    # Owned by the SD branch (harness/families/sd/commands.py, `--alpha` is type=float): reported, not fixed here.
+    known_open = {("harness models info sd", "--alpha")}
+    accepted = []
+    for name, cmd in _leaf_commands(cli, ["harness"]):
+        for p in cmd.params:
+            if not isinstance(p.type, click.types.FloatParamType):
+                continue
+            for value in ("nan", "inf", "-inf"):
+                try:
+                    p.type.convert(value, p, click.Context(cmd))
+                except click.BadParameter:
+                    continue
+                if (name, p.opts[0]) not in known_open:
+                    accepted.append(f"{name} {p.opts[0]} {value}")
+    assert not accepted, accepted
+
+
+@pytest.mark.parametrize("args", [["train", "msdm-vae", "--kl-weight", "nan"],
+                                  ["train", "kandinsky-prior", "--eval-every-epochs", "inf"]])
+def test_non_finite_float_option_is_one_line_before_any_work(tmp_path, run_cli, args):
+    code, out, err = run_cli(*args, "--split", tmp_path / "split.json", "--data", tmp_path, "--max-steps", "1")
+    line = _one_error_line(err)
+    assert code == 2 and "not a finite number" in line

@@ -119,3 +119,18 @@ def test_sample_grid_reuses_the_task_modules(tiny_kandinsky, mini_data, tmp_path
     assert calls == ["decoder"]
     assert task._grid_generator.p.prior is task.prior
     assert (tmp_path / "p2.png").is_file()
+
+
+def test_decoder_resolution_off_the_model_stride_is_one_line_and_no_run(tiny_kandinsky, mini_data, tmp_path,
+                                                                         run_cli):
+    """`--resolution 36` on the tiny decoder (MoVQ x4, UNet x2) used to crash mid-step in the UNet's skip concat
+    with a traceback (exit 1); now one line naming a size that works, before a run directory exists."""
+    from harness.runs import runs_root
+
+    code, out, err = run_cli("train", "kandinsky-decoder", "--split", mini_data[1], "--data", mini_data[0],
+                             "--prior", tiny_kandinsky[0], "--decoder", tiny_kandinsky[1], "--max-steps", "1",
+                             "--batch-size", "2", "--resolution", "36", "--cache-dir", tmp_path / "c")
+    lines = [line for line in err.strip().splitlines() if line.strip().startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert "not a multiple of 8" in lines[0] and "e.g. 32" in lines[0]
+    assert not runs_root().exists() or not any(runs_root().iterdir())

@@ -408,3 +408,14 @@ def test_select_best_fid_with_inception_weights(env, monkeypatch, tmp_path):
     fids = [r["best_fid"] for r in _log(run) if "best_fid" in r]
     assert prov["metric"] == "fid" and prov["value"] == pytest.approx(fids[-1]) and prov["value"] > 0
     assert "UNVERIFIED" in read_json(run.config_path)["fid_weights"]
+
+
+def test_text_encoder_that_cannot_load_is_one_line():
+    """The hub's multi-line message ("... Check your internet connection or see how to run the library in offline
+    mode ...") used to make the error two lines; the one-line contract keeps its first line only."""
+    from harness.errors import UserError
+    from harness.families.msdm.sampling import load_text
+
+    with pytest.raises(UserError) as e:
+        load_text("no-such-org/no-such-clip-encoder", 77)  # a hub id: offline, the hub answers in two lines
+    assert "cannot load the CLIP text encoder" in str(e.value) and "\n" not in str(e.value)

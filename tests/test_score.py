@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,6 +254,28 @@ def test_bad_inputs_are_user_errors(tmp_path, run_cli):
     assert code == 2 and "bogus" in err
     code, _, err = run_cli("score", _tiny_run().dir, "--real", tmp_path / "missing", "--no-leaderboard")
     assert code == 2 and "--real" in err
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_unwritable_output_files_fail_before_any_work(tmp_path, run_cli, monkeypatch, where):
+    """score --out / --leaderboard, compare --out, leaderboard --out: one line naming the path, before features
+    are extracted (these used to fail after the work with 'regfile: File exists' or a temp file's name)."""
+    import harness.score as S
+
+    def no_work(*a, **k):
+        raise AssertionError("scored despite an unwritable output path")
+
+    monkeypatch.setattr(S, "score_run", no_work)
+    monkeypatch.setattr(S, "score_folder", no_work)
+    (tmp_path / "a-file").write_text("x")
+    bad = tmp_path / "a-file" / "out.json" if where == "under-a-file" else Path("/proc/harness-no/out.json")
+    run = _tiny_run()
+    for args in (["score", run.dir, "--out", bad], ["score", run.dir, "--leaderboard", bad],
+                 ["score", run.images_dir, "--out", bad], ["compare", run.dir, run.dir, "--out", bad],
+                 ["leaderboard", "--out", bad]):
+        code, _, err = run_cli(*args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and str(bad) in lines[0] and "tmp-" not in lines[0], (args, err)
 
 
 def test_help_has_examples(run_cli):

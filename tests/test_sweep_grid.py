@@ -5,6 +5,8 @@ summary table and plot are per cell label."""
 from __future__ import annotations
 
 import json
+
+import pytest
 from pathlib import Path
 
 from test_kandinsky_fixtures import _one_torch_thread, mini_data, tiny_config, tiny_kandinsky  # noqa: F401 (fixtures)
@@ -178,3 +180,48 @@ def test_msdm_unet_grid_sweep_from_the_cli(tmp_path, monkeypatch, run_cli):
     bad[bad.index("ema_decay=0,0.9")] = "nope=1"
     code, out, err = run_cli(*bad)
     assert code == 2 and "'nope' is not a training option of msdm-unet; allowed:" in err and "ema_decay" in err
+
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_run(tmp_path_factory):
+    from harness.families.msdm.config import vae_config
+    from harness.families.msdm.train import train
+    from harness.io import write_json
+    from harness.sample import sample_dir
+    from harness.split import make_split
+
+    d = tmp_path_factory.mktemp("vae")
+    data = sample_dir()
+    split = make_split(data, val_images=4, seed=0)
+    split["train"] = split["train"][:8]
+    write_json(d / "split.json", split)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HARNESS_RUNS_DIR", str(d / "runs"))
+    try:
+        vae = train(vae_config("tiny", data, d / "split.json", {
+            "data": {"jitter": 0.0, "resolution": 32}, "loss": {"perceptual_weight": 0.0},
+            "loop": {"batch_size": 4, "checkpoint_every": 0, "val_every": 0, "sample_every": 0, "max_steps": 1}}))
+    finally:
+        mp.undo()
+    return data, d / "split.json", vae.dir
+
+
+@pytest.mark.parametrize("bad", [["--device", "bogus"], ["--device", "cuda:99"], ["--grid", "loop.seed=-1"],
+                                 ["--sweep-dir", "/proc/harness-no/sw"]])
+def test_sweep_bad_inputs_fail_before_any_cell_trains(tmp_path, monkeypatch, run_cli, tiny_vae_run, bad):
+    """A bad --device used to surface only at generation, after the first cell had trained (a recorded failure per
+    cell), and a grid seed outside the RNG's range trained; now one line, exit 2, before anything trains."""
+    import harness.families.msdm.train as mt
+
+    data, split, vae = tiny_vae_run
+    monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
+
+    def no_training(*a, **k):
+        raise AssertionError("a cell trained despite a bad option")
+
+    monkeypatch.setattr(mt, "train", no_training)
+    code, out, err = run_cli("sweep", "msdm-unet", "--split", split, "--data", data, "--vae", vae,
+                             "--max-steps", "1", "--grid", "lr=1e-3", "--no-score", *bad)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err

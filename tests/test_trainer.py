@@ -188,6 +188,12 @@ def test_loop_config_rejects_bad_values():
         LoopConfig(batch_size=0)
     with pytest.raises(UserError, match="mixed_precision"):
         LoopConfig(mixed_precision="fp8")
+    # What the CLI's ranges refuse must also be refused from a --config file or a sweep grid (loop.seed=-1 and
+    # max_grad_norm=nan used to train).
+    for bad in (dict(seed=-1), dict(seed=2**32), dict(lr=float("inf")), dict(lr=float("nan")),
+                dict(max_grad_norm=float("nan")), dict(weight_decay=float("inf"))):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            LoopConfig(**bad)
 
 
 class EpochData(torch.utils.data.Dataset):

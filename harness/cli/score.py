@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_dir, existing_file
+from harness.cli.common import FiniteFloatRange, check_output_file, existing_dir, existing_file
 
 
 def register(cli: click.Group, **groups: click.Group) -> None:
@@ -106,6 +106,11 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     from harness.runs import open_run
     from harness.score import ScoreConfig, parse_metrics, score_folder, score_run
 
+    # Output paths are checked before any feature is extracted (a bad one used to fail after the work, naming a
+    # temp file).
+    for path, option in ((out_path, "--out"), (leaderboard_path, "--leaderboard")):
+        if path is not None:
+            check_output_file(path, option)
     err = Console(stderr=True, highlight=False)
     if challenge:
         from harness.cli.challenges import score_challenge
@@ -235,6 +240,8 @@ def compare(targets, metrics_text: str, bootstrap: int, seed: int, real_key, out
     from harness.compare import compare_scored
     from harness.io import write_json
 
+    if out_path is not None:
+        check_output_file(out_path, "--out")
     names = tuple(m.strip() for m in metrics_text.split(",") if m.strip())
     bad = [m for m in names if m not in ("fid", "kid", "prc")]
     if bad or not names:
@@ -283,6 +290,8 @@ def leaderboard(fmt: str, out: Path, runs_dir: Path | None, no_plots: bool, incl
     """
     from harness.leaderboard import collect, print_rich, write_leaderboard
 
+    if fmt == "md":
+        check_output_file(out, "--out")
     if fmt == "rich":
         print_rich(collect(runs_dir, include_unverified=include_unverified))
         return
@@ -318,7 +327,7 @@ def cache_info_cmd() -> None:
 
 
 @cache.command("prune")
-@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None,
+@click.option("--older-than", "older_than", type=FiniteFloatRange(min=0), default=None,
               help="Only entries not used for this many days (default: everything).")
 def cache_prune_cmd(older_than) -> None:
     """Delete cache entries (all, or those unused for --older-than days); the next score recomputes them.

@@ -10,7 +10,7 @@ import click
 
 from click.core import ParameterSource
 
-from harness.cli.common import SEED, existing_dir, pop_loop_overrides, sweep_options, training_options
+from harness.cli.common import SEED, FiniteFloatRange, existing_dir, pop_loop_overrides, sweep_options, training_options
 
 FAMILY = {"prior": "kandinsky-prior", "decoder": "kandinsky-decoder"}
 
@@ -31,7 +31,7 @@ def lora_options(component: str):
         click.option("--rank", type=int, default=None,
                      help="LoRA rank r (default 4, diffusers' LoRA trainers' default; --preset paper: 32 for the "
                           "stage-1 decoder)."),
-        click.option("--alpha", type=float, default=None,
+        click.option("--alpha", type=FiniteFloatRange(min=0, min_open=True), default=None,
                      help="LoRA alpha (default = rank, i.e. scale 1: the paper's parameter tables)."),
         click.option("--lora-targets", type=click.Choice(["paper", "paper+added-kv"]), default=None,
                      help="paper: to_q,to_k,to_v,to_out.0 (reproduces the paper's counts); paper+added-kv also "
@@ -55,7 +55,8 @@ def lora_options(component: str):
         click.option(f"--{other}-adapter", "pair_adapter", type=str, default=None,
                      help=f"{other.capitalize()} adapter used by `harness generate`: a {FAMILY[other]} run, an "
                           "adapter folder, or none (base model)."),
-        click.option("--snr-gamma", type=float, default=None, help="Min-SNR weighting gamma (e.g. 5); off by default."),
+        click.option("--snr-gamma", type=FiniteFloatRange(min=0, min_open=True), default=None,
+                     help="Min-SNR weighting gamma (e.g. 5); off by default."),
         click.option("--cache/--no-cache", default=None,
                      help="Read frozen-encoder outputs from the on-disk cache (default) or recompute every step."),
         click.option("--cache-dir", type=existing_dir, default=None, help="Encoder cache folder."),
@@ -72,19 +73,19 @@ def lora_options(component: str):
         click.option("--decoder-steps", type=click.IntRange(min=1), default=None,
                      help="Decoder sampling steps (default 100: KandinskyV22Pipeline's; the paper and --preset "
                           "paper use 150)."),
-        click.option("--prior-guidance", type=click.FloatRange(min=0), default=None,
+        click.option("--prior-guidance", type=FiniteFloatRange(min=0), default=None,
                      help="Prior guidance scale (default 4.0, the pipeline's)."),
-        click.option("--decoder-guidance", type=click.FloatRange(min=0), default=None,
+        click.option("--decoder-guidance", type=FiniteFloatRange(min=0), default=None,
                      help="Decoder guidance scale (default 4.0, the pipeline's)."),
         click.option("--gen-dtype", "gen_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="dtype of the sampling models for `harness generate` / the sweep (default fp32; bf16 or "
                           "fp16 on a GPU, as diffusers' Kandinsky examples load them)."),
     ]
     if component == "prior":
-        opts.append(click.option("--caption-dropout", type=float, default=None,
+        opts.append(click.option("--caption-dropout", type=FiniteFloatRange(0, 1), default=None,
                                  help='Probability of training on "" instead of the caption (default 0.1).'))
     else:
-        opts.append(click.option("--image-embed-dropout", type=click.FloatRange(0, 1), default=None,
+        opts.append(click.option("--image-embed-dropout", type=FiniteFloatRange(0, 1), default=None,
                                  help="Probability of conditioning on the zero-image embedding, the negative that "
                                       "guidance uses (default 0.1, as the original Kandinsky 2 decoder trainer "
                                       "drops the CLIP image to zeros; validation loss is measured without it)."))
@@ -112,7 +113,7 @@ def preset_option(component: str, stage: str):
 
 
 def eval_option(f):
-    return click.option("--eval-every-epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+    return click.option("--eval-every-epochs", type=FiniteFloatRange(min=0, min_open=True), default=None,
                         help="Every E epochs compute the validation loss (fixed noise seeds, dropout off), keep the "
                              "best adapter and export it to RUN/final/ with the epoch it came from (last weights "
                              "in RUN/last/); as the paper kept its best epoch. Default: the last weights.")(f)

@@ -663,6 +663,13 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
     decoder_parts = None
     if cfg.component == "decoder":
         decoder_parts = _load(load_decoder, cfg.decoder, cfg.decoder_revision, cfg.base_dtype, "cpu")
+        # MoVQ downsampling x the UNet's own: any other size breaks the UNet's skip connections mid-step (a
+        # traceback); checked before the run directory exists.
+        stride = decoder_parts.movq_scale_factor * 2 ** (len(decoder_parts.unet.config.block_out_channels) - 1)
+        if cfg.data.resolution % stride:
+            good = max(stride, round(cfg.data.resolution / stride) * stride)
+            raise UserError(f"--resolution {cfg.data.resolution} is not a multiple of {stride} (this decoder's MoVQ x "
+                            f"UNet downsampling); use e.g. {good}")
     sources = {"prior": prior_parts.source.to_dict()}
     if decoder_parts is not None:
         sources["decoder"] = decoder_parts.source.to_dict()

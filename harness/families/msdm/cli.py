@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import existing_file, pop_loop_overrides, sweep_command, training_options
+from harness.cli.common import FiniteFloatRange, existing_file, pop_loop_overrides, sweep_command, training_options
 from harness.errors import UserError
 from harness.families.msdm.sources import preset_help
 
@@ -90,15 +90,15 @@ _JITTER_HELP = ("Brightness/contrast jitter: factors drawn from [1 - j, 1 + j], 
 @click.option("--preset", type=_PRESETS, default=None, help=preset_help("vae") + " (default paper)")
 @click.option("--resolution", type=click.IntRange(min=8), default=None,
               help="Image size; a multiple of 32 (VAE x UNet downsampling) (default: the preset's, 256 / 64).")
-@click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--jitter", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help=_JITTER_HELP + " Default 0 for the VAE (as released).")
-@click.option("--perceptual-weight", type=click.FloatRange(min=0), default=None,
+@click.option("--perceptual-weight", type=FiniteFloatRange(min=0), default=None,
               help="LPIPS-style term weight (default 1, paper; 0 = off).")
 @click.option("--perceptual-weights", type=existing_file, default=None,
               help="torchvision VGG16 ImageNet weights file (default: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth;"
                    " if absent the term is skipped and the run says so).")
-@click.option("--ssim-weight", type=click.FloatRange(min=0), default=None, help="(1 - SSIM) weight (default 1, paper).")
-@click.option("--kl-weight", type=click.FloatRange(min=0), default=None,
+@click.option("--ssim-weight", type=FiniteFloatRange(min=0), default=None, help="(1 - SSIM) weight (default 1, paper).")
+@click.option("--kl-weight", type=FiniteFloatRange(min=0), default=None,
               help="KL weight, against per-sample summed reconstruction terms as in Medfusion (default 1e-6, paper).")
 def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_path, paraphrase_strategy, preset,
              resolution, jitter, perceptual_weight, perceptual_weights, ssim_weight, kl_weight, print_config, **kw):
@@ -141,7 +141,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
               help="CLIP text encoder: hub id (default openai/clip-vit-large-patch14) or a local dir holding "
                    "tokenizer/ + text_encoder/ (e.g. from models.tiny_clip) or a flat CLIP checkpoint.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Text tokens (default 77).")
-@click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--jitter", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help=_JITTER_HELP + " Default 0.4 for the UNet (paper).")
 @click.option("--hflip-uncond/--no-hflip-uncond", default=None,
               help="Released augmentation: flip (p = 0.5) only items whose caption was dropped (an empty prompt "
@@ -149,13 +149,13 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
 @click.option("--captions", type=click.Choice(["sample", "all"]), default=None,
               help="all: one item per caption row (an epoch = one pass over the caption rows, as the paper); "
                    "sample: one item per image, caption drawn (default: the preset's; paper: all).")
-@click.option("--caption-dropout", type=click.FloatRange(0, 1), default=None,
+@click.option("--caption-dropout", type=FiniteFloatRange(0, 1), default=None,
               help="Per-sample probability of training on the empty prompt (CFG's unconditional input; default 0.2).")
-@click.option("--self-cond-prob", type=click.FloatRange(0, 1), default=None,
+@click.option("--self-cond-prob", type=FiniteFloatRange(0, 1), default=None,
               help="Probability per batch of self-conditioning on the model's own x0 estimate (default 0.5; 0 = off).")
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--ema-decay", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help="EMA decay of the UNet weights (default 0.9999; 0 = off).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--dropout", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help="UNet dropout (default 0.1, paper).")
 @click.option("--dropout-layout", type=click.Choice(["released", "ddpm"]), default=None,
               help="released: channel-wise Dropout2d in both res sub-blocks + dropout on the attention output (the "
@@ -163,11 +163,11 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
 @click.option("--cache-latents", is_flag=True, default=None,
               help="Encode the training images once and draw z from the cached posteriors (needs --jitter 0).")
 @click.option("--loss", "loss_kind", type=click.Choice(["l1", "l2"]), default=None, help="Noise loss (default l1).")
-@click.option("--min-snr-gamma", type=click.FloatRange(min=0), default=None,
+@click.option("--min-snr-gamma", type=FiniteFloatRange(min=0), default=None,
               help="Min-SNR weighting gamma (default 0 = off).")
 @click.option("--schedule", type=click.Choice(["scaled_linear", "linear", "cosine"]), default=None,
               help="Beta schedule (default scaled_linear 0.002 -> 0.02, T = 1000).")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=FiniteFloatRange(min=0), default=None,
               help="Default CFG scale w for generation, in the form uncond + w (cond - uncond) (default 4.5 = the "
                    "released MSDM's 3.5 in its (g+1) cond - g uncond form).")
 @click.option("--steps", "sample_steps_gen", type=click.IntRange(min=1), default=None,

@@ -132,7 +132,8 @@ def load_text(source: str, max_length: int) -> CLIPText:
         return CLIPText.from_pretrained(source, max_length=max_length)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the CLIP text encoder {source!r} (a hub id needs network or a filled HF cache; "
-                        f"a directory needs tokenizer/ + text_encoder/ or a flat CLIP checkpoint): {e}") from None
+                        f"a directory needs tokenizer/ + text_encoder/ or a flat CLIP checkpoint): "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
 def load_generator(run: Run, overrides: dict[str, Any]) -> Generator:
