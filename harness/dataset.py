@@ -81,14 +81,18 @@ class ParaphraseStrategy:
         return f"replace:{self.p:g}" if self.kind == "replace" else self.kind
 
 
-def check_resolution(resolution: int, block_out_channels, autoencoder: str) -> None:
-    """The training resolution must be a multiple of the autoencoder's downsampling factor (one downsample between
-    each pair of its encoder blocks: 2 ** (len(block_out_channels) - 1), 8 for SD's VAE and Kandinsky's MoVQ):
-    otherwise the latents are cropped silently. One line naming the factor, before any run folder exists."""
-    factor = 2 ** (len(block_out_channels) - 1)
+def downsampling_factor(block_out_channels) -> int:
+    """A diffusers encoder / UNet downsamples once between each pair of its blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def check_resolution(resolution: int, factor: int, what: str) -> None:
+    """The training resolution must be a multiple of the model's total downsampling `factor` (`what` says whose,
+    e.g. "the VAE's downsampling factor"): otherwise latents are cropped silently or a UNet's skip connections fail
+    mid-step. One line naming the factor and a size that works, before any run folder exists."""
     if resolution % factor:
-        raise UserError(f"--resolution {resolution} must be a multiple of {factor}, the {autoencoder}'s downsampling "
-                        f"factor (2 ** (len(block_out_channels) - 1) of its config)")
+        good = max(factor, round(resolution / factor) * factor)
+        raise UserError(f"--resolution {resolution} must be a multiple of {factor}, {what}; use e.g. {good}")
 
 
 @dataclass

@@ -132,5 +132,5 @@ def test_decoder_resolution_off_the_model_stride_is_one_line_and_no_run(tiny_kan
                              "--batch-size", "2", "--resolution", "36", "--cache-dir", tmp_path / "c")
     lines = [line for line in err.strip().splitlines() if line.strip().startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    assert "not a multiple of 8" in lines[0] and "e.g. 32" in lines[0]
+    assert "must be a multiple of 8" in lines[0] and "e.g. 32" in lines[0]
     assert not runs_root().exists() or not any(runs_root().iterdir())

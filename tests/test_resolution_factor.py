@@ -24,9 +24,9 @@ def test_kandinsky_decoder_resolution_must_fit_the_movq(tiny_kandinsky, mini_dat
     args = ["train", "kandinsky-decoder", "--split", str(mini_data[1]), "--data", str(mini_data[0]),
             "--prior", str(tiny_kandinsky[0]), "--decoder", str(tiny_kandinsky[1]), "--prior-adapter", "none",
             "--max-steps", "1", "--batch-size", "2", "--cache-dir", str(tmp_path / "c")]
-    code, _, err = run_cli(*args, "--resolution", "34")  # the tiny MoVQ has 3 blocks: factor 4
+    code, _, err = run_cli(*args, "--resolution", "34")  # the tiny MoVQ has 3 blocks (x4), its UNet 2 (x2)
     assert code == 2
-    assert "--resolution 34 must be a multiple of 4, the MoVQ's downsampling factor" in _one_line(err)
+    assert "--resolution 34 must be a multiple of 8, the decoder's MoVQ x UNet downsampling (4 x 2)" in _one_line(err)
     assert _no_runs(tmp_path)
 
 

@@ -211,11 +211,9 @@ def run_sweep_command(target, cfg, grid, sweep_dir, n_prompts, images_per_prompt
     one line at the end (exit 2) once the others are done."""
     from rich.console import Console
 
-    from harness.distributed import pick_device
     from harness.errors import UserError
     from harness.sweep import run_sweep
 
-    pick_device(device)  # an unknown or absent device fails here, not after the first cell has trained
     if sweep_dir is not None:
         check_output_dir(sweep_dir, "--sweep-dir")
     result = run_sweep(cfg, grid, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,

@@ -615,18 +615,23 @@ def _unwrap(m: nn.Module | None) -> nn.Module | None:
 
 
 def check_movq_resolution(cfg: KandinskyConfig) -> None:
-    """--resolution against the decoder's MoVQ downsampling factor, read from its config before anything loads
-    (a base that cannot be resolved is reported by the loader)."""
-    from harness.dataset import check_resolution
+    """--resolution against the decoder's MoVQ x UNet downsampling, read from their configs before anything loads:
+    any other size breaks the UNet's skip connections mid-step (a base that cannot be resolved is reported by the
+    loader)."""
+    from harness.dataset import check_resolution, downsampling_factor
     from harness.io import read_json
     from models.hub import resolve_source
 
     try:
-        config = resolve_source(cfg.decoder, cfg.decoder_revision).folder / "movq" / "config.json"
+        folder = resolve_source(cfg.decoder, cfg.decoder_revision).folder
     except FileNotFoundError:
         return
-    if config.is_file():
-        check_resolution(cfg.data.resolution, read_json(config)["block_out_channels"], "MoVQ")
+    movq, unet = folder / "movq" / "config.json", folder / "unet" / "config.json"
+    if movq.is_file() and unet.is_file():
+        f_movq = downsampling_factor(read_json(movq)["block_out_channels"])
+        f_unet = downsampling_factor(read_json(unet)["block_out_channels"])
+        check_resolution(cfg.data.resolution, f_movq * f_unet,
+                         f"the decoder's MoVQ x UNet downsampling ({f_movq} x {f_unet})")
 
 
 def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None) -> tuple[KandinskyTask, dict]:
@@ -663,13 +668,6 @@ def build_task(cfg: KandinskyConfig, log: Callable[[str], None] = lambda s: None
     decoder_parts = None
     if cfg.component == "decoder":
         decoder_parts = _load(load_decoder, cfg.decoder, cfg.decoder_revision, cfg.base_dtype, "cpu")
-        # MoVQ downsampling x the UNet's own: any other size breaks the UNet's skip connections mid-step (a
-        # traceback); checked before the run directory exists.
-        stride = decoder_parts.movq_scale_factor * 2 ** (len(decoder_parts.unet.config.block_out_channels) - 1)
-        if cfg.data.resolution % stride:
-            good = max(stride, round(cfg.data.resolution / stride) * stride)
-            raise UserError(f"--resolution {cfg.data.resolution} is not a multiple of {stride} (this decoder's MoVQ x "
-                            f"UNet downsampling); use e.g. {good}")
     sources = {"prior": prior_parts.source.to_dict()}
     if decoder_parts is not None:
         sources["decoder"] = decoder_parts.source.to_dict()

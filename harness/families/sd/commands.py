@@ -150,7 +150,8 @@ def train_sd(**kwargs):
               help="Pipeline folder or hub id (cached) whose configs to count; default: the shipped "
                    "stable-diffusion-v1-5 configs (models/sd/configs, offline).")
 @click.option("--rank", type=click.IntRange(min=1), default=4, help="LoRA/DoRA rank of the count.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (does not change counts; default = rank).")
+@click.option("--alpha", type=FiniteFloatRange(min=0, min_open=True), default=None,
+              help="LoRA alpha (does not change counts; default = rank).")
 @click.option("--lora-targets", type=str, default=",".join(UNET_LORA_TARGETS), help="U-Net LoRA targets.")
 def models_info_sd(base, rank, alpha, lora_targets):
     """Stable Diffusion: parameters per network and trainable parameters per method, counted on the meta device

@@ -299,7 +299,7 @@ def _load_parts(cfg: SDConfig) -> SDParts:
 def check_vae_resolution(cfg: SDConfig, vae_config: dict | None = None) -> None:
     """--resolution against the VAE's downsampling factor: of `vae_config` (the loaded VAE's), else of the base's
     config when it can be read without loading (a local folder, or the default base's shipped config)."""
-    from harness.dataset import check_resolution
+    from harness.dataset import check_resolution, downsampling_factor
     from models.sd.architecture import component_configs
     from models.sd.loading import DEFAULT_BASE
 
@@ -311,7 +311,8 @@ def check_vae_resolution(cfg: SDConfig, vae_config: dict | None = None) -> None:
             vae_config = component_configs()["vae"]
         else:
             return  # a hub id: checked once loaded
-    check_resolution(cfg.data.resolution, vae_config["block_out_channels"], "VAE")
+    check_resolution(cfg.data.resolution, downsampling_factor(vae_config["block_out_channels"]),
+                     "the VAE's downsampling factor")
 
 
 def build_task(cfg: SDConfig, log: Callable[[str], None] = lambda s: None) -> tuple[SDTask, dict]:
