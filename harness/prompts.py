@@ -216,10 +216,10 @@ def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_p
         if source != SPLIT_VAL:
             raise UserError(f"--prompts {source}: the only split source is {SPLIT_VAL} (validation captions, for "
                             "scoring against --real val); test prompts come from a file")
-        from harness.score import find_config_value
+        from harness.runs import open_run
+        from harness.score import recorded_data_paths
 
-        data_dir = find_config_value(run_config, ("data_dir", "data"), lambda v: Path(v).is_dir())
-        split_path = find_config_value(run_config, ("split_path", "split"), lambda v: v.endswith(".json"))
+        data_dir, split_path = recorded_data_paths(open_run(run_dir), run_config)
         if not data_dir or not split_path:
             raise UserError(f"--prompts {SPLIT_VAL}: the run's config names no split / dev-set directory", run_dir)
         prompts = validation_prompts(data_dir, split_path, images_per_prompt)

@@ -219,6 +219,24 @@ def find_config_value(d: Any, names: tuple[str, ...], accept: Callable[[str], bo
     return None
 
 
+def recorded_data_paths(run: Run | None, config: dict) -> tuple[Path | None, Path | None]:
+    """(dev-set dir, split file) a run was trained on, from its config. A recorded path that is no longer where it
+    was is looked up through `Run.resolve_recorded` (beside a moved run, ...), whose error names every place tried."""
+
+    def find(names: tuple[str, ...], looks_like: Callable[[str], bool], what: str) -> Path | None:
+        value = find_config_value(config, names, looks_like)
+        if value is None:
+            return None
+        if Path(value).exists() or run is None:
+            return Path(value)
+        return Path(run.resolve_recorded(value, what))
+
+    # Trainers record absolute paths (a "data" key may also hold a nested dict or a side name: hence the shapes).
+    data_dir = find(("data_dir", "data"), lambda v: Path(v).is_dir() or Path(v).is_absolute(), "dev-set directory")
+    split_path = find(("split_path", "split"), lambda v: v.endswith(".json"), "split file")
+    return data_dir, split_path
+
+
 def resolve_real_set(run: Run | None, cfg: ScoreConfig) -> RealSet:
     from harness.imageclef2024 import list_images, official_name
 
@@ -235,7 +253,8 @@ def resolve_real_set(run: Run | None, cfg: ScoreConfig) -> RealSet:
     from harness.data import load_devset
 
     config = run.config() if run else {}
-    data_dir = cfg.data or find_config_value(config, ("data_dir", "data"), lambda v: Path(v).is_dir())
+    run_data, run_split = recorded_data_paths(run, config)
+    data_dir = cfg.data or run_data
     if not data_dir:
         raise UserError(f"--real {cfg.real}: the run's config names no dev-set directory; pass --data DATA_DIR")
     devset = load_devset(Path(data_dir))
@@ -247,7 +266,7 @@ def resolve_real_set(run: Run | None, cfg: ScoreConfig) -> RealSet:
     else:
         from harness.split import check_split_matches, load_split
 
-        split_path = cfg.split or find_config_value(config, ("split_path", "split"), lambda v: v.endswith(".json"))
+        split_path = cfg.split or run_split
         if not split_path:
             raise UserError("--real val: the run's config names no split; pass --split SPLIT.json --data DATA_DIR "
                             "(or --real all / --real DIR)")

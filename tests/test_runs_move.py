@@ -158,3 +158,18 @@ def test_msdm_project_moved_and_copied_keeps_text_encoder_and_images(tmp_path, m
     shutil.rmtree(moved / "tiny-clip")  # gone for good: the error names every place tried
     code, out, err = run_cli("generate", moved / "runs" / "unet", "--prompts", moved / "prompts.txt")
     assert code == 2 and "text encoder" in err and "tried:" in err and str(moved / "tiny-clip") in err
+
+
+def test_a_moved_run_whose_split_is_gone_names_every_place_tried(tmp_path, run_cli):
+    """`generate --prompts split:val` and `score` read the run's split: when it is nowhere, the one-line error lists
+    the places tried (as written, recorded absolute path, beside the moved run), not just the old absolute path."""
+    from harness.score import recorded_data_paths
+
+    _project(tmp_path / "proj")
+    shutil.move(tmp_path / "proj", tmp_path / "moved")
+    (tmp_path / "moved" / "split.json").unlink()
+    run = open_run(tmp_path / "moved" / "runs" / "a")
+    with pytest.raises(UserError, match="split file .* not found; tried: .*moved/split.json"):
+        recorded_data_paths(run, run.config())
+    code, _, err = run_cli("generate", run.dir, "--prompts", "split:val")
+    assert code == 2 and "tried:" in err and str(tmp_path / "moved" / "split.json") in err.replace("\n", "")
