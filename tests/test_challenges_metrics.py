@@ -20,7 +20,7 @@ def _fd(a, b):
 def _reference(gen, real, quirk):
     n = len(gen)
     loop = range(0, n // 2, 2) if quirk else range(0, n, 2)  # the public script's loop vs every pair
-    agree, div, fid, all_gen, all_real = [], [], [], [], []
+    agree, div, fid, per_prompt, all_gen, all_real = [], [], [], [], [], []
     for i in loop:
         a, b, ref = gen[i], gen[i + 1], real[i // 2]
         sims = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x in a for y in b]
@@ -29,10 +29,12 @@ def _reference(gen, real, quirk):
             u = [f / np.linalg.norm(f) for f in feats]
             div.append(np.mean([np.linalg.norm(u[j] - u[k]) for j in range(len(u)) for k in range(j + 1, len(u))]))
         fid.append((_fd(a, ref) + _fd(b, ref)) / 2)  # the pair's FID: mean of its two prompts'
+        per_prompt += [_fd(a, ref), _fd(b, ref)]
         all_gen += [*a, *b]
         all_real += [*ref]
     fbd = _fd(np.array(all_gen), np.array(all_real))
-    return {"fidelity": np.mean([1000 / (1 + f) for f in fid]), "agreement": np.mean(agree),
+    return {"fidelity": np.mean([1000 / (1 + f) for f in fid]),
+            "fidelity_per_prompt": np.mean([1000 / (1 + f) for f in per_prompt]), "agreement": np.mean(agree),
             "diversity": np.mean(div), "FBD": fbd}
 
 

@@ -10,7 +10,9 @@ Prompts come in pairs (0,1), (2,3), ... describing the same content two ways; ea
 Global: fidelity = mean over pairs of 1000 / (1 + pair FID) (100 / (1 + FID) before 2025-05-09) - with a pair's two
 FIDs averaged first, as the template does; agreement and diversity = means over the scored pairs / prompts;
 FBD = Fréchet distance between every scored generated feature and the scored pairs' real features (a real image
-shared by two pairs counts twice, as in the template).
+shared by two pairs counts twice, as in the template). `fidelity_per_prompt` is the other reading of the task's
+description, mean over prompts of 1000 / (1 + FID(prompt, real)) - reported beside it, never in its place: the
+organisers' leaderboard numbers are the template's.
 
 The template's pair loop is `for i in range(0, len(prompts) // 2, 2)`, which scores only the first half of the pairs.
 `organiser_quirks=False` (the default) is the intended metric, over every pair; True reproduces the template (it
@@ -74,8 +76,12 @@ class Result2025:
     pairs_total: int
     fid_per_prompt: dict[int, float]
 
+    @property
+    def fidelity_per_prompt(self) -> float:
+        return float(np.mean([FIDELITY_SCALE / (1.0 + f) for f in self.fid_per_prompt.values()]))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"fidelity": self.fidelity, "agreement": self.agreement, "diversity": self.diversity,
+        return {"fidelity": self.fidelity, "fidelity_per_prompt": self.fidelity_per_prompt, "agreement": self.agreement, "diversity": self.diversity,
                 "FBD": self.fbd, "variant": self.variant, "pairs_scored": self.pairs_scored,
                 "pairs_total": self.pairs_total,
                 "fid_per_prompt": {str(k + 1): v for k, v in self.fid_per_prompt.items()}}
