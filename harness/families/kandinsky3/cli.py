@@ -170,8 +170,8 @@ def models_kandinsky3(ranks: str, batch_size: int, gradient_checkpointing: bool)
         t.add_column(c, justify="right")
     for r in rs:
         e = estimate(LoraSpec(rank=r), batch_size, 256, "bf16", "bf16", gradient_checkpointing)
-        t.add_row(str(r), f"{e['lora_parameters']:,}", f"{e['unet_parameters']:,}",
-                  f"{e['text_encoder_parameters']:,}", f"{e['cached_gib']:.2f}", f"{e['encoder_resident_gib']:.2f}")
+        t.add_row(str(r), f"{e['lora_parameters']:,}", f"{e['unet_parameters'] / 1e9:.3f} B",
+                  f"{e['text_encoder_parameters'] / 1e9:.3f} B", f"{e['cached_gib']:.2f}", f"{e['encoder_resident_gib']:.2f}")
     console.print(t)
 
 
