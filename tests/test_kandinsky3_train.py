@@ -145,3 +145,28 @@ def test_train_generate_matches_diffusers_and_reload(tiny_k3, mini, tmp_path, ru
     # the generator reads fp16-cached embeddings; diffusers encodes in fp32: a grey level or two at most
     assert np.abs(ref.astype(int) - imgs[0].astype(int)).max() <= 3
     assert (imgs[0] != imgs[1]).any()
+
+
+def test_resume_is_exact_and_fresh_process_reload_gives_same_images(tiny_k3, mini, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from harness.families.kandinsky3.train import resume, train
+    from harness.generate import load_generator
+
+    full = train(k3_config(tiny_k3, mini, tmp_path, loop={"max_steps": 4, "checkpoint_every": 2}), run_id="full")
+    part = train(k3_config(tiny_k3, mini, tmp_path, loop={"max_steps": 2, "checkpoint_every": 2}), run_id="part")
+    resume(part, max_steps=4)
+    a = load_file(str(full.dir / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(part.dir / "final" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    img = load_generator(full, {"steps": 2}).generate(["one polyp"], [5])[0]
+    code = ("import sys, numpy as np; from harness.runs import open_run; from harness.generate import load_generator;"
+            "im = load_generator(open_run(sys.argv[1]), {'steps': 2}).generate(['one polyp'], [5])[0];"
+            "np.save(sys.argv[2], im)")
+    out = tmp_path / "fresh.npy"
+    subprocess.run([sys.executable, "-c", code, str(full.dir), str(out)], check=True, capture_output=True)
+    assert np.array_equal(np.load(out), img)
