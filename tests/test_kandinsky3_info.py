@@ -30,3 +30,9 @@ def test_models_info_and_help(run_cli):
     assert "1,671,168" in out + err and "3.055 B" in out + err
     code, out, _ = run_cli("train", "kandinsky3", "--help")
     assert "to_q,to_k,to_v,to_out.0" in out and "--dora" in out and "--rslora" in out
+
+
+def test_sweep_dry_run_plans_each_rank(run_cli):
+    code, out, err = run_cli("sweep", "kandinsky3", "--grid", "rank=4,16", "--dry-run")
+    assert code == 0, err
+    assert "1,671,168" in out + err and "6,684,672" in out + err

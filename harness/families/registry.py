@@ -58,6 +58,7 @@ FAMILIES: tuple[Family, ...] = (
     )),
     Family("kandinsky3", "Kandinsky 3.0 LoRA (U-Net; T5 text-encoder cache)", "harness.families.kandinsky3.cli", (
         RunKind("kandinsky3", generator="harness.families.kandinsky3.generate:load_generator",
+                sweep="harness.families.kandinsky3.sweep:K3",
                 generate_options=("negative_prompt", "height", "width")),
     )),
     # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`.

@@ -15,7 +15,15 @@ TARGET_HELP = ("paper: to_q,to_k,to_v,to_out.0 of every U-Net Attention (self/cr
 
 
 def register(cli: click.Group, train: click.Group, sweep: click.Group, models: click.Group) -> None:
+    from harness.cli.common import sweep_command
+
     train.add_command(train_kandinsky3)
+    # The sweep's own --dry-run (every cell's plan) replaces the train command's.
+    base = click.Command(train_kandinsky3.name, callback=train_kandinsky3.callback,
+                         params=[p for p in train_kandinsky3.params if p.name != "dry_run"],
+                         context_settings=train_kandinsky3.context_settings)
+    sweep.add_command(sweep_command(base, "harness.families.kandinsky3.sweep:K3", build_config,
+                                    plan="harness.families.kandinsky3.sweep:plan_table"))
     models.commands["info"].add_command(models_kandinsky3)
     models.commands["make-tiny"].add_command(make_tiny_kandinsky3)
 
