@@ -48,7 +48,9 @@ def lora_options(f):
                      help="Min-SNR weighting gamma (e.g. 5, the Min-SNR paper's); off by default."),
         click.option("--caption-dropout", type=click.FloatRange(0, 1), default=None,
                      help="Probability of training on the empty prompt \"\" (default 0.1: the unconditional branch "
-                          "classifier-free guidance needs; diffusers' text-to-image trainers' usual value)."),
+                          "classifier-free guidance needs, the rate this project's Kandinsky 2.2 prior uses; diffusers' "
+                          "trainers default to 0 via --proportion_empty_prompts, which leaves that branch as the "
+                          "base model had it)."),
         click.option("--resolution", type=click.IntRange(8, 4096), default=None,
                      help="Training image side (default 256: the dev set's padded images)."),
         click.option("--cache/--no-cache", default=None,

@@ -3,7 +3,8 @@
 Objective: epsilon MSE on the MoVQ latents (unscaled, pre-quantisation) of the 256 px padded images, with the
 pipeline's DDPM scheduler, conditioned on the FLAN-UL2 (T5) encoder's masked embeddings cut to the batch's longest
 caption + 1 (what Kandinsky3Pipeline feeds the U-Net). Captions are dropped to "" with probability
-`data.caption_dropout` (default 0.1, diffusers' text-to-image trainers' usual value) so the unconditional branch that
+`data.caption_dropout` (default 0.1, as this project's Kandinsky 2.2 prior; diffusers' trainers' equivalent
+--proportion_empty_prompts defaults to 0) so the unconditional branch that
 classifier-free guidance uses is trained; generation uses the same "" as its negative prompt. Min-SNR optional
 (min(snr, gamma) / snr for epsilon).
 
