@@ -82,10 +82,13 @@ def load_generator(run: Run, overrides: dict[str, Any]) -> Generator:
 
     cfg = config_from_run(run)
     gen = dataclasses.replace(cfg.generation)
-    for key in ("steps", "guidance", "negative_prompt", "height", "width", "dtype"):
+    if overrides.get("steps") is not None:
+        gen.steps = int(overrides["steps"])
+    if overrides.get("guidance") is not None:
+        gen.guidance = float(overrides["guidance"])
+    for key in ("negative_prompt", "height", "width", "dtype"):
         if overrides.get(key) is not None:
-            setattr(gen, key, type(getattr(gen, key) if getattr(gen, key) is not None else 0)(overrides[key])
-                    if key in ("steps", "guidance") else overrides[key])
+            setattr(gen, key, overrides[key])
     gen.validate()
     adapter = run.dir / ADAPTER_DIR
     if not (adapter / WEIGHT_NAME).is_file():
