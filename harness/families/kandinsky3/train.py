@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import from_dict, to_dict
-from harness.dataset import CaptionedImages, DatasetConfig, collate_items, item_rng
+from harness.dataset import CaptionedImages, DatasetConfig, item_rng
 from harness.errors import UserError
 from harness.io import sha256_file
 from harness.runs import Run, create_run
