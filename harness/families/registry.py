@@ -56,6 +56,11 @@ FAMILIES: tuple[Family, ...] = (
         RunKind("sd", generator="harness.families.sd.generate:load_generator", sweep="harness.families.sd.sweep:SD",
                 generate_options=("scheduler", "negative_prompt", "height", "width")),
     )),
+    Family("kandinsky3", "Kandinsky 3.0 LoRA (U-Net; T5 text-encoder cache)", "harness.families.kandinsky3.cli", (
+        RunKind("kandinsky3", generator="harness.families.kandinsky3.generate:load_generator",
+                sweep="harness.families.kandinsky3.sweep:K3",
+                generate_options=("negative_prompt", "height", "width")),
+    )),
     # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`.
     Family("test-pattern", "seeded test pattern (no model)", None, (
         RunKind("test-pattern", generator="harness.generate:load_test_pattern"),
