@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from harness.cli.common import training_options
+from harness.cli.common import FiniteFloatRange, training_options
 
 TARGET_HELP = ("paper: to_q,to_k,to_v,to_out.0 of every U-Net Attention (self/cross-attention of each level and the "
                "text attention pooling of the time condition) - the attention projections diffusers' LoRA "
@@ -35,7 +35,7 @@ def lora_options(f):
         click.option("--revision", type=str, default=None, help="Hub revision of --base (recorded)."),
         click.option("--rank", type=click.IntRange(min=1), default=None,
                      help="LoRA rank r (default 4, diffusers' LoRA trainers' default)."),
-        click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--alpha", type=FiniteFloatRange(min=0, min_open=True), default=None,
                      help="LoRA alpha (default = rank: scale 1, as the Kandinsky 2.2 family)."),
         click.option("--lora-targets", type=click.Choice(["paper"]), default=None, help=TARGET_HELP),
         click.option("--dora", is_flag=True, default=None, help="Weight-decomposed LoRA (peft use_dora)."),
@@ -44,9 +44,9 @@ def lora_options(f):
                      help="peft init_lora_weights (default true: B = 0, the adapter starts as the identity)."),
         click.option("--gradient-checkpointing", is_flag=True, default=None,
                      help="Recompute each U-Net level's activations in backward (less memory, slower)."),
-        click.option("--snr-gamma", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--snr-gamma", type=FiniteFloatRange(min=0, min_open=True), default=None,
                      help="Min-SNR weighting gamma (e.g. 5, the Min-SNR paper's); off by default."),
-        click.option("--caption-dropout", type=click.FloatRange(0, 1), default=None,
+        click.option("--caption-dropout", type=FiniteFloatRange(0, 1), default=None,
                      help="Probability of training on the empty prompt \"\" (default 0.1: the unconditional branch "
                           "classifier-free guidance needs, the rate this project's Kandinsky 2.2 prior uses; diffusers' "
                           "trainers default to 0 via --proportion_empty_prompts, which leaves that branch as the "
