@@ -47,7 +47,8 @@ def status(sweep_dir: Path, cancel: bool) -> None:
 @click.argument("cell")
 @click.option("--launcher", type=str, default="local", help="Recorded as the cell's launcher.")
 @click.option("--job-id", type=str, default=None, help="Recorded as the cell's job id.")
-def sweep_cell(sweep_dir: Path, cell: str, launcher: str, job_id: str | None) -> None:
+@click.option("--devices", type=str, default=None, help="Recorded as the cell's devices (default: CUDA_VISIBLE_DEVICES).")
+def sweep_cell(sweep_dir: Path, cell: str, launcher: str, job_id: str | None, devices: str | None) -> None:
     """Run one cell of a sweep (train -> generate -> score) from its sweep.json: what each process of
     `harness sweep ... --launcher local` runs."""
     import os
@@ -60,6 +61,6 @@ def sweep_cell(sweep_dir: Path, cell: str, launcher: str, job_id: str | None) ->
     from harness.errors import UserError
     from harness.launchers.cell import run_cell_from_record
 
-    entry = run_cell_from_record(sweep_dir, cell, launcher=launcher, job_id=job_id)
+    entry = run_cell_from_record(sweep_dir, cell, launcher=launcher, job_id=job_id, devices=devices)
     if entry.get("status") == "failed":
         raise UserError(f"cell {cell} failed: {entry.get('error')}", sweep_dir / "sweep.json")

@@ -50,7 +50,8 @@ def safe_name(label: str) -> str:
 def cell_command(sweep_dir: Path, label: str, group: list[str], launcher: str = "local") -> list[str]:
     """The command of one cell process: `python -m harness sweep-cell ...`, under `accelerate launch` for a
     multi-GPU cell."""
-    args = ["-m", "harness", "sweep-cell", str(sweep_dir), label, "--launcher", launcher]
+    args = ["-m", "harness", "sweep-cell", str(sweep_dir), label, "--launcher", launcher,
+            "--devices", ",".join(group)]
     if len(group) > 1:
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(group)),
                 "--multi_gpu", *args]

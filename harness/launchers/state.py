@@ -86,7 +86,11 @@ def _alive_here(entry: dict[str, Any]) -> bool | None:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process not yet reaped by its (lost) parent is a zombie: dead all the same
+        stat = Path(f"/proc/{int(entry['pid'])}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def effective(entry: dict[str, Any], at: float | None = None) -> tuple[str, str | None]:
