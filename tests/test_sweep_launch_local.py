@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_kandinsky_fixtures import _one_torch_thread, mini_data, tiny_kandinsky  # noqa: F401 (fixtures)
 
 LABELS = ["rank=2,lr=0.001", "rank=2,lr=0.002", "rank=3,lr=0.001", "rank=3,lr=0.002"]
@@ -33,6 +35,7 @@ def _env(tmp_path) -> dict[str, str]:
                 TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1", HARNESS_RUNS_DIR=str(tmp_path / "runs"))
 
 
+@pytest.mark.slow  # about 100 s on 2 shared cores: each cell process imports torch + diffusers
 def test_local_launcher_two_at_once_kill_rerun_and_status(tiny_kandinsky, mini_data, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
     args = _args(tiny_kandinsky, mini_data, tmp_path, "--max-steps", "30", "--checkpoint-every", "2",

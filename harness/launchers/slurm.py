@@ -123,7 +123,12 @@ class SlurmLauncher:
         return f"SLURM job {entry.get('job_id')}"
 
     def executor(self, sweep_dir: Path, family: str):
+        import shutil
+
         import submitit
+
+        if self.cluster == "slurm" and shutil.which("srun") is None:
+            raise UserError("--launcher slurm: srun is not on this machine's PATH; submit from a SLURM login node")
 
         ex = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster=self.cluster)
         params: dict[str, Any] = {
