@@ -112,3 +112,43 @@ def test_local_launcher_two_at_once_kill_rerun_and_status(tiny_kandinsky, mini_d
     again = subprocess.run([sys.executable, "-m", "harness", *args], env=_env(tmp_path), cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped") == 4
+
+
+def test_scheduler_runs_floor_devices_over_k_at_once_and_records_a_silent_death(tmp_path, monkeypatch):
+    """The scheduler alone, with stand-in cell processes: at most two at once on cpu:2, each with its devices and
+    one thread; a process that exits without recording its end is failed with its log's last line."""
+    import harness.launchers.local as local
+    from harness.launchers.state import SweepStore
+
+    script = tmp_path / "cell.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "from harness.launchers.state import SweepStore\n"
+        "store = SweepStore(sys.argv[1]); label = sys.argv[2]\n"
+        "store.patch_cell('cells', label, status='running', threads=os.environ['OMP_NUM_THREADS'],\n"
+        "                 cuda=os.environ['CUDA_VISIBLE_DEVICES'], t0=time.time())\n"
+        "time.sleep(0.6)\n"
+        "if label == 'c': print('MemoryError: simulated'); sys.exit(3)\n"
+        "store.patch_cell('cells', label, status='done', t1=time.time())\n")
+    store = SweepStore(tmp_path / "sw" / "sweep.json")
+    store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abcd"}))
+    monkeypatch.setattr(local, "cell_command", lambda sweep_dir, label, group, launcher="local": [
+        sys.executable, str(script), str(sweep_dir / "sweep.json"), label])
+    local.LocalLauncher(devices="cpu:2", poll_s=0.05).launch(store, list("abcd"))
+    cells = store.read()["cells"]
+    assert [cells[k]["status"] for k in "abcd"] == ["done", "done", "failed", "done"]
+    assert "exited with code 3" in cells["c"]["error"] and "MemoryError: simulated" in cells["c"]["error"]
+    assert all(cells[k]["threads"] == "1" and cells[k]["cuda"] == "" and cells[k]["devices"] == "cpu" for k in "abcd")
+    spans = sorted((cells[k]["t0"], cells[k].get("t1", cells[k]["t0"] + 0.6)) for k in "abcd")
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 2  # two at once, never more
+
+
+def test_gpu_cells_are_pinned_and_multi_gpu_cells_run_under_accelerate():
+    from harness.launchers.local import cell_command, cell_env
+
+    assert cell_env(["2", "3"])["CUDA_VISIBLE_DEVICES"] == "2,3"
+    cmd = cell_command(Path("/s"), "rank=4", ["2", "3"])
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "2"
+    assert cmd[cmd.index("harness"):] == ["harness", "sweep-cell", "/s", "rank=4", "--launcher", "local", "--devices", "2,3"]
+    assert cell_command(Path("/s"), "4", ["1"])[1:4] == ["-m", "harness", "sweep-cell"]
