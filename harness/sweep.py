@@ -23,12 +23,18 @@ intervals (harness/stats.py) and a paired comparison of each cell's FID with the
 marks the cells statistically indistinguishable from it; sweep.png plots them against the swept axis (rank on a
 log2 axis) or per cell label for a multi-axis grid.
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per cell the run directory
-(recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
-crash. A crash in one cell is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
-it, once). Running the same command again skips finished cells, continues a cell whose training was killed
-(SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
-they stopped. The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
+State lives in `<sweep dir>/sweep.json`, the one truth of the sweep: every process that runs a cell writes it
+under a lock file, atomically (harness/launchers/state.py): per cell the run directory (recorded as soon as the run
+exists, before its first step), status, launcher, job id, devices, start/end times, a heartbeat, the stage reached,
+the metrics, or the error of a crash. Where the cells run is the launcher (--launcher): inline, one after another
+in this process (the default); local, each cell its own `harness sweep-cell` process pinned to its devices
+(--devices 0,1,2,3 [--gpus-per-cell K], cpu:N on CPU); slurm, one submitit job array (harness/launchers/).
+`harness sweep status SWEEP_DIR` shows every cell. A crash in one cell is recorded and the sweep goes on (a user
+error - bad data, a missing base model - stops an inline sweep, once). Running the same command again skips
+finished cells, leaves cells running elsewhere (a live process, a queued SLURM job) alone, retries failed cells and
+cells that died silently (stale heartbeat), continues a cell whose training was killed (SIGKILL, OOM, Ctrl-C,
+preemption) in the same run directory from its last checkpoint, and finishes generation/scoring where they stopped.
+The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
 fields are left out of the base config), so the same command finds its own record; another base config or
 protocol (n_prompts, generation seed, images per prompt, sampling steps/guidance) in the same dir is refused,
 naming the differences. Rank-only sweeps keep their cells under "ranks" (so sweeps started before --grid existed
@@ -443,8 +449,8 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
             console.print(f"{what} {label}: running in another process, left alone")
         else:
             todo.append((label, cfg))
-    opts = CellOptions(sweep_dir=sweep_dir, prompts=prompts, prompts_sha256=record["prompts"]["sha256"], gen_batch_size=gen_batch_size,
-                       device=device, score=score, gen_seed=gen_seed)
+    opts = CellOptions(sweep_dir=sweep_dir, prompts=prompts, prompts_sha256=record["prompts"]["sha256"],
+                       gen_batch_size=gen_batch_size, device=device, score=score, gen_seed=gen_seed)
     if launcher is None:  # in-process, one cell after another
         for label, cfg in todo:
             run_cell(store, target, cfg, key, label, opts, launcher="inline")

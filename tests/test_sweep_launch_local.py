@@ -150,5 +150,6 @@ def test_gpu_cells_are_pinned_and_multi_gpu_cells_run_under_accelerate():
     assert cell_env(["2", "3"])["CUDA_VISIBLE_DEVICES"] == "2,3"
     cmd = cell_command(Path("/s"), "rank=4", ["2", "3"])
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "2"
-    assert cmd[cmd.index("harness"):] == ["harness", "sweep-cell", "/s", "rank=4", "--launcher", "local", "--devices", "2,3"]
+    assert cmd[cmd.index("harness"):] == ["harness", "sweep-cell", "/s", "rank=4", "--launcher", "local",
+                                          "--devices", "2,3"]
     assert cell_command(Path("/s"), "4", ["1"])[1:4] == ["-m", "harness", "sweep-cell"]

@@ -47,7 +47,8 @@ def status(sweep_dir: Path, cancel: bool) -> None:
 @click.argument("cell")
 @click.option("--launcher", type=str, default="local", help="Recorded as the cell's launcher.")
 @click.option("--job-id", type=str, default=None, help="Recorded as the cell's job id.")
-@click.option("--devices", type=str, default=None, help="Recorded as the cell's devices (default: CUDA_VISIBLE_DEVICES).")
+@click.option("--devices", type=str, default=None,
+              help="Recorded as the cell's devices (default: CUDA_VISIBLE_DEVICES).")
 def sweep_cell(sweep_dir: Path, cell: str, launcher: str, job_id: str | None, devices: str | None) -> None:
     """Run one cell of a sweep (train -> generate -> score) from its sweep.json: what each process of
     `harness sweep ... --launcher local` runs."""
