@@ -6,8 +6,8 @@ Both runs are the same `harness sweep kandinsky-prior --grid rank=2,3 --grid lr=
 models (`harness models make-tiny kandinsky22`) and the shipped sample, each in fresh sweep and runs folders (the
 encoder cache is filled once beforehand, so neither run pays it). Prints markdown tables.
 
-    python benchmarks/p7_sweep_parallel.py                # 4 cells x 60 steps (~3-5 min on 2 cores)
-    python benchmarks/p7_sweep_parallel.py --steps 200
+    python benchmarks/p7_sweep_parallel.py                # 4 cells x 1,000 steps (~4 min on 2 cores)
+    python benchmarks/p7_sweep_parallel.py --steps 60     # process start-up dominates: parallel loses
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def planning_rows(gpu_tflops: float, util: float) -> list[tuple[int, float, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60, help="training steps per cell")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps per cell")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="p7-") as tmp:
