@@ -23,12 +23,18 @@ intervals (harness/stats.py) and a paired comparison of each cell's FID with the
 marks the cells statistically indistinguishable from it; sweep.png plots them against the swept axis (rank on a
 log2 axis) or per cell label for a multi-axis grid.
 
-State lives in `<sweep dir>/sweep.json` (written atomically after every stage): per cell the run directory
-(recorded as soon as the run exists, before its first step), the stage reached, the metrics, or the error of a
-crash. A crash in one cell is recorded and the sweep goes on (a user error - bad data, a missing base model - stops
-it, once). Running the same command again skips finished cells, continues a cell whose training was killed
-(SIGKILL, OOM, Ctrl-C) in the same run directory from its last checkpoint, and finishes generation/scoring where
-they stopped. The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
+State lives in `<sweep dir>/sweep.json`, the one truth of the sweep: every process that runs a cell writes it
+under a lock file, atomically (harness/launchers/state.py): per cell the run directory (recorded as soon as the run
+exists, before its first step), status, launcher, job id, devices, start/end times, a heartbeat, the stage reached,
+the metrics, or the error of a crash. Where the cells run is the launcher (--launcher): inline, one after another
+in this process (the default); local, each cell its own `harness sweep-cell` process pinned to its devices
+(--devices 0,1,2,3 [--gpus-per-cell K], cpu:N on CPU); slurm, one submitit job array (harness/launchers/).
+`harness sweep status SWEEP_DIR` shows every cell. A crash in one cell is recorded and the sweep goes on (a user
+error - bad data, a missing base model - stops an inline sweep, once). Running the same command again skips
+finished cells, leaves cells running elsewhere (a live process, a queued SLURM job) alone, retries failed cells and
+cells that died silently (stale heartbeat), continues a cell whose training was killed (SIGKILL, OOM, Ctrl-C,
+preemption) in the same run directory from its last checkpoint, and finishes generation/scoring where they stopped.
+The sweep dir defaults to runs/sweeps/<kind>-<hash of the base config and protocol> (the swept
 fields are left out of the base config), so the same command finds its own record; another base config or
 protocol (n_prompts, generation seed, images per prompt, sampling steps/guidance) in the same dir is refused,
 naming the differences. Rank-only sweeps keep their cells under "ranks" (so sweeps started before --grid existed
@@ -52,7 +58,8 @@ from typing import Any, Callable, Sequence
 
 from harness.config import to_dict
 from harness.errors import UserError
-from harness.io import dumps_json, read_json, write_json, write_text
+from harness.io import dumps_json, read_json, write_text
+from harness.launchers.state import Heartbeat, SweepStore, effective, now
 from harness.runs import Run, runs_root
 
 SWEEP_FORMAT = "harness-sweep/1"
@@ -351,14 +358,19 @@ def find_target(base) -> SweepTarget:
 
 def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path | None = None, n_prompts: int = 0,
               gen_batch_size: int = 8, device: str | None = None, score: bool = True, gen_seed: int = 0,
-              images_per_prompt: int | None = None, target: SweepTarget | None = None) -> SweepResult:
+              images_per_prompt: int | None = None, target: SweepTarget | None = None,
+              launcher=None) -> SweepResult:
     """Run (or continue) the sweep of `base` (a family's typed training config) over `grid`; see the module
     docstring. `grid` is a list of LoRA ranks, or {key: values} with keys as `harness sweep --grid` takes them
     (cartesian product, in the order given).
 
     `images_per_prompt` None = enough for MIN_GENERATED images per cell. Everything that changes a cell's results
     (the base config, n_prompts, gen_seed, images_per_prompt) is the sweep's identity: a rerun that differs in any of
-    them is refused in an explicit --sweep-dir and gets its own directory by default."""
+    them is refused in an explicit --sweep-dir and gets its own directory by default.
+
+    `launcher` None runs the cells here, one after another; a launcher (harness/launchers: LocalLauncher,
+    SlurmLauncher) runs each cell in its own process or job (`harness sweep-cell`), all of them writing sweep.json
+    under its lock."""
     if device is not None:  # an unavailable --device is one line now, not a cell's crash after its training
         from harness.distributed import pick_device
 
@@ -387,69 +399,142 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
         runs_root() / "sweeps" / f"{family}-{_config_hash({'base': base_dict, 'protocol': protocol})}"
     path = sweep_dir / "sweep.json"
     key = cells_key(axes)
-    if path.is_file():
-        record = read_json(path)
-        diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
-                            {"base_config": base_dict, "protocol": protocol})
-        if diff:
-            raise UserError(f"this sweep dir holds a sweep with another base config or protocol ({'; '.join(diff)}); "
-                            "rerun with the same options to continue it, or pass another --sweep-dir", path)
-        record.setdefault(key, {})
-    else:
-        record = {"format": SWEEP_FORMAT, "family": family, "base_config": base_dict, "protocol": protocol, key: {}}
-    if key == "cells":
-        record["axes"] = list(axes)  # dotted config paths, in the order of the cell labels
     # One line per generated image: prompt i of the validation list K times (each with its own image seed).
     prompts = [p for p in val_prompts for _ in range(k)]
     prompts_file = sweep_dir / "val-prompts.txt"
-    write_text(prompts_file, "".join(p + "\n" for p in prompts))
-    record["prompts"] = {"file": str(prompts_file), "n": len(prompts), "n_unique": len(val_prompts),
-                         "images_per_prompt": k, "sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest()}
-    write_json(path, record)
+    prompts_text = "".join(p + "\n" for p in prompts)
+    store = SweepStore(path)
+
+    def prepare(record: dict) -> dict:  # under the lock: other processes of this sweep may be writing it
+        if record:
+            diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
+                                {"base_config": base_dict, "protocol": protocol})
+            if diff:
+                raise UserError(f"this sweep dir holds a sweep with another base config or protocol "
+                                f"({'; '.join(diff)}); rerun with the same options to continue it, or pass another "
+                                "--sweep-dir", path)
+        else:
+            record.update({"format": SWEEP_FORMAT, "family": family, "base_config": base_dict,
+                           "protocol": protocol})
+        record.setdefault(key, {})
+        if key == "cells":
+            record["axes"] = list(axes)  # dotted config paths, in the order of the cell labels
+        write_text(prompts_file, prompts_text)
+        record["prompts"] = {"file": str(prompts_file), "n": len(prompts), "n_unique": len(val_prompts),
+                             "images_per_prompt": k,
+                             "sha256": hashlib.sha256(prompts_text.encode("utf-8")).hexdigest()}
+        # How a cell process rebuilds its work from this record alone (harness sweep-cell, SLURM jobs).
+        record["run_options"] = {"gen_batch_size": gen_batch_size, "device": device, "score": score,
+                                 "gen_seed": gen_seed}
+        for cell, _ in cells:
+            entry = record[key].setdefault(cell_label(cell), {"status": "pending"})
+            if key == "cells":
+                entry["params"] = cell
+        return record
+
+    record = store.update(prepare)
 
     from harness.progress import console
 
     what = "rank" if key == "ranks" else "cell"
+    todo = []
     for cell, cfg in cells:
         label = cell_label(cell)
-        entry = record[key].setdefault(label, {"status": "pending"})
-        if key == "cells":
-            entry["params"] = cell
-        if entry.get("status") == "done":
-            console.print(f"{what} {label}: done earlier ({entry.get('run')}), skipped")
-            continue
-        try:
-            _run_cell(target, cfg, entry, record, path, prompts, gen_batch_size, device, score, gen_seed)
-            entry["status"] = "done"
-            entry.pop("error", None)
-            entry.pop("traceback", None)
-        except KeyboardInterrupt:
-            entry["status"] = "interrupted"
-            write_json(path, record)
-            raise
-        except UserError as e:  # the user's setup: every other cell would fail the same way
-            entry["status"] = "failed"
-            entry["error"] = str(e)
-            write_json(path, record)
-            raise
-        except Exception as e:  # noqa: BLE001 - one cell's crash must not stop the others
-            entry["status"] = "failed"
-            entry["error"] = f"{type(e).__name__}: {e}"
-            entry["traceback"] = traceback.format_exc(limit=8)
-            console.print(f"[red]{what} {label} failed:[/] {entry['error']}")
-        write_json(path, record)
+        status, _ = effective(store.read()[key][label])
+        if status == "done":
+            console.print(f"{what} {label}: done earlier ({record[key][label].get('run')}), skipped")
+        elif status in ("running", "queued") and launcher is not None and launcher.owns(record[key][label]):
+            console.print(f"{what} {label}: {status} ({launcher.describe(record[key][label])}), left alone")
+        elif status == "running":
+            console.print(f"{what} {label}: running in another process, left alone")
+        else:
+            todo.append((label, cfg))
+    opts = CellOptions(sweep_dir=sweep_dir, prompts=prompts, prompts_sha256=record["prompts"]["sha256"],
+                       gen_batch_size=gen_batch_size, device=device, score=score, gen_seed=gen_seed)
+    if launcher is None:  # in-process, one cell after another
+        for label, cfg in todo:
+            run_cell(store, target, cfg, key, label, opts, launcher="inline")
+    else:
+        launcher.launch(store, [label for label, _ in todo])
+    record = store.read()
     if score:
-        best = mark_best(record)
-        if best is not None:
-            record["best_rank" if key == "ranks" else "best"] = int(best) if key == "ranks" else best
-            plot = plot_sweep(record, sweep_dir / "sweep.png")
-            record["plot"] = str(plot) if plot else None
-        write_json(path, record)
+        def finish(record: dict) -> None:
+            best = mark_best(record)
+            if best is not None:
+                record["best_rank" if key == "ranks" else "best"] = int(best) if key == "ranks" else best
+                plot = plot_sweep(record, sweep_dir / "sweep.png")
+                record["plot"] = str(plot) if plot else None
+
+        store.update(finish)
+        record = store.read()
     return SweepResult(path, record)
 
 
-def _run_cell(target: SweepTarget, cfg, entry: dict, record: dict, path: Path, prompts: list[str],
-              gen_batch_size: int, device: str | None, score: bool, gen_seed: int) -> None:
+@dataclass
+class CellOptions:
+    """What every cell of a sweep shares besides its config: the generation protocol and where it runs."""
+
+    sweep_dir: Path
+    prompts: list[str]
+    prompts_sha256: str
+    gen_batch_size: int = 8
+    device: str | None = None
+    score: bool = True
+    gen_seed: int = 0
+
+
+def run_cell(store: "SweepStore", target: SweepTarget, cfg, key: str, label: str, opts: CellOptions,
+             launcher: str = "inline", job_id: str | None = None, devices: str | None = None) -> dict:
+    """Train -> generate -> score one cell in this process, its entry in sweep.json kept current under the lock
+    (run dir before the first step, a heartbeat while it runs). A crash is recorded as the cell's failure and
+    returned; a user error (bad data, missing base model) and Ctrl-C are recorded and raised."""
+    import os
+    import socket
+
+    from harness.progress import console
+
+    entry = dict(store.read().get(key, {}).get(label, {}))
+    entry.update(status="running", launcher=launcher, host=socket.gethostname(), pid=os.getpid(),
+                 started=now(), heartbeat=now())
+    entry.pop("ended", None)
+    if job_id is not None:
+        entry["job_id"] = job_id
+    if devices is not None:
+        entry["devices"] = devices
+    store.put_cell(key, label, entry)
+    what = "rank" if key == "ranks" else "cell"
+
+    def save() -> None:
+        entry["heartbeat"] = now()
+        store.put_cell(key, label, entry)
+
+    def end(status: str) -> None:
+        entry["status"] = status
+        entry["ended"] = now()
+        save()
+
+    try:
+        with Heartbeat(store, key, label, entry):
+            _run_cell(target, cfg, entry, save, opts)
+        entry.pop("error", None)
+        entry.pop("traceback", None)
+        end("done")
+    except KeyboardInterrupt:
+        end("interrupted")
+        raise
+    except UserError as e:  # the user's setup: every other cell would fail the same way
+        entry["error"] = str(e)
+        end("failed")
+        raise
+    except Exception as e:  # noqa: BLE001 - one cell's crash must not stop the others
+        entry["error"] = f"{type(e).__name__}: {e}"
+        entry["traceback"] = traceback.format_exc(limit=8)
+        end("failed")
+        console.print(f"[red]{what} {label} failed:[/] {entry['error']}")
+    return entry
+
+
+def _run_cell(target: SweepTarget, cfg, entry: dict, save: Callable[[], None], opts: CellOptions) -> None:
     from harness.generate import generate_images, load_generator
     from harness.runs import open_run
 
@@ -469,35 +554,37 @@ def _run_cell(target: SweepTarget, cfg, entry: dict, record: dict, path: Path, p
         else:
             def record_run(new: Run) -> None:  # before the first step: a kill from here on leaves a resumable record
                 entry["run"] = str(new.dir)
-                write_json(path, record)
+                save()
 
             run = target.train(cfg, record_run)
         entry["run"] = str(run.dir)
-        write_json(path, record)
+        save()
     stats = read_json(run.dir / "train_stats.json") if (run.dir / "train_stats.json").is_file() else {}
     entry["val_loss"], entry["train_loss"] = stats.get("val_loss"), stats.get("final_loss")
-    write_json(path, record)
+    save()
 
     # 2. generate (resumable by itself: finished images are kept; a resumed training is exact, so its images from
     # before a kill still belong to the same model; a retraining from scratch is a new run with an empty images dir)
     entry["stage"] = "generate"
+    device = opts.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = load_generator(run, {"device": device})
-    prompts_sha = record["prompts"]["sha256"]
-    rep = generate_images(gen, prompts, run.images_dir, base_seed=gen_seed, batch_size=gen_batch_size,
+    prompts_sha = opts.prompts_sha256
+    rep = generate_images(gen, opts.prompts, run.images_dir, base_seed=opts.gen_seed,
+                          batch_size=opts.gen_batch_size,
                           prompts_sha256=prompts_sha)
     run.log(f"sweep generate: {rep.generated} new, {rep.skipped} kept, prompts sha256 {prompts_sha}")
     entry["n_images"] = rep.total
-    write_json(path, record)
+    save()
 
     # 3. score + leaderboard, when those modules are installed
-    if score:
+    if opts.score:
         entry["stage"] = "score"
-        entry.update(_score(run, path.parent))
-        write_json(path, record)
+        entry.update(_score(run, opts.sweep_dir))
+        save()
     entry.pop("stage", None)
 
 

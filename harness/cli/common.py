@@ -196,17 +196,83 @@ def sweep_options(f):
         click.option("--gen-batch-size", type=POSITIVE, default=8, help="Generation batch size."),
         click.option("--device", type=str, default=None, help="Generation device (default cuda if available)."),
         click.option("--score/--no-score", default=True, help="Score each cell (harness score)."),
+        *launcher_options(),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-SWEEP_KEYS = ("grid", "sweep_dir", "n_prompts", "images_per_prompt", "gen_seed", "gen_batch_size", "device", "score")
+def launcher_options() -> list:
+    """Where the cells run (harness/launchers): here one after another (default), in parallel local processes
+    pinned to devices, or as a SLURM job array through submitit."""
+    return [
+        click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline",
+                     help="inline: the cells one after another in this process (the sweep before launchers); local: "
+                          "each cell its own process pinned to --devices, floor(devices / --gpus-per-cell) at once; "
+                          "slurm: one submitit job array, logs under the sweep dir, requeued jobs resume from their "
+                          "last checkpoint."),
+        click.option("--devices", type=str, default=None, metavar="IDS|cpu:N",
+                     help="--launcher local: GPU ids (0,1,2,3) or cpu:N for N one-thread CPU cells at once. Default: "
+                          "every visible GPU, else cpu:1."),
+        click.option("--gpus-per-cell", type=click.IntRange(min=1), default=1,
+                     help="GPUs per cell (local and slurm); K > 1 trains a cell under `accelerate launch` with K "
+                          "processes."),
+        click.option("--partition", type=str, default=None, help="--launcher slurm: the partition (required)."),
+        click.option("--time", "time_limit", type=str, default=None, metavar="HH:MM:SS",
+                     help="--launcher slurm: the time limit of each job (required); a job that hits it is requeued "
+                          "and resumes from its last checkpoint."),
+        click.option("--account", type=str, default=None, help="--launcher slurm: the account to charge."),
+        click.option("--slurm-option", "slurm_options", type=str, multiple=True, metavar="KEY=VALUE",
+                     help="--launcher slurm: any other sbatch option (repeatable), e.g. --slurm-option qos=high "
+                          "--slurm-option constraint=a100."),
+        click.option("--cpus-per-cell", type=click.IntRange(min=1), default=None,
+                     help="--launcher slurm: CPUs per job (default: 8 per GPU, submitit's data loading rule of "
+                          "thumb is 8-10 per GPU)."),
+    ]
+
+
+LAUNCH_KEYS = ("launcher", "devices", "gpus_per_cell", "partition", "time_limit", "account", "slurm_options",
+               "cpus_per_cell")
+SWEEP_KEYS = ("grid", "sweep_dir", "n_prompts", "images_per_prompt", "gen_seed", "gen_batch_size", "device", "score",
+              *LAUNCH_KEYS)
+
+
+def make_launcher(launcher: str = "inline", devices: str | None = None, gpus_per_cell: int = 1,
+                  partition: str | None = None, time_limit: str | None = None, account: str | None = None,
+                  slurm_options: tuple = (), cpus_per_cell: int | None = None):
+    """The --launcher options -> a launcher object for harness.sweep.run_sweep (None: inline)."""
+    from harness.errors import UserError
+
+    if launcher != "slurm":
+        for name, value in (("--partition", partition), ("--time", time_limit), ("--account", account),
+                            ("--slurm-option", slurm_options), ("--cpus-per-cell", cpus_per_cell)):
+            if value:
+                raise UserError(f"{name} applies to --launcher slurm")
+    if launcher == "inline":
+        if devices is not None or gpus_per_cell != 1:
+            raise UserError("--devices/--gpus-per-cell need --launcher local or slurm (inline runs one cell at a "
+                            "time with --device)")
+        return None
+    if launcher == "local":
+        from harness.launchers.local import LocalLauncher
+
+        if devices is None:
+            import torch
+
+            n = torch.cuda.device_count()
+            devices = ",".join(str(i) for i in range(n)) if n else "cpu:1"
+        return LocalLauncher(devices=devices, gpus_per_cell=gpus_per_cell)
+    from harness.launchers.slurm import SlurmLauncher
+
+    if devices is not None:
+        raise UserError("--devices applies to --launcher local (SLURM allocates the GPUs)")
+    return SlurmLauncher.from_options(partition=partition, time_limit=time_limit, gpus_per_cell=gpus_per_cell,
+                                      account=account, slurm_options=slurm_options, cpus_per_cell=cpus_per_cell)
 
 
 def run_sweep_command(target, cfg, grid, sweep_dir, n_prompts, images_per_prompt, gen_seed, gen_batch_size, device,
-                      score) -> None:
+                      score, **launch) -> None:
     """Run the sweep of `cfg` over `grid` (a list of ranks or {key: values}) and print its table; failed cells are
     one line at the end (exit 2) once the others are done."""
     from rich.console import Console
@@ -216,12 +282,16 @@ def run_sweep_command(target, cfg, grid, sweep_dir, n_prompts, images_per_prompt
 
     if sweep_dir is not None:
         check_output_dir(sweep_dir, "--sweep-dir")
+    launcher = make_launcher(**launch)
     result = run_sweep(cfg, grid, sweep_dir=sweep_dir, n_prompts=n_prompts, gen_batch_size=gen_batch_size,
                        device=device, score=score, gen_seed=gen_seed, images_per_prompt=images_per_prompt,
-                       target=target)
+                       target=target, launcher=launcher)
     console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
     console.print(result.table())
     console.print(f"sweep record: {result.path}")
+    if launcher is not None and launcher.name == "slurm":
+        console.print(f"submitted; follow it with: harness sweep status {result.path.parent}")
+        return
     if result.failed():
         what = "rank(s)" if isinstance(grid, list) else "cell(s)"
         raise UserError(f"{len(result.failed())} {what} failed: {'; '.join(map(str, result.failed()))} "

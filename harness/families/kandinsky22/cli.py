@@ -273,8 +273,10 @@ def _sweep_command(component: str) -> click.Command:
         from harness.errors import UserError
         from harness.families.kandinsky22.sweep import plan_table
         from harness.cli.common import run_sweep_command
+        from harness.cli.common import LAUNCH_KEYS
         from harness.sweep import parse_grid, parse_ranks
 
+        launch = {k: kwargs.pop(k) for k in LAUNCH_KEYS}  # --launcher and its options (harness/launchers)
         console = Console(highlight=False)  # results go to stdout (progress bars and errors use stderr)
 
         # --ranks R1,R2 is --grid rank=R1,R2; its default applies unless --grid is given.
@@ -324,7 +326,7 @@ def _sweep_command(component: str) -> click.Command:
         from harness.families.kandinsky22.sweep import DECODER, PRIOR
 
         run_sweep_command(PRIOR if component == "prior" else DECODER, cfg, sweep_grid, sweep_dir, n_prompts,
-                          images_per_prompt, gen_seed, gen_batch_size, device, score)
+                          images_per_prompt, gen_seed, gen_batch_size, device, score, **launch)
 
     # --split/--data are not needed for --dry-run; the command checks them itself otherwise.
     for p in cmd.params:

@@ -1,0 +1,106 @@
+"""P7: wall time of a 4-cell tiny Kandinsky prior sweep, cells one after another (the default inline launcher) vs
+two cell processes at once (`--launcher local --devices cpu:2`, one torch thread each), plus the planning table
+for the paper's prior sweep at real sizes (analytic GPU-hours from the FLOP count of benchmarks/p1).
+
+Both runs are the same `harness sweep kandinsky-prior --grid rank=2,3 --grid lr=1e-3,2e-3` command on the tiny
+models (`harness models make-tiny kandinsky22`) and the shipped sample, each in fresh sweep and runs folders (the
+encoder cache is filled once beforehand, so neither run pays it). Prints markdown tables.
+
+    python benchmarks/p7_sweep_parallel.py                # 4 cells x 1,000 steps (~4 min on 2 cores)
+    python benchmarks/p7_sweep_parallel.py --steps 60     # process start-up dominates: parallel loses
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def sweep_args(work: Path, name: str, steps: int, extra: list[str]) -> list[str]:
+    return ["sweep", "kandinsky-prior", "--split", str(work / "split.json"), "--data", str(work / "data"),
+            "--prior", str(work / "tiny" / "prior"), "--decoder", str(work / "tiny" / "decoder"),
+            "--grid", "rank=2,3", "--grid", "lr=1e-3,2e-3", "--batch-size", "2", "--resolution", "32",
+            "--max-steps", str(steps), "--checkpoint-every", "0", "--n-prompts", "1", "--images-per-prompt", "1",
+            "--no-score", "--prior-steps", "2", "--decoder-steps", "2", "--cache-dir", str(work / "cache"),
+            "--sweep-dir", str(work / name), *extra]
+
+
+def timed(work: Path, name: str, steps: int, extra: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1", HARNESS_RUNS_DIR=str(work / f"runs-{name}"))
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "harness", *sweep_args(work, name, steps, extra)], env=env,
+                         cwd=work, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    cells = json.loads((work / name / "sweep.json").read_text())["cells"]
+    assert all(c["status"] == "done" for c in cells.values()), cells
+    return secs
+
+
+def planning_rows(gpu_tflops: float, util: float) -> list[tuple[int, float, float]]:
+    """(GPUs, GPU-hours per cell, sweep wall hours) for the paper's prior sweep: 10 ranks x 100 epochs over the
+    training caption rows (dev set: 20,241 rows, 90 % train), one prior LoRA step's FLOPs from p1 (encoders
+    cached), one GPU per cell."""
+    from p1_kandinsky_cache import analytic_rows
+
+    step_flops = dict(analytic_rows())["prior LoRA step (fwd + activation bwd)"]
+    rows = int(20241 * 0.9)
+    cell_flops = 100 * rows * step_flops
+    cell_h = cell_flops / (gpu_tflops * 1e12 * util) / 3600
+    return [(n, cell_h, math.ceil(10 / n) * cell_h) for n in (1, 4, 8)], step_flops, cell_h
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1000, help="training steps per cell")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="p7-") as tmp:
+        work = Path(tmp)
+        from harness.data import load_devset
+        from harness.io import write_json
+        from harness.sample import sample_dir
+        from harness.split import make_split
+
+        os.symlink(sample_dir(), work / "data")
+        split = make_split(sample_dir(), val_images=2, seed=0)
+        split["train"] = split["train"][:6]
+        write_json(work / "split.json", split)
+        assert load_devset(work / "data")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+        subprocess.run([sys.executable, "-m", "harness", "models", "make-tiny", "kandinsky22", str(work / "tiny")],
+                       env=env, check=True, capture_output=True)
+        timed(work, "warm", 1, [])  # fills the encoder cache both timed runs then share
+        seq = timed(work, "sequential", args.steps, [])
+        par = timed(work, "parallel", args.steps, ["--launcher", "local", "--devices", "cpu:2"])
+
+    print(f"### P7: 4-cell tiny sweep ({args.steps} steps per cell), {os.cpu_count()} cores\n")
+    print("| launcher | wall time | speed-up |")
+    print("|---|---:|---:|")
+    print(f"| inline (one cell after another, 1 process) | {seq:.1f} s | 1.00x |")
+    print(f"| local --devices cpu:2 (2 cell processes, 1 thread each) | {par:.1f} s | {seq / par:.2f}x |")
+    rows, step_flops, cell_h = planning_rows(312.0, 0.35)
+    print("\n### Planning the paper's prior sweep (10 ranks x 100 epochs, A100 bf16 at an assumed 35 % of peak)\n")
+    print(f"One prior LoRA step: {step_flops / 1e9:.1f} GFLOP per sample (p1, encoders cached); "
+          f"{cell_h:.2f} GPU-hours of training per cell (generation and scoring not included).\n")
+    print("| GPUs | cells at once | sweep wall time (training) |")
+    print("|---:|---:|---:|")
+    for n, _, wall in rows:
+        print(f"| {n} | {min(n, 10)} | {wall:.2f} h |")
+
+
+if __name__ == "__main__":
+    main()
