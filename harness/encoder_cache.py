@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from harness.errors import UserError
 from harness.io import write_bytes
 from harness.runs import runs_root
 
@@ -153,3 +154,25 @@ def needed_captions(ds) -> list[str]:
     caps = [c for pool in ds.pools for c in pool]
     caps += [p for c in list(caps) for p in ds.paraphrases.get(c, [])]
     return unique(caps + [""])
+
+
+class CachedItemsBase(torch.utils.data.Dataset):
+    """Items of a `harness.dataset.CaptionedImages` (`base`: the same caption draws for the same (seed, epoch,
+    index)) read from a `TensorStore` instead of recomputed by frozen encoders. A family's subclass says in
+    `__getitem__` which cached entries (text encodings, latents, image embeddings) make up an item."""
+
+    def __init__(self, base, store: TensorStore):
+        self.base, self.store = base, store
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _load(self, key: str) -> dict[str, torch.Tensor]:
+        entry = self.store.get(key)
+        if entry is None:
+            raise UserError(f"encoder cache entry {key[:12]}... vanished during training; rerun to refill it",
+                            self.store.path(key))
+        return entry

@@ -34,6 +34,7 @@ from torch import nn
 
 from harness.config import from_dict, to_dict
 from harness.dataset import CaptionedImages, DatasetConfig, collate_items, item_rng
+from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.generate import Generator
 from harness.io import sha256_file
@@ -323,25 +324,13 @@ def decoder_loss(unet: nn.Module, scheduler, batch: dict, generator: torch.Gener
 # Data: images + captions, or the same items read from the encoder cache.
 
 
-class CachedItems(torch.utils.data.Dataset):
+class CachedItems(CachedItemsBase):
     """The items of `base` (same caption draws for the same (seed, epoch, index)) as cached encoder outputs."""
 
     def __init__(self, base: CaptionedImages, store, text_keys: dict[str, str] | None,
                  image_keys: dict[str, list[str]]):
-        self.base, self.store, self.text_keys, self.image_keys = base, store, text_keys, image_keys
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def _load(self, key: str) -> dict[str, torch.Tensor]:
-        entry = self.store.get(key)
-        if entry is None:
-            raise UserError(f"encoder cache entry {key[:12]}... vanished during training; rerun to refill it",
-                            self.store.path(key))
-        return entry
+        super().__init__(base, store)
+        self.text_keys, self.image_keys = text_keys, image_keys
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

@@ -27,6 +27,7 @@ from torch import nn
 
 from harness.config import from_dict, to_dict
 from harness.dataset import CaptionedImages, DatasetConfig, item_rng
+from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.io import sha256_file
 from harness.runs import Run, create_run
@@ -131,25 +132,13 @@ def epsilon_loss(unet: nn.Module, scheduler, latents: torch.Tensor, embeds: torc
     return per.mean()
 
 
-class TextCachedItems(torch.utils.data.Dataset):
+class TextCachedItems(CachedItemsBase):
     """The items of `base` (same caption draws) with the caption's cached T5 encoding and, when `latent_keys`, the
     cached MoVQ latents instead of pixels."""
 
     def __init__(self, base: CaptionedImages, store, text_keys: dict[str, str], latent_keys: dict[str, str] | None):
-        self.base, self.store, self.text_keys, self.latent_keys = base, store, text_keys, latent_keys
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def _load(self, key: str) -> dict[str, torch.Tensor]:
-        entry = self.store.get(key)
-        if entry is None:
-            raise UserError(f"encoder cache entry {key[:12]}... vanished during training; rerun to refill it",
-                            self.store.path(key))
-        return entry
+        super().__init__(base, store)
+        self.text_keys, self.latent_keys = text_keys, latent_keys
 
     def __getitem__(self, index: int) -> dict:
         if self.latent_keys is None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from harness.config import to_dict
 from harness.dataset import CaptionedImages, item_rng
+from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.families.sd.config import FAMILY, SDConfig, config_from_dict
 from harness.runs import Run, create_run
@@ -42,26 +43,14 @@ from models.sd.loading import SDParts, encode_prompts, load_sd
 RUN_ONLY_KEYS = ("family", "run_id", "created", "harness_version", "summary", "sources")
 
 
-class CachedSDItems(torch.utils.data.Dataset):
+class CachedSDItems(CachedItemsBase):
     """Items of `base` with cached prompt embeddings and/or VAE posteriors in place of what they replace; the
     caption draw is the one CaptionedImages makes for the same (seed, epoch, index)."""
 
     def __init__(self, base: CaptionedImages, store, text_keys: dict[str, str] | None,
                  latent_keys: dict[str, str] | None):
-        self.base, self.store, self.text_keys, self.latent_keys = base, store, text_keys, latent_keys
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def _load(self, key: str) -> dict[str, torch.Tensor]:
-        entry = self.store.get(key)
-        if entry is None:
-            raise UserError(f"encoder cache entry {key[:12]}... vanished during training; rerun to refill it",
-                            self.store.path(key))
-        return entry
+        super().__init__(base, store)
+        self.text_keys, self.latent_keys = text_keys, latent_keys
 
     def __getitem__(self, index: int) -> dict:
         if self.latent_keys is None:
