@@ -334,7 +334,9 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 def sweep_protocol(base, n_prompts: int, gen_seed: int, images_per_prompt: int | None) -> dict[str, Any]:
     """What a sweep's generation will be (for --print-config): needs the split only for the automatic K."""
     out: dict[str, Any] = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": images_per_prompt,
-                           "min_generated": MIN_GENERATED, "generation": to_dict(base.generation)}
+                           "min_generated": MIN_GENERATED,
+                           # the sampling settings every cell generates with (named per family)
+                           "generation": to_dict(getattr(base, "generation", None) or getattr(base, "sampling"))}
     if base.data_dir and base.split_path:
         n = len(validation_prompts(base.data_dir, base.split_path, n_prompts))
         k = images_per_prompt or images_per_prompt_for(n)

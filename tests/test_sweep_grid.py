@@ -180,6 +180,14 @@ def test_msdm_unet_grid_sweep_from_the_cli(tmp_path, monkeypatch, run_cli):
     bad[bad.index("ema_decay=0,0.9")] = "nope=1"
     code, out, err = run_cli(*bad)
     assert code == 2 and "'nope' is not a training option of msdm-unet; allowed:" in err and "ema_decay" in err
+    # --print-config: the base every cell starts from, the resolved grid and the cells; nothing trained
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    code, out, err = run_cli(*args, "--print-config")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["loop"]["lr"] is None and shown["ema_decay"] is None  # set per cell
+    assert shown["sweep"]["cells"] == list(rec["cells"]) and shown["sweep"]["generation"]["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
 
 
 

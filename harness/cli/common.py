@@ -315,6 +315,9 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
         if dry_run:
             _print_plan(load_ref(target_ref), load_ref(plan), build_config, kwargs)
             return
+        if kwargs.get("print_config"):
+            _print_sweep_config(load_ref(target_ref), build_config, kwargs)
+            return
         for opt, name in (("split_path", "--split"), ("data_dir", "--data")):
             if kwargs.get(opt) is None:
                 raise UserError(f"{name} is required (except with --dry-run)")
@@ -325,8 +328,7 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
             pick_device(sweep_kw["device"])
         if kwargs.pop("resume_run", None):
             raise UserError("--resume does not apply to a sweep: rerun the same sweep command to continue it")
-        if kwargs.pop("print_config", False):
-            raise UserError("--print-config shows a training config: use `harness train ... --print-config`")
+        kwargs.pop("print_config", None)
         kwargs.pop("run_id", None)
         grid = parse_grid(sweep_kw.pop("grid"))
         if not grid:
@@ -353,6 +355,30 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
                 f"\b\nExample:\n  harness sweep {train_command.name} --split split.json --data DATA_DIR "
                 "--grid lr=1e-4,3e-4 --grid loop.seed=0,1 ...")
     return cmd
+
+
+def _print_sweep_config(target, build_config, kwargs: dict) -> None:
+    """--print-config of a `sweep_command`: the base config every cell starts from (swept fields left as null), the
+    resolved grid, the cells and the generation protocol; exits without data beyond the split or any weights."""
+    from harness.config import to_dict
+    from harness.errors import UserError
+    from harness.sweep import _set_path, cell_label, grid_cells, parse_grid, resolve_grid, sweep_protocol
+
+    grid = parse_grid(kwargs.pop("grid"))
+    if not grid:
+        raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
+    sweep_kw = {k: kwargs.pop(k, None) for k in SWEEP_KEYS if k != "grid"}
+    for k in ("resume_run", "print_config", "run_id"):
+        kwargs.pop(k, None)
+    base = build_config(kwargs)
+    axes = resolve_grid(target, base, grid)
+    resolved = to_dict(base)
+    for path in axes:
+        _set_path(resolved, path, None)  # each cell sets its own
+    resolved["sweep"] = dict(sweep_protocol(base, sweep_kw["n_prompts"], sweep_kw["gen_seed"],
+                                            sweep_kw["images_per_prompt"]),
+                             grid=axes, cells=[cell_label(c) for c in grid_cells(axes)])
+    print_config(resolved)
 
 
 def _print_plan(target, plan, build_config, kwargs: dict) -> None:
