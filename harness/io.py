@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +46,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a folder all or nothing: yields a temporary sibling folder; when the block succeeds it replaces `path`
+    (an existing folder there is removed first), when it fails the temporary folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -70,3 +70,21 @@ def test_temp_names_are_unique_and_stale_ones_are_removable(tmp_path):
     assert (tmp_path / "x.txt").read_text() == "1"  # the outer context exits last and wins
     (tmp_path / ".y.txt.tmp-deadbeef").write_text("left by a SIGKILL")
     assert remove_stale_temps(tmp_path) == 1 and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_atomic_dir_is_all_or_nothing(tmp_path):
+    import pytest
+
+    from harness.io import atomic_dir
+
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.json").write_text("{}")
+            raise RuntimeError("killed half way")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "a.json").write_text("{}")
+    with atomic_dir(out) as tmp:  # replaces a previous folder whole
+        (tmp / "b.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["b.json"] and len(list(tmp_path.iterdir())) == 1

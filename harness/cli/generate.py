@@ -406,12 +406,9 @@ def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, 
       harness train msdm-unet --split split.json --data $DATA --preset tiny --vae runs/<msdm-vae-run> \\
           --text-encoder tiny-clip --max-steps 50
     """
-    import os
-    import shutil
-    import tempfile
-
     from harness.errors import UserError
     from harness.progress import console
+    from harness.io import atomic_dir
     from harness.prompts import dev_captions
     from models.tiny_clip import save_tiny_clip_text
 
@@ -421,16 +418,7 @@ def make_tiny_clip_text(out_dir: Path, data_dir: Path | None, hidden_size: int, 
         raise UserError("exists and is not empty (use --overwrite to replace it)", out_dir)
     check_output_dir(out_dir.parent, name=out_dir)
     captions, label = dev_captions(data_dir)
-    # Written into a temporary sibling and renamed: DIR is either the whole model or untouched.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # DIR is either the whole model or untouched
         save_tiny_clip_text(tmp, sorted(set(captions)), hidden_size=hidden_size, seed=seed)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"[green]{out_dir}[/]: tiny CLIP text encoder (hidden {hidden_size}, seed {seed}) + tokenizer "
                   f"learned from {label}; pass it as --text-encoder {out_dir}", highlight=False)

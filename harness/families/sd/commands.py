@@ -225,13 +225,10 @@ def make_tiny_sd(out_dir: Path, data_dir, prediction_type, seed, overwrite):
       harness models make-tiny sd tiny-sd
       harness train sd --split split.json --data DATA_DIR --base tiny-sd --resolution 32 --max-steps 20
     """
-    import os
-    import shutil
-    import tempfile
-
     from harness.cli.common import check_output_dir
     from harness.errors import UserError
     from harness.progress import console
+    from harness.io import atomic_dir
     from harness.prompts import dev_captions
     from models.sd.tiny import save_tiny_sd
 
@@ -239,15 +236,7 @@ def make_tiny_sd(out_dir: Path, data_dir, prediction_type, seed, overwrite):
         raise UserError("exists and is not empty (use --overwrite to replace it)", out_dir)
     check_output_dir(out_dir.parent, name=out_dir)
     captions, label = dev_captions(data_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # DIR is either the whole pipeline or untouched
         save_tiny_sd(tmp, sorted(set(captions)), seed=seed, prediction_type=prediction_type)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"[green]{out_dir}[/]: tiny Stable Diffusion pipeline ({prediction_type}, seed {seed}, tokenizer "
                   f"from {label}); pass it as --base {out_dir}", highlight=False)
