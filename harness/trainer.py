@@ -435,6 +435,19 @@ def create_run_on_main(create: Callable[[], Run]) -> Run:
     return Run(Path(holder[0]))
 
 
+def extend_run(run: Run, cfg: LoopConfig, max_steps: int | None) -> None:
+    """`--resume RUN --max-steps N`: train `run` (whose loop config is `cfg`) to N steps instead, recorded in its
+    config.json (an epoch count would take precedence over the new step count, so it is cleared)."""
+    if max_steps is None or max_steps == cfg.max_steps:
+        return
+    cfg.max_steps, cfg.epochs = max_steps, None
+    full = run.config()
+    full["loop"]["max_steps"], full["loop"]["epochs"] = max_steps, None
+    if isinstance(full.get("summary"), dict) and "steps" in full["summary"]:
+        full["summary"]["steps"] = max_steps
+    write_json(run.config_path, full)
+
+
 def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = False) -> dict[str, Any]:
     """Train `task` for `cfg.max_steps` optimizer steps (or `cfg.epochs` epochs) into `run`; with `resume`, continue
     from the last checkpoint.

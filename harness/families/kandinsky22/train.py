@@ -846,17 +846,10 @@ def export_best(run: Run) -> dict[str, Any] | None:
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
     """Continue `run` exactly from its last checkpoint (optionally to a new max_steps)."""
-    from harness.io import write_json
+    from harness.trainer import extend_run
 
     cfg = config_from_run(run)
-    if max_steps is not None and max_steps != cfg.loop.max_steps:
-        cfg.loop.max_steps = max_steps
-        cfg.loop.epochs = None  # an epoch count would take precedence over the new step count
-        full = run.config()
-        full["loop"]["max_steps"] = max_steps
-        full["loop"]["epochs"] = None
-        full["summary"]["steps"] = max_steps
-        write_json(run.config_path, full)
+    extend_run(run, cfg.loop, max_steps)
     task, _ = build_task(cfg, log=run.log)
     _train(task, cfg, run, resume=True)
     return run

@@ -341,14 +341,10 @@ def train(cfg: Kandinsky3Config, run_id: str | None = None, tag: str | None = No
 
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
-    from harness.io import write_json
+    from harness.trainer import extend_run
 
     cfg = config_from_run(run)
-    if max_steps is not None and max_steps != cfg.loop.max_steps:
-        cfg.loop.max_steps, cfg.loop.epochs = max_steps, None
-        full = run.config()
-        full["loop"]["max_steps"], full["loop"]["epochs"] = max_steps, None
-        write_json(run.config_path, full)
+    extend_run(run, cfg.loop, max_steps)
     task, _ = build_task(cfg, log=run.log)
     run_training(task, cfg.loop, run, resume=True)
     return run
