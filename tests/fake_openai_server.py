@@ -145,6 +145,20 @@ def _parse_captions(messages: list[dict]) -> tuple[list[str], int | None]:
     return caps, int(n.group(1)) if n else None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """socketserver prints a traceback to sys.stderr when a connection fails mid-request (a client that hung up on
+    a keep-alive socket, say). In-process CLI tests capture sys.stderr, so that print would land in the CLI's
+    "one-line error" under test: keep the failures in `errors` instead."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.errors: list[str] = []
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import traceback
+        self.errors.append(traceback.format_exc())
+
+
 class FakeOpenAIServer:
     """`with FakeOpenAIServer() as srv:` -> srv.base_url ("http://127.0.0.1:PORT/v1"), srv.requests, srv.script."""
 
@@ -211,7 +225,7 @@ class FakeOpenAIServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) or was killed
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
