@@ -87,9 +87,10 @@ def training_options(f):
                           "recommend for Ampere and newer)."),
         click.option("--print-config", is_flag=True, default=False,
                      help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
-                          "epoch) as JSON and exit, without loading weights or images."),
+                          "epoch) and exit, without loading weights or images; --config reads it back."),
+        config_format_option,
         click.option("--config", "config_file", type=existing_file, default=None,
-                     help="JSON config file (unknown keys are an error); CLI options override it."),
+                     help=CONFIG_FILE_HELP),
         click.option("--run-id", type=str, default=None, help="Name of the new run (default: readable + timestamp)."),
         click.option("--resume", "resume_run", type=existing_dir, default=None,
                      help="Continue RUN exactly from its last checkpoint."),
@@ -100,7 +101,38 @@ def training_options(f):
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return f
+    return _takes_config_format(f)
+
+
+CONFIG_FILE_HELP = ("Config file in JSON, TOML or YAML (by extension: .json, .toml, .yaml/.yml), e.g. one written by "
+                    "--print-config; unknown keys are an error; CLI options override it.")
+config_format_option = click.option(
+    "--format", "config_format", type=click.Choice(["json", "toml", "yaml"]), default="json",
+    help="Format of --print-config (json as before; TOML, having no null, lists the null keys under `null`).")
+
+
+def _takes_config_format(f):
+    """The command function without the `config_format` keyword: `--format` is checked (it applies to
+    --print-config and --dry-run, which print the config) and left in the click context for `print_config`."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        take_config_format(kwargs)
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def take_config_format(kwargs: dict, printing: tuple[str, ...] = ("print_config", "dry_run")) -> None:
+    """Pop `config_format` from a command's kwargs into the click context (read by `print_config`); refuse it
+    unless one of the `printing` options (those that print the config) is set, rather than ignore it."""
+    from harness.errors import UserError
+
+    fmt = kwargs.pop("config_format", "json")
+    if fmt != "json" and not any(kwargs.get(k) for k in printing):
+        raise UserError("--format applies to --print-config (the printed config's format)")
+    click.get_current_context().meta["harness.config_format"] = fmt
 
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
@@ -125,11 +157,14 @@ def pop_loop_overrides(kwargs: dict) -> dict:
 
 
 def print_config(resolved: dict) -> None:
-    """`--print-config`: the resolved config as indented JSON on stdout (nothing else there), for any family.
-    Non-JSON values (paths) are written as strings."""
-    import json
+    """`--print-config`: the resolved config on stdout (nothing else there), for any family, in the --format of the
+    command (JSON by default, or TOML / YAML: harness.config.dump_config). Non-JSON values (paths) are written as
+    strings."""
+    from harness.config import dump_config
 
-    click.echo(json.dumps(resolved, indent=2, default=str))
+    ctx = click.get_current_context(silent=True)
+    fmt = ctx.meta.get("harness.config_format", "json") if ctx is not None else "json"
+    click.echo(dump_config(resolved, fmt).rstrip("\n"))
 
 
 def check_output_file(path: str | Path, option: str = "") -> Path:
@@ -311,6 +346,7 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
         from harness.families.registry import load_ref
         from harness.sweep import parse_grid
 
+        take_config_format(kwargs, ("print_config",))  # a sweep's --dry-run prints a plan, not a config
         dry_run = kwargs.pop("dry_run", False)
         if dry_run:
             _print_plan(load_ref(target_ref), load_ref(plan), build_config, kwargs)
