@@ -194,3 +194,16 @@ def test_a_printed_msdm_config_is_refused_by_the_other_msdm_command(tmp_path, ru
 def test_format_without_print_config_is_refused(tmp_path, run_cli, split_file):
     code, _, err = run_cli("train", "sd", "--split", split_file, "--data", SAMPLE, "--format", "toml")
     assert code == 2 and "--format applies to --print-config" in err
+
+
+def test_format_applies_to_what_prints_a_config_only(run_cli, monkeypatch):
+    import models.kandinsky3.memory
+
+    monkeypatch.setattr(models.kandinsky3.memory, "estimate", lambda *a, **k: {"stand-in": True})
+    code, out, err = run_cli("train", "kandinsky3", "--split", "s.json", "--data", ".", "--dry-run", "--format",
+                             "yaml")  # Kandinsky 3's --dry-run prints the config with its estimate
+    assert code == 0 and "estimate:\n  stand-in: true" in out, err
+    for args in (["sweep", "kandinsky-prior", "--ranks", "4", "--dry-run"],
+                 ["sweep", "sd", "--grid", "rank=4,8", "--dry-run"]):  # these print a plan table
+        code, _, err = run_cli(*args, "--format", "toml")
+        assert code == 2 and "--format applies to --print-config" in err, (args, err)
