@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import click
@@ -31,12 +32,13 @@ def doctor(for_target):
     $TORCH_HOME/hub/checkpoints (what `harness score` reads unless given --inception-weights etc.), the families'
     default hub models (their --base/--prior/--decoder/--text-encoder defaults) in the Hugging Face cache
     ($HF_HUB_CACHE or $HF_HOME/hub). The hub check is a HEAD request to $HF_ENDPOINT (default https://huggingface.co)
-    given {timeout:g} s; with HF_HUB_OFFLINE=1 no request is made. A missing file is reported even when the hub is
+    given {timeout:g} s (a reachable hub answers in well under a second; a firewall that drops packets would otherwise
+    hang it); with HF_HUB_OFFLINE=1 no request is made. A missing file is reported even when the hub is
     reachable: --for says what is on disk now, before a long job starts.
 
     \b
     --for COMMAND:
-{targets}
+    {targets}
 
     \b
     Examples:
@@ -64,4 +66,4 @@ def doctor(for_target):
     console.print(f"[green]{report.target.name}: everything it needs is here[/]")
 
 
-doctor.help = doctor.help.replace("{timeout:g}", f"{HUB_TIMEOUT_S:g}").replace("{targets}", _targets_help())
+doctor.help = inspect.cleandoc(doctor.help).replace("{timeout:g}", f"{HUB_TIMEOUT_S:g}").replace("{targets}", _targets_help())
