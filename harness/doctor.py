@@ -257,8 +257,12 @@ def device_checks() -> list[Check]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            out.append(Check("system", f"cuda:{i}", OK, f"{p.name}, {_size(p.total_memory)}, "
-                                                       f"compute {p.major}.{p.minor}"))
+            try:  # what other processes already hold matters before a long job
+                free = f"{_size(torch.cuda.mem_get_info(i)[0])} free of "
+            except RuntimeError:
+                free = ""
+            out.append(Check("system", f"cuda:{i}", OK, f"{p.name}, {free}{_size(p.total_memory)}, "
+                                                       f"compute capability {p.major}.{p.minor}"))
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         out.append(Check("system", "device", OK, "mps (Apple GPU)"))
     else:

@@ -162,3 +162,20 @@ def test_hub_probe_reports_a_local_endpoint_and_a_closed_port(monkeypatch):
 def test_unknown_target_is_a_usage_error(run_cli):
     code, _, err = run_cli("doctor", "--for", "train-everything")
     assert code == 2 and "train-sd" in err
+
+
+def test_cuda_devices_show_name_and_free_and_total_memory(monkeypatch):
+    """The GPU branch on this CPU machine: torch.cuda's answers stood in for one 80 GiB device."""
+    import types
+
+    import torch
+
+    gib = 1024 ** 3
+    props = types.SimpleNamespace(name="Stand-in H100", total_memory=80 * gib, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (60 * gib, 80 * gib))
+    rows = {c.name: c for c in doctor.device_checks()}
+    assert rows["cuda:0"].status == "ok"
+    assert rows["cuda:0"].detail == "Stand-in H100, 60.0 GiB free of 80.0 GiB, compute capability 9.0"
