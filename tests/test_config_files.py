@@ -192,8 +192,9 @@ def test_a_printed_msdm_config_is_refused_by_the_other_msdm_command(tmp_path, ru
 
 
 def test_format_without_print_config_is_refused(tmp_path, run_cli, split_file):
-    code, _, err = run_cli("train", "sd", "--split", split_file, "--data", SAMPLE, "--format", "toml")
-    assert code == 2 and "--format applies to --print-config" in err
+    for fmt in ("toml", "json"):  # also the default, when given
+        code, _, err = run_cli("train", "sd", "--split", split_file, "--data", SAMPLE, "--format", fmt)
+        assert code == 2 and "--format applies to --print-config" in err
 
 
 def test_format_applies_to_what_prints_a_config_only(run_cli, monkeypatch):

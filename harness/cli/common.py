@@ -129,10 +129,14 @@ def take_config_format(kwargs: dict, printing: tuple[str, ...] = ("print_config"
     unless one of the `printing` options (those that print the config) is set, rather than ignore it."""
     from harness.errors import UserError
 
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
     fmt = kwargs.pop("config_format", "json")
-    if fmt != "json" and not any(kwargs.get(k) for k in printing):
+    given = ctx.get_parameter_source("config_format") not in (None, ParameterSource.DEFAULT)
+    if given and not any(kwargs.get(k) for k in printing):
         raise UserError("--format applies to --print-config (the printed config's format)")
-    click.get_current_context().meta["harness.config_format"] = fmt
+    ctx.meta["harness.config_format"] = fmt
 
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",

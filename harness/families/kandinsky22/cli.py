@@ -290,7 +290,7 @@ def _sweep_command(component: str) -> click.Command:
         rank_list = parse_ranks(",".join(grid_dict["rank"])) if "rank" in grid_dict else None
         sweep_grid = rank_list if list(grid_dict) == ["rank"] else grid_dict
         if dry_run:
-            if click.get_current_context().meta.get("harness.config_format", "json") != "json":
+            if click.get_current_context().get_parameter_source("config_format") != ParameterSource.DEFAULT:
                 raise UserError("--format applies to --print-config (--dry-run prints the plan table)")
             if rank_list is None:
                 raise UserError("--dry-run plans LoRA ranks: give --ranks or --grid rank=...")
