@@ -52,15 +52,22 @@ class TorchHubFile:
     extractor: str  # key of harness.features.WEIGHTS
     also: str = ""  # other ways to give it
 
-    def locate(self) -> tuple[bool, str, str]:
-        from harness.features import WEIGHTS, torch_hub_checkpoints
+    def locate(self, verify: bool = False) -> tuple[bool, str, str]:
+        from harness.features import WEIGHTS, file_sha256_memo, torch_hub_checkpoints
 
         spec = WEIGHTS[self.extractor]
         path = torch_hub_checkpoints() / spec.filename
         where = str(path) + (f" (or {self.also})" if self.also else f" (or {spec.option} PATH)")
-        if path.is_file():
-            return True, f"{spec.filename}, {_size(path.stat().st_size)}", where
-        return False, f"{spec.filename} not found; download it from {spec.url}", where
+        if not path.is_file():
+            return False, f"{spec.filename} not found; download it from {spec.url}", where
+        detail = f"{spec.filename}, {_size(path.stat().st_size)}"
+        if verify:  # the check `harness score` makes before using the file (memoised by size and mtime)
+            digest = file_sha256_memo(path)
+            if not digest.startswith(spec.sha256_prefix):
+                return False, (f"{detail}: sha256 {digest[:12]}... is not the published file's (prefix "
+                               f"{spec.sha256_prefix}); download it again from {spec.url}"), where
+            detail += ", sha256 verified"
+        return True, detail, where
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,8 @@ class HubModel:
     repo_id: str
     pipeline: bool  # a diffusers pipeline (model_index.json + component folders) or a single transformers model
 
-    def locate(self) -> tuple[bool, str, str]:
+    def locate(self, verify: bool = False) -> tuple[bool, str, str]:
+        """`verify` does not apply: the hub publishes no hash to check a snapshot against here."""
         cache = hf_cache_dir()
         where = str(cache / f"models--{self.repo_id.replace('/', '--')}")
         snapshot = _cached_snapshot(self.repo_id, "model_index.json" if self.pipeline else "config.json", cache)
@@ -211,11 +219,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".msgpack", 
 
 
 def _absent_weights(folder: Path, pipeline: bool) -> list[str]:
-    """Component folders (those holding a model's config.json) without a weights file."""
-    dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and (d / "config.json").is_file()] if pipeline \
+    """The model folders without a weights file: a pipeline's components that hold a model's config.json
+    (tokenizers, schedulers and image processors have none), or the snapshot itself for a single model."""
+    models = [d for d in sorted(folder.iterdir()) if d.is_dir() and (d / "config.json").is_file()] if pipeline \
         else [folder]
-    return [d.name if pipeline else folder.name for d in dirs
-            if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in d.iterdir())]
+    return [d.name for d in models if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in d.iterdir())]
 
 
 def _tree_size(folder: Path) -> int:
@@ -313,12 +321,12 @@ def package_checks() -> list[Check]:
     return out
 
 
-def weights_checks(only: tuple[str, ...] | None = None) -> list[Check]:
+def weights_checks(only: tuple[str, ...] | None = None, verify: bool = False) -> list[Check]:
     out = []
     for item in _weights_items():
         if only is not None and item.key not in only:
             continue
-        present, detail, where = item.locate()
+        present, detail, where = item.locate(verify)
         out.append(Check("weights", item.label, OK if present else MISSING, detail, where))
     return out
 
@@ -367,10 +375,11 @@ class Report:
         return [c for c in self.checks if c.status == MISSING]
 
 
-def run_checks(for_target: str | None = None, probe: Callable[[], tuple[bool | None, str]] = probe_hub) -> Report:
+def run_checks(for_target: str | None = None, probe: Callable[[], tuple[bool | None, str]] = probe_hub,
+               verify: bool = False) -> Report:
     t = target(for_target) if for_target else None
     checks = python_checks() + device_checks() + package_checks()
-    checks += weights_checks(t.needs if t else None)
+    checks += weights_checks(t.needs if t else None, verify)
     checks += hub_checks(probe) + disk_checks()
     return Report(checks, t)
 

@@ -108,6 +108,19 @@ def test_for_score_exits_1_naming_inception_then_0_once_the_files_are_where_scor
     assert code == 0 and "everything it needs is here" in out
 
 
+def test_a_single_transformers_model_is_found_by_its_config_and_weights(tmp_path, run_cli, no_network):
+    from models.msdm.text import DEFAULT_TEXT_ENCODER
+
+    snap = _put_hub_pipeline(tmp_path, DEFAULT_TEXT_ENCODER)
+    (snap / "model_index.json").unlink()
+    (snap / "config.json").write_text("{}")
+    (item,) = doctor.weights_checks(("clip-text",))
+    assert item.status == "missing" and "no weights in" in item.detail  # config.json alone is not a model
+    (snap / "model.safetensors").write_text("{}")
+    code, out, _ = run_cli("doctor", "--for", "train-msdm-unet")
+    assert code == 0, out
+
+
 def test_hub_models_are_found_in_the_hf_cache_and_incomplete_snapshots_are_missing(tmp_path, run_cli, no_network):
     from models.sd.loading import DEFAULT_BASE
 
@@ -179,3 +192,11 @@ def test_cuda_devices_show_name_and_free_and_total_memory(monkeypatch):
     rows = {c.name: c for c in doctor.device_checks()}
     assert rows["cuda:0"].status == "ok"
     assert rows["cuda:0"].detail == "Stand-in H100, 60.0 GiB free of 80.0 GiB, compute capability 9.0"
+
+
+def test_verify_hashes_the_torch_hub_files_against_their_published_sha256(tmp_path, run_cli, no_network):
+    _put_score_weights(tmp_path)  # present, but not the published bytes
+    code, out, _ = run_cli("doctor", "--for", "score")
+    assert code == 0
+    code, out, _ = run_cli("doctor", "--for", "score", "--verify")
+    assert code == 1 and "is not the published file's" in " ".join(out.split())

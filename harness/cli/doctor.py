@@ -22,7 +22,10 @@ def _targets_help() -> str:
 @click.option("--for", "for_target", type=click.Choice(TARGET_NAMES), default=None, metavar="COMMAND",
               help="Check what COMMAND needs (see the list below) and exit 1 naming whatever it will miss, 0 when "
                    "everything is on disk.")
-def doctor(for_target):
+@click.option("--verify", is_flag=True,
+              help="Also hash the torch.hub weights files against their published sha256 (what `harness score` "
+                   "checks before using them; seconds per file the first time, memoised after).")
+def doctor(for_target, verify):
     """One table of what this machine has for the harness: Python, torch, CUDA devices and memory, installed
     packages against the floors of the installed medvqa-harness (its pyproject dependencies), the weights files
     and hub models the commands load and where each is looked for, whether the hub answers, and the free disk
@@ -50,7 +53,7 @@ def doctor(for_target):
 
     from harness.doctor import run_checks, table
 
-    report = run_checks(for_target)
+    report = run_checks(for_target, verify=verify)
     console = Console(highlight=False, width=max(Console().width, 140))
     console.print(table(report))
     if report.target is None:
