@@ -156,8 +156,15 @@ def _parse(text: str, fmt: str, path: Path) -> Any:
     import json
 
     if fmt == "json":
+        def no_duplicates(pairs: list) -> dict:  # json keeps the last of two equal keys; a config must not
+            keys = [k for k, _ in pairs]
+            dup = next((k for k in keys if keys.count(k) > 1), None)
+            if dup is not None:
+                raise UserError(f"key {dup!r} is given twice in one object", path)
+            return dict(pairs)
+
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as e:
             raise UserError(f"not valid JSON: {e.msg} (column {e.colno})", path, e.lineno) from None
     if fmt == "toml":
@@ -276,7 +283,15 @@ def _yaml_classes():
                           r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:  # YAML keeps the last of two equal keys; a config must not
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.yaml_implicit_resolvers = {
         ch: [(tag, rx) for tag, rx in rs if tag not in (bool_tag, float_tag, ts_tag)]

@@ -59,6 +59,17 @@ def test_a_parse_error_is_one_line_naming_file_and_line(tmp_path, run_cli, name,
     assert code == 2 and f"{path}:{line}:" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_key_given_twice_is_refused_in_every_format(tmp_path):
+    for name, text in (("d.json", '{"loop": {"lr": 1, "lr": 2}}'), ("d.yaml", "loop:\n  lr: 1\n  lr: 2\n"),
+                       ("d.toml", "[loop]\nlr = 1\nlr = 2\n")):
+        with pytest.raises(UserError, match="lr|twice|[Dd]uplicate|overwrite") as e:
+            read_config_file(_write(tmp_path, name, text))
+        assert str(e.value).startswith(str(tmp_path / name)), e.value
+    with pytest.raises(UserError) as e:
+        read_config_file(_write(tmp_path, "l.yaml", "loop:\n  lr: 1\n  lr: 2\n"))
+    assert str(e.value).startswith(f"{tmp_path / 'l.yaml'}:3: ")
+
+
 def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
     with pytest.raises(UserError, match="mapping"):
         read_config_file(_write(tmp_path, "c.yaml", "- 1\n- 2\n"))
