@@ -219,3 +219,13 @@ def test_format_applies_to_what_prints_a_config_only(run_cli, monkeypatch):
                  ["sweep", "sd", "--grid", "rank=4,8", "--dry-run"]):  # these print a plan table
         code, _, err = run_cli(*args, "--format", "toml")
         assert code == 2 and "--format applies to --print-config" in err, (args, err)
+
+
+def test_paraphrase_reads_toml_and_yaml_configs_too(tmp_path, run_cli):
+    """`harness paraphrase --config` goes through the same reader (--dry-run sends nothing)."""
+    bad = _write(tmp_path, "p.yaml", "temperatur: 0.5\n")
+    code, _, err = run_cli("paraphrase", SAMPLE, "--out", tmp_path / "p.jsonl", "--config", bad, "--dry-run")
+    assert code == 2 and "temperatur" in err
+    good = _write(tmp_path, "p.toml", "temperature = 0.5\nper_caption = 2\n")
+    code, out, err = run_cli("paraphrase", SAMPLE, "--out", tmp_path / "p.jsonl", "--config", good, "--dry-run")
+    assert code == 0, err
