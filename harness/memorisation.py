@@ -294,9 +294,14 @@ def compute_memorisation(gen: "GeneratedSet", prep: "RealPreprocess", cfg: "Scor
     d_val, _ = nearest(v, t)
     thr = lower_quantile(d_val, PERCENTILE / 100.0)
     ref = float(np.median(d_val))
-    ratio = d_gen / ref if ref > 0 else np.full_like(d_gen, np.inf)
     copies = d_gen < thr
     warnings = []
+    if ref > 0:
+        ratio = d_gen / ref
+    else:  # most validation images duplicate a training image: no scale to divide by (JSON has no infinity)
+        ratio = None
+        warnings.append("the median validation image has an exact duplicate among the training images: the ratio "
+                        "is undefined")
     if thr == 0:
         warnings.append("the 1st-percentile validation image has an exact duplicate among the training images: "
                         "nothing can be closer, so no generated image is flagged")
@@ -311,7 +316,8 @@ def compute_memorisation(gen: "GeneratedSet", prep: "RealPreprocess", cfg: "Scor
         "threshold": thr, "reference_distance": ref,
         "reference": "validation images (held out) -> nearest training image: threshold = 1st percentile "
                      "(numpy 'lower'), ratio denominator = median",
-        "val_nn_distance": _summary(d_val), "gen_nn_distance": _summary(d_gen), "ratio": _summary(ratio),
+        "val_nn_distance": _summary(d_val), "gen_nn_distance": _summary(d_gen),
+        "ratio": _summary(ratio) if ratio is not None else None,
         "split_sha256": sides.split.sha256, "warnings": warnings,
     }
     if space.note:
@@ -322,10 +328,10 @@ def compute_memorisation(gen: "GeneratedSet", prep: "RealPreprocess", cfg: "Scor
         iv = stats.bootstrap(CopyFraction(), d_gen[:, None], d_val[:, None], point={"copies": res["value"]},
                              n_boot=cfg.bootstrap, seed=cfg.rng_seed)["copies"]
         res["interval"] = iv.to_dict()
-    order = np.argsort(ratio, kind="stable")
+    order = np.argsort(d_gen, kind="stable")
     res["closest"] = [{"generated": sides.gen[i].name, "training_image": sides.train[j_gen[i]].name,
-                       "distance": float(d_gen[i]), "ratio": float(ratio[i]), "likely_copy": bool(copies[i])}
-                      for i in order[:GRID_PAIRS]]
+                       "distance": float(d_gen[i]), "ratio": float(ratio[i]) if ratio is not None else None,
+                       "likely_copy": bool(copies[i])} for i in order[:GRID_PAIRS]]
     folder = out_dir / OUT_DIR
     tag = f"{space.name}-{gen.images.sha256[:10]}"
     res["nearest_csv"] = str(_write_csv(folder / f"nearest-{tag}.csv", sides, d_gen, j_gen, ratio, copies))
@@ -339,7 +345,8 @@ def _summary(x: np.ndarray) -> dict[str, float]:
             "mean": float(np.mean(x)), "max": float(np.max(x))}
 
 
-def _write_csv(path: Path, sides: Sides, d: np.ndarray, j: np.ndarray, ratio: np.ndarray, copies: np.ndarray) -> Path:
+def _write_csv(path: Path, sides: Sides, d: np.ndarray, j: np.ndarray, ratio: np.ndarray | None,
+               copies: np.ndarray) -> Path:
     import csv
     import io
 
@@ -349,11 +356,13 @@ def _write_csv(path: Path, sides: Sides, d: np.ndarray, j: np.ndarray, ratio: np
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["generated", "nearest_training_image", "distance", "ratio", "likely_copy"])
     for i, p in enumerate(sides.gen):
-        w.writerow([p.name, sides.train[j[i]].name, f"{d[i]:.6g}", f"{ratio[i]:.6g}", int(copies[i])])
+        r = f"{ratio[i]:.6g}" if ratio is not None else ""
+        w.writerow([p.name, sides.train[j[i]].name, f"{d[i]:.6g}", r, int(copies[i])])
     return write_text(path, buf.getvalue())
 
 
-def closest_pairs_grid(path: Path, sides: Sides, picks: np.ndarray, j: np.ndarray, d: np.ndarray, ratio: np.ndarray,
+def closest_pairs_grid(path: Path, sides: Sides, picks: np.ndarray, j: np.ndarray, d: np.ndarray,
+                       ratio: np.ndarray | None,
                        copies: np.ndarray, prep: "RealPreprocess", space: Space) -> Path:
     """Pairs (generated | its nearest training image as compared), closest first, for a person to judge."""
     import matplotlib
@@ -375,7 +384,8 @@ def closest_pairs_grid(path: Path, sides: Sides, picks: np.ndarray, j: np.ndarra
         a.imshow(uint8_chw(sides.gen[i]).permute(1, 2, 0).numpy())
         b.imshow(prep.load(sides.train[j[i]]).permute(1, 2, 0).numpy())
         mark = " COPY?" if copies[i] else ""
-        a.set_title(f"{sides.gen[i].name}\nd={d[i]:.3g} r={ratio[i]:.2f}{mark}", fontsize=6.5,
+        r = f" r={ratio[i]:.2f}" if ratio is not None else ""
+        a.set_title(f"{sides.gen[i].name}\nd={d[i]:.3g}{r}{mark}", fontsize=6.5,
                     color="red" if copies[i] else "black")
         b.set_title(f"train {sides.train[j[i]].name[:22]}", fontsize=6.5)
     fig.suptitle(f"closest pairs (generated | nearest training image), {space.description}; r = distance / median "

@@ -195,8 +195,9 @@ def print_result(result) -> None:
             value = (f"P {m['precision']:.4f}{_iv(ivs.get('precision'), 3)}  R {m['recall']:.4f}"
                      f"{_iv(ivs.get('recall'), 3)}  F1 {m['f1']:.4f}{_iv(ivs.get('f1'), 3)}")
         elif name == "memorisation":
-            value = (f"{m['value']:.1%} likely copies{_iv(m.get('interval'), 3)} ({m['likely_copies']}; ratio median "
-                     f"{m['ratio']['median']:.3g}; train N {m['n_train']})\ngrid: {m['grid']}")
+            ratio = f"; ratio median {m['ratio']['median']:.3g}" if m.get("ratio") else ""
+            value = (f"{m['value']:.1%} likely copies{_iv(m.get('interval'), 3)} ({m['likely_copies']}{ratio}; "
+                     f"train N {m['n_train']}; {m['space']} space)\ngrid: {m['grid']}")
             for w in [m.get("space_note"), *m.get("warnings", [])]:
                 value += f"\n[yellow]{w}[/]" if w else ""
         else:
