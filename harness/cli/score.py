@@ -73,8 +73,9 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--memorisation-space", type=click.Choice(["auto", "classifier", "inception", "pixels"]), default="auto",
               show_default=True,
               help="Feature space of memorisation; auto = the classifier's embedding with --classifier, else Inception "
-                   "pool3 when its weights are found (as for FID), else 32x32 standardised pixels (the issue's "
-                   "order). The space used is recorded.")
+                   "pool3 when its weights are found (as for FID), else 32x32 standardised pixels (the order issue "
+                   "#16 asks for). The space used is recorded; likely copy = closer than the 1st-percentile held-out "
+                   "validation image (the issue's definition).")
 @click.option("--challenge", default=None,
               help="A challenge's official metric: imageclef2025-task2 = fidelity, agreement, diversity, FBD on "
                    "BiomedCLIP (needs --prompts, and --data = the real set in prompt-gt.csv layout); the 2024 "
@@ -106,6 +107,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     Examples:
       harness score runs/msdm-unet-20261122-1532
       harness score runs/<run> --real all --metrics fid,prc
+      harness score runs/<run> --metrics memorisation --classifier runs/<attributes-run>   # copies of training images?
       harness score path/to/other-model-images --real val --split SPLIT.json --data DATA --out other.json
       harness score runs/<run> --real path/to/folder --inception-weights weights/weights-inception-2015-12-05-6726825d.pth \\
           --vgg-weights weights/vgg16-397923af.pth --imageclef-weights weights/inception_v3_google-0cc3c7bd.pth
