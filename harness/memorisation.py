@@ -327,7 +327,9 @@ def compute_memorisation(gen: "GeneratedSet", prep: "RealPreprocess", cfg: "Scor
     if cfg.bootstrap:
         iv = stats.bootstrap(CopyFraction(), d_gen[:, None], d_val[:, None], point={"copies": res["value"]},
                              n_boot=cfg.bootstrap, seed=cfg.rng_seed)["copies"]
-        res["interval"] = iv.to_dict()
+        # the bias-corrected percentile interval can step outside [0, 1]; a fraction cannot
+        res["interval"] = {**iv.to_dict(), "low": max(0.0, iv.low), "high": min(1.0, iv.high),
+                           "clipped_to": [0.0, 1.0]}
     order = np.argsort(d_gen, kind="stable")
     res["closest"] = [{"generated": sides.gen[i].name, "training_image": sides.train[j_gen[i]].name,
                        "distance": float(d_gen[i]), "ratio": float(ratio[i]) if ratio is not None else None,

@@ -63,6 +63,7 @@ def test_retrieval_is_flagged_held_out_real_images_and_the_test_pattern_are_not(
     assert 0 < v["min"] < v["median"] < v["max"]
     assert real["n_gen"] == real["n_real"] == 12 and real["n_train"] == 36
     assert real["value"] <= 0.1 and abs(real["ratio"]["median"] - 1.0) < 1e-6
+    assert 0.0 <= real["interval"]["low"] <= real["interval"]["high"] <= 1.0
 
     copied = score_run(retrieval_run, _cfg()).data
     mem = copied["metrics"]["memorisation"]
