@@ -1,8 +1,8 @@
 """`harness score RUN --metrics memorisation`: is a generated image a copy of a training image?
 
 For each generated image, its nearest training image (the training side of the run's split) in a feature space, and
-the same for every real validation image (held out: never trained on). The validation images say how close an
-image the model never saw is to the training set, so
+the same for every real validation image (held out: never trained on; always the split's validation side, whatever
+`--real` names). The validation images say how close an image the model never saw is to the training set, so
 
 - `ratio` of a generated image = its nearest-training distance / the median nearest-training distance of the
   validation images (1: as close as a typical unseen real image; near 0: much closer than any);
