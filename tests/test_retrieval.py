@@ -145,3 +145,22 @@ def test_train_test_pattern_makes_a_reference_run_that_generates_from_split_val(
     code, _, err = run_cli("generate", run.dir, "--prompts", "split:val")
     assert code == 0, err
     assert len(list(run.images_dir.glob("*.png"))) == 12 and not (run.images_dir / "records.csv").exists()
+
+
+@pytest.mark.slow  # starts two processes under `accelerate launch`
+def test_two_processes_copy_the_same_training_images_as_one(run_cli, sample_dir, split_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = _train(run_cli, sample_dir, split_path)
+    single = tmp_path / "single"
+    single.mkdir()
+    assert run_cli("generate", run.dir, "--prompts", "split:val", "--batch-size", "4", "--out", single)[0] == 0
+    res = subprocess.run([sys.executable, "-m", "harness", "generate", str(run.dir), "--prompts", "split:val",
+                          "--batch-size", "4", "--num-processes", "2"],
+                         env={**os.environ, "HARNESS_NO_PROGRESS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for i in range(1, 13):
+        assert (run.images_dir / f"{i:05d}.png").read_bytes() == (single / f"{i:05d}.png").read_bytes()
+    assert _records(run.images_dir) == _records(single)
