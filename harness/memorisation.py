@@ -71,7 +71,6 @@ class Sides:
     train: list[Path]
     val: list[Path]
     split: Any
-    data_dir: Path
 
 
 def _sides(gen: "GeneratedSet", cfg: "ScoreConfig") -> Sides:
@@ -96,7 +95,7 @@ def _sides(gen: "GeneratedSet", cfg: "ScoreConfig") -> Sides:
         raise UserError("--metrics memorisation needs at least 2 validation images (the held-out reference)",
                         split.path)
     return Sides(list(gen.images.paths), [devset.image_path(n) for n in sorted(split.train)],
-                 [devset.image_path(n) for n in sorted(split.val)], split, Path(data_dir))
+                 [devset.image_path(n) for n in sorted(split.val)], split)
 
 
 # ------------------------------------------------------------------------------------------------ feature spaces

@@ -92,9 +92,13 @@ def test_retrieval_is_flagged_held_out_real_images_and_the_test_pattern_are_not(
     assert pattern["value"] == 0.0 and pattern["ratio"]["min"] > 0.5
 
 
-def test_auto_falls_back_to_pixels_without_inception_weights_and_says_so(retrieval_run):
+def test_auto_falls_back_to_pixels_without_inception_weights_and_says_so(retrieval_run, tmp_path):
     mem = score_run(retrieval_run, _cfg(memorisation_space="auto", allow_download=False)).metrics["memorisation"]
     assert mem["space"] == "pixels" and "Inception" in mem["space_note"] and mem["value"] >= 0.99
+    asked = score_run(retrieval_run, _cfg(memorisation_space="inception", allow_download=False,
+                                          out=tmp_path / "fresh.json")).data
+    mem = asked["metrics"]["memorisation"]  # asked for Inception by name: not computed, never another space
+    assert mem["status"] == "not computed" and "weights-inception" in mem["detail"]
 
 
 def test_classifier_embedding_is_used_when_given(retrieval_run, monkeypatch, tmp_path):
