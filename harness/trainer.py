@@ -89,6 +89,9 @@ class LoopConfig:
     tf32: bool = True  # CUDA: TF32 matmuls and cuDNN convolutions (diffusers' and PyTorch's recommendation)
     channels_last: bool = False  # CUDA: trained modules and 4-D inputs in channels_last memory format
     select_best: Literal["none", "val_loss", "fid"] = "none"  # keep the best weights by this metric in run/best
+    # Trackers that view the run (harness/tracking.py): "none", "tensorboard", "wandb" or a comma list. Default none,
+    # not diffusers' tensorboard: the run folder is the record and trackers are an optional extra.
+    report_to: str = "none"
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -119,6 +122,9 @@ class LoopConfig:
             raise UserError(f"LoopConfig.select_best must be none, val_loss or fid, got {self.select_best!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"LoopConfig.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        from harness.tracking import normalize_report_to
+
+        self.report_to = normalize_report_to(self.report_to)  # names checked; their packages when training starts
 
     def __post_init__(self) -> None:
         self.validate()
@@ -496,6 +502,9 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     from harness.progress import progress
     from rich.progress import TextColumn
 
+    from harness.tracking import Trackers, check_available
+
+    check_available(cfg.report_to)  # a missing tracker package: one line on every rank, before any work
     acc = _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     cfg, loop_plan = resolve_loop(cfg, task.epoch_items(), world)
@@ -580,8 +589,17 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
             raise UserError(f"non-finite training loss at step {min(bad) + 1}; stopped ({where}). Lower --lr, "
                             "raise --warmup-steps or use bf16 instead of fp16, then resume or start again", run.dir)
 
+    # Trackers (--report-to) view what the loop writes into the run folder; rank 0 only.
+    recorded = run.config(resolve=False) if run.config_path.is_file() else {}
+    trackers = Trackers.start(cfg.report_to, run.dir, run.id, config={**recorded, "data": data_hashes},
+                              group=recorded.get("family"), resume_step=start_step) if main else Trackers()
+
+    def log(record: dict[str, Any]) -> None:
+        _append_log(run, record)
+        trackers.log_record(record)
+
     bar = progress(TextColumn("loss {task.fields[loss]}"))
-    with bar if main else contextlib.nullcontext():
+    with bar if main else contextlib.nullcontext(), trackers:
         bar_task = bar.add_task("train", total=cfg.max_steps, completed=start_step, loss="-") if main else None
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -646,7 +664,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                     value = float(acc.reduce(v, reduction="mean")) / window_n
                     record[name] = value
                 if main:
-                    _append_log(run, record)
+                    log(record)
                 window_sum, window_n, term_sums = torch.zeros((), device=dev), 0, {}
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
                 check_finite()
@@ -654,7 +672,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                 if val is not None:
                     last["val_loss"] = val
                     if main:
-                        _append_log(run, {"step": step, "val_loss": val})
+                        log({"step": step, "val_loss": val})
                 if cfg.select_best != "none":
                     _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
@@ -663,7 +681,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                 for m in prepared.values():
                     m.eval()
                 with torch.no_grad(), _unwrapped(task, prepared):
-                    task.sample_grid(step, path)
+                    if task.sample_grid(step, path):
+                        trackers.log_image("samples", path, step)
                 for k2, m in prepared.items():
                     m.train(has_trainable[k2])
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:

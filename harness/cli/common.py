@@ -85,6 +85,13 @@ def training_options(f):
         click.option("--tf32/--no-tf32", default=None,
                      help="CUDA: allow TF32 matmuls and cuDNN convolutions (default on, as diffusers' trainers "
                           "recommend for Ampere and newer)."),
+        click.option("--report-to", type=str, default=None, metavar="none|tensorboard|wandb[,...]",
+                     help="Trackers that view the run (harness/tracking.py): loss and its terms, lr, grad norm, "
+                          "throughput, validation loss, sample grids, under RUN/tracking/ (a sweep also logs its "
+                          "cell table under SWEEP_DIR/tracking/). A comma list for several. Default none: diffusers' "
+                          "scripts default to tensorboard, but here the run folder (train_log.jsonl, samples/) is "
+                          "the record and trackers are an optional extra (pip install -e \".[tracking]\"). "
+                          "wandb honours WANDB_MODE=offline and logs offline when its host is unreachable."),
         click.option("--print-config", is_flag=True, default=False,
                      help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
                           "epoch) as JSON and exit, without loading weights or images."),
@@ -105,7 +112,7 @@ def training_options(f):
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
              "checkpoint_every", "keep_last", "val_every", "sample_every", "log_every", "num_workers",
-             "select_best", "channels_last", "tf32")
+             "select_best", "channels_last", "tf32", "report_to")
 
 
 def pop_loop_overrides(kwargs: dict) -> dict:
@@ -121,6 +128,10 @@ def pop_loop_overrides(kwargs: dict) -> dict:
         raise UserError("give the training length once: --epochs N or --max-steps N, not both")
     if "max_steps" in loop:
         loop["epochs"] = None
+    if "report_to" in loop:  # a missing tracker package is one line before any model or data is loaded
+        from harness.tracking import check_available
+
+        check_available(loop["report_to"])
     return loop
 
 

@@ -1,0 +1,152 @@
+"""Trackers (`--report-to`): a tiny training logs loss, its terms, lr, grad norm, throughput, validation loss and the
+sample grid to TensorBoard event files under RUN/tracking (read back with TensorBoard's own reader); the run folder
+is unchanged; a missing package is one line before any training; W&B offline; every train and sweep command has
+the option; a sweep logs its cell table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.errors import UserError
+from harness.io import read_json, write_json
+
+
+@pytest.fixture(scope="module")
+def split8(tmp_path_factory):
+    from harness.sample import sample_dir
+    from harness.split import make_split
+
+    root = tmp_path_factory.mktemp("tracking")
+    split = make_split(sample_dir(), val_images=4, seed=0)
+    split["train"] = split["train"][:8]
+    write_json(root / "split8.json", split)
+    return sample_dir(), root / "split8.json"
+
+
+def _vae_args(split8, *extra):
+    data, split = split8
+    return ("train", "msdm-vae", "--split", split, "--data", data, "--preset", "tiny", "--max-steps", "2",
+            "--batch-size", "4", "--resolution", "32", "--jitter", "0", "--perceptual-weight", "0",
+            "--log-every", "1", "--val-every", "2", "--sample-every", "2",
+            "--checkpoint-every", "0", "--num-workers", "0", *extra)
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_tensorboard_logs_the_run_and_the_run_folder_stays_the_record(split8, run_cli):
+    code, out, err = run_cli(*_vae_args(split8, "--report-to", "tensorboard", "--run-id", "tb"))
+    assert code == 0, err
+    runs = Path(__import__("os").environ["HARNESS_RUNS_DIR"])
+    run = runs / "tb"
+    assert read_json(run / "config.json")["loop"]["report_to"] == "tensorboard"
+    ea = _events(run / "tracking" / "tensorboard")
+    scalars = set(ea.Tags()["scalars"])
+    # loss, lr, grad norm, throughput, validation loss and the VAE's loss terms (mse, ssim, kl, ...)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "val/loss"} <= scalars
+    log = [json.loads(ln) for ln in (run / "train_log.jsonl").read_text().splitlines()]
+    terms = {k for r in log if "loss" in r for k in r} - {"step", "loss", "lr", "grad_norm", "samples_per_s",
+                                                           "epoch", "micro_batches"}
+    assert terms and {f"train/{t}" for t in terms} <= scalars
+    # the values are the run folder's: same steps, same numbers as train_log.jsonl
+    loss = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in log if "loss" in r}, rel=1e-6)
+    lr = {e.step: e.value for e in ea.Scalars("train/lr")}
+    assert lr == pytest.approx({r["step"]: r["lr"] for r in log if "lr" in r}, rel=1e-6)
+    assert [e.step for e in ea.Scalars("val/loss")] == [2]
+    assert "samples" in ea.Tags()["images"] and (run / "samples" / "step-0000002.png").is_file()
+    assert ea.Images("samples")[0].step == 2
+
+
+def test_default_none_writes_no_tracker_files(split8, run_cli):
+    code, out, err = run_cli(*_vae_args(split8, "--run-id", "plain"))
+    assert code == 0, err
+    run = Path(__import__("os").environ["HARNESS_RUNS_DIR"]) / "plain"
+    assert read_json(run / "config.json")["loop"]["report_to"] == "none"
+    assert not (run / "tracking").exists()
+
+
+def test_missing_package_is_one_line_before_training(split8, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ModuleNotFoundError
+    code, out, err = run_cli(*_vae_args(split8, "--report-to", "tensorboard,wandb", "--run-id", "nope"))
+    assert code == 2
+    assert 'pip install -e ".[tracking]"' in err and "tensorboard" in err and "Traceback" not in err
+    assert not (Path(__import__("os").environ["HARNESS_RUNS_DIR"]) / "nope").exists()
+
+
+def test_report_to_values():
+    from harness.tracking import normalize_report_to, parse_report_to
+    from harness.trainer import LoopConfig
+
+    assert parse_report_to("none") == () and parse_report_to(None) == ()
+    assert parse_report_to(" TensorBoard, wandb,tensorboard") == ("tensorboard", "wandb")
+    assert normalize_report_to("wandb, tensorboard") == "wandb,tensorboard"
+    assert LoopConfig(report_to="TensorBoard").report_to == "tensorboard"
+    for bad in ("mlflow", "none,wandb", "tensorboard,comet"):
+        with pytest.raises(UserError, match="--report-to"):
+            LoopConfig(report_to=bad)
+
+
+def test_every_train_and_sweep_command_has_report_to():
+    from harness.cli import cli
+
+    for group in ("train", "sweep"):
+        for name, cmd in cli.commands[group].commands.items():
+            if name == "status":
+                continue
+            opt = [p for p in cmd.params if p.name == "report_to"]
+            assert opt, f"harness {group} {name} lacks --report-to"
+            assert "default none" in opt[0].help.lower() and "tensorboard" in opt[0].help
+
+
+def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch):
+    """W&B in offline mode (no network needed): the run's records go to RUN/tracking/wandb/offline-run-*."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    from harness.tracking import Trackers
+
+    folder = tmp_path / "run"
+    with Trackers.start("wandb", folder, "run-x", config={"loop": {"lr": 1e-4, "epochs": None}}) as t:
+        assert t.names == ("wandb",) and t
+        t.log_record({"step": 1, "loss": 0.5, "lr": 1e-4, "grad_norm": None, "mse": 0.25, "micro_batches": 2})
+        t.log_table("sweep/cells", ["cell", "fid"], [["4", 12.5]], step=1)
+    runs = list((folder / "tracking" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_unreachable_host_falls_back_to_offline(monkeypatch):
+    """Online mode with no network: a short TCP probe decides, wandb.init never waits for the host."""
+    import harness.tracking as tracking
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: connection refused at once
+    assert tracking.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.wandb_mode() == "disabled"
+
+
+def test_resume_purges_the_killed_attempts_steps(tmp_path):
+    """A resumed run's TensorBoard writer hides the steps after its checkpoint that the killed attempt logged (as
+    train_log.jsonl is truncated), so each step shows once."""
+    from harness.tracking import Trackers
+
+    with Trackers.start("tensorboard", tmp_path, "r") as t:
+        for s in range(1, 6):
+            t.log_record({"step": s, "loss": float(s)})
+    with Trackers.start("tensorboard", tmp_path, "r", resume_step=3) as t:
+        for s in range(4, 7):
+            t.log_record({"step": s, "loss": 10.0 + s})
+    ea = _events(tmp_path / "tracking" / "tensorboard")
+    assert {e.step: e.value for e in ea.Scalars("train/loss")} == {1: 1.0, 2: 2.0, 3: 3.0, 4: 14.0, 5: 15.0,
+                                                                   6: 16.0}
