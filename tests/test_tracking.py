@@ -150,3 +150,74 @@ def test_resume_purges_the_killed_attempts_steps(tmp_path):
     ea = _events(tmp_path / "tracking" / "tensorboard")
     assert {e.step: e.value for e in ea.Scalars("train/loss")} == {1: 1.0, 2: 2.0, 3: 3.0, 4: 14.0, 5: 15.0,
                                                                    6: 16.0}
+
+
+def test_sweep_table_has_each_cells_final_metrics(tmp_path):
+    from harness.sweep import SWEEP_TABLE_COLUMNS, log_sweep_table, sweep_table_rows
+
+    iv = {"fid": {"value": 41.5, "low": 38.0, "high": 45.25}, "precision": {"value": 0.5},
+          "recall": {"value": 0.25}, "f1": {"value": 0.33}}
+    record = {"family": "kandinsky-prior", "prompts": {"n": 2000}, "ranks": {
+        "4": {"status": "done", "run": "/r/k-r4", "trainable": 1310720, "val_loss": 0.12, "intervals": iv,
+              "vs_best": {"best": True}},
+        "8": {"status": "done", "run": "/r/k-r8", "val_loss": 0.11, "intervals": iv,
+              "vs_best": {"best": False, "indistinguishable": True}},
+        "16": {"status": "failed", "error": "boom"}}}
+    rows = sweep_table_rows(record)
+    assert rows[0] == ["4", "done", "k-r4", 1310720, None, 0.12, 2000, 41.5, 38.0, 45.25, 0.5, 0.25, 0.33, True]
+    assert rows[1][-1] is True and rows[2][:3] == ["16", "failed", None] and rows[2][6] is None
+    assert len(SWEEP_TABLE_COLUMNS) == len(rows[0])
+    log_sweep_table(record, tmp_path / "sw", "none")
+    assert not (tmp_path / "sw").exists()
+    log_sweep_table(record, tmp_path / "sw", "tensorboard")
+    ea = _events(tmp_path / "sw" / "tracking" / "tensorboard")
+    (tag,) = [t for t in ea.Tags()["tensors"] if t.startswith("sweep/cells")]
+    event = ea.Tensors(tag)[-1]
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == 2 and "| 4 | done | k-r4 | 1310720 |  | 0.12 | 2000 | 41.5 | 38 | 45.25 |" in text
+
+
+@pytest.mark.slow
+def test_sweep_cells_log_and_the_sweep_logs_its_table(tmp_path, monkeypatch, run_cli):
+    """`harness sweep msdm-unet --report-to tensorboard`: each cell's run logs under RUN/tracking, the sweep logs its
+    cell table under SWEEP_DIR/tracking; the tracker is not part of the sweep's identity (a rerun without it finds
+    the same default sweep dir and skips the finished cells)."""
+    from harness.data import load_devset
+    from harness.families.msdm.config import vae_config
+    from harness.families.msdm.train import train
+    from harness.sample import sample_dir
+    from harness.split import make_split
+    from models.tiny_clip import save_tiny_clip_text
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("HARNESS_RUNS_DIR", str(runs))
+    data = sample_dir()
+    split = make_split(data, val_images=4, seed=0)
+    split["train"] = split["train"][:8]
+    write_json(tmp_path / "split.json", split)
+    clip = save_tiny_clip_text(tmp_path / "clip", load_devset(data).unique_prompts())
+    vae = train(vae_config("tiny", data, tmp_path / "split.json", {
+        "data": {"jitter": 0.0, "resolution": 32}, "loss": {"perceptual_weight": 0.0},
+        "loop": {"batch_size": 4, "checkpoint_every": 0, "val_every": 0, "sample_every": 0, "max_steps": 1}}))
+    args = ["sweep", "msdm-unet", "--split", tmp_path / "split.json", "--data", data, "--vae", vae.dir,
+            "--text-encoder", clip, "--jitter", "0", "--max-steps", "1", "--batch-size", "4", "--steps", "2",
+            "--grid", "lr=1e-3,2e-3", "--n-prompts", "1", "--images-per-prompt", "1", "--no-score",
+            "--device", "cpu", "--num-workers", "0"]
+    code, out, err = run_cli(*args, "--report-to", "tensorboard")
+    assert code == 0, err
+    (sweep_dir,) = list((runs / "sweeps").iterdir())
+    rec = read_json(sweep_dir / "sweep.json")
+    assert rec["base_config"]["loop"]["report_to"] == "tensorboard"
+    for cell in rec["cells"].values():
+        assert "train/loss" in _events(Path(cell["run"]) / "tracking" / "tensorboard").Tags()["scalars"]
+    ea = _events(sweep_dir / "tracking" / "tensorboard")
+    (tag,) = [t for t in ea.Tags()["tensors"] if t.startswith("sweep/cells")]
+    text = ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+    assert "| cell | status | run |" in text and "lr=0.001" not in text  # one-axis grid: labels are the values
+    assert "| 0.001 | done |" in text and "| 0.002 | done |" in text
+    code, out, err = run_cli(*args)  # no tracker this time: same sweep, nothing retrained
+    assert code == 0 and (out + err).count("skipped") == 2, err
+    assert list((runs / "sweeps").iterdir()) == [sweep_dir]
+    assert read_json(sweep_dir / "sweep.json")["base_config"]["loop"]["report_to"] == "none"
+    code, out, err = run_cli(*args, "--grid", "report_to=wandb")  # a view, not a training option
+    assert code == 2 and "'report_to' is not a training option" in err
