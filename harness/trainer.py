@@ -59,6 +59,8 @@ FINAL_DIR = "final"
 BEST_DIR = "best"  # with select_best: the weights that scored best (export + provenance.json with the metric)
 TRAIN_LOG = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
+# Runs this process finished training (rank 0), in order: how `--push-to-hub` finds the run its command trained.
+FINISHED_RUNS: list[Run] = []
 
 
 @dataclass
@@ -705,6 +707,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
         _export_into(run, FINAL_DIR, task, {"step": step, "seed": cfg.seed, "loop": loop_description(cfg, loop_plan),
                                             "data": data_hashes, "run_id": run.id})
         write_json(run.dir / "train_stats.json", stats)
+        FINISHED_RUNS.append(run)
         run.log(f"finished at step {step} (loss {last['loss']}, val {last['val_loss']}) in {seconds:.1f}s")
     acc.wait_for_everyone()
     return stats

@@ -92,6 +92,11 @@ def training_options(f):
                           "scripts default to tensorboard, but here the run folder (train_log.jsonl, samples/) is "
                           "the record and trackers are an optional extra (pip install -e \".[tracking]\"). "
                           "wandb honours WANDB_MODE=offline and logs offline when its host is unreachable."),
+        click.option("--push-to-hub", "push_to_hub", type=str, default=None, metavar="USER/NAME",
+                     help="When training ends, upload RUN/final with a model card to this hub model repo (as "
+                          "`harness push RUN --repo USER/NAME`; default: no upload, as diffusers' scripts)."),
+        click.option("--hub-private", is_flag=True, default=False,
+                     help="--push-to-hub: create the repo private."),
         click.option("--print-config", is_flag=True, default=False,
                      help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
                           "epoch) as JSON and exit, without loading weights or images."),
@@ -105,9 +110,53 @@ def training_options(f):
         click.option("--paraphrase-strategy", type=str, default=None,
                      help="add | replace:P | replace-all (needs --paraphrases)."),
     ]
+    f = _push_after_training(f)
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+PUSH_KEYS = ("push_to_hub", "hub_private")
+
+
+def _push_after_training(f):
+    """`--push-to-hub REPO`: run the train command, then push the run it finished (rank 0) with harness.push. The
+    repo name and the hub's reachability are checked before training, so a typo or an offline node is one line
+    up front, not after days of training."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from harness.errors import UserError
+
+        repo, private = kwargs.pop("push_to_hub", None), kwargs.pop("hub_private", False)
+        if repo is None:
+            if private:
+                raise UserError("--hub-private applies to --push-to-hub")
+            return f(*args, **kwargs)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.parent is not None and ctx.parent.command.name == "sweep":
+            raise UserError("--push-to-hub applies to harness train; push a sweep cell's run with "
+                            "`harness push RUN --repo USER/NAME`")
+        if kwargs.get("print_config"):
+            return f(*args, **kwargs)
+        from harness.distributed import state
+        from harness.features import offline
+        from harness.push import check_repo, hub_endpoint, hub_reachable, push
+        from harness.trainer import FINISHED_RUNS
+
+        check_repo(repo)
+        if offline() or not hub_reachable():
+            raise UserError(f"--push-to-hub: the hub ({hub_endpoint()}) is offline or unreachable; train without "
+                            f"it and run `harness push RUN --repo {repo}` when it is reachable")
+        before = len(FINISHED_RUNS)
+        out = f(*args, **kwargs)
+        if len(FINISHED_RUNS) > before and state().is_main_process:
+            res = push(FINISHED_RUNS[-1], repo, private=private)
+            click.echo(f"pushed {len(res.files)} files to {repo}: {res.url}")
+        return out
+
+    return wrapper
 
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
@@ -346,7 +395,8 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
             raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
         run_sweep_command(load_ref(target_ref), build_config(kwargs), grid, **sweep_kw)
 
-    params = [copy.copy(p) for p in train_command.params]  # copies: --split/--data turn optional below
+    # copies (--split/--data turn optional below); a sweep pushes nothing (`harness push` takes a cell's run)
+    params = [copy.copy(p) for p in train_command.params if p.name not in PUSH_KEYS]
     cmd = sweep_options(click.Command(train_command.name, callback=callback, params=params,
                                       context_settings=train_command.context_settings))
     if plan is not None:
