@@ -105,7 +105,7 @@ def describe(run: Run) -> Described:
         src = meta.get("base") or (cfg.get("sources") or {})
         base, revision = cfg.get("base"), cfg.get("revision")
         commit = src.get("commit") if isinstance(src, dict) else None
-        method = cfg.get("method", "lora")
+        method = _SD_METHODS.get(cfg.get("method", "lora"), str(cfg.get("method")))
         comps = meta.get("components") or cfg.get("components") or ["unet"]
         if adapter:
             snippet = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}"{_rev(revision)}).to("cuda")\n'
@@ -170,6 +170,7 @@ def describe(run: Run) -> Described:
                      commit=commit, adapter=adapter, snippet=snippet)
 
 
+_SD_METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning", "bitfit": "BitFit", "difffit": "DiffFit"}
 _SD_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "vae": "AutoencoderKL"}
 
 

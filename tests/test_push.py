@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.io import read_json, write_json
+from test_sd_fixtures import sd_config, sd_data, tiny_sd  # noqa: F401 (fixtures)
 
 TOKEN = "hf_fake_token"
 
@@ -206,3 +207,25 @@ def test_push_to_hub_after_training(tmp_path, run_cli, monkeypatch):
     assert "pushed 7 files to me/tiny-vae" in out and "vae/config.json" in hub.repos["me/tiny-vae"]
     code, out, err = run_cli("sweep", "msdm-unet", "--push-to-hub", "me/x")
     assert code == 2 and "No such option" in err
+
+
+def test_sd_lora_push_folder_loads_in_plain_diffusers(tiny_sd, sd_data, tmp_path, run_cli, monkeypatch):
+    """The staged folder of an SD LoRA run is what `pipe.load_lora_weights(REPO)` reads: plain diffusers loads it
+    (the hub repo holds exactly these files). A local base is named in the card, not put in `base_model`."""
+    from diffusers import StableDiffusionPipeline
+
+    from harness.families.sd.task import train
+
+    run = train(sd_config(tiny_sd, sd_data, tmp_path, steps=1), run_id="sd-lora")
+    code, out, err = run_cli("push", run.dir, "--repo", "me/sd-lora", "--dry-run")
+    assert code == 0, err
+    st = run.dir / "hub-push"
+    assert (st / "pytorch_lora_weights.safetensors").is_file()
+    card = (st / "README.md").read_text()
+    assert 'pipe.load_lora_weights("me/sd-lora")' in card and f'from_pretrained("{tiny_sd}")' in card
+    assert "base_model:" not in card.split("---")[1] and "LoRA (rank 4) adapter for" in card
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(str(st), adapter_name="pushed")
+    assert pipe.get_list_adapters() == {"unet": ["pushed"]}
+    lora_b = [v for k, v in pipe.unet.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # the trained step, not a fresh init
