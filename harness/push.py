@@ -339,6 +339,8 @@ def hub_endpoint() -> str:
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the hub endpoint opens within `timeout` seconds (no request, no token)."""
     url = urlparse(hub_endpoint())
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy a direct connection proves nothing: the library's own timeouts apply
     try:
         with socket.create_connection((url.hostname or "huggingface.co",
                                        url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):

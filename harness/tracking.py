@@ -99,6 +99,8 @@ def _wandb_host() -> tuple[str, int]:
 
 def wandb_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the W&B host opens within `timeout` seconds (no request is sent)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy a direct connection proves nothing: the library's own timeouts apply
     try:
         with socket.create_connection(_wandb_host(), timeout=timeout):
             return True
@@ -134,7 +136,7 @@ class Trackers:
     """The trackers of one run (or sweep) folder, on rank 0; with no tracker every method does nothing.
 
     `start` creates them under `folder/tracking/` (TensorBoard: purging the steps after `resume_step` that a killed
-    attempt logged, as train_log.jsonl is truncated on resume; W&B: the same run id again), `log_record` logs a
+    attempt logged, as train_log.jsonl is truncated on resume or dropped on a retrain; W&B: the same run id again), `log_record` logs a
     train_log.jsonl record, `log_image` a PNG the run wrote, `log_table` a table, `finish` closes them."""
 
     def __init__(self, names: tuple[str, ...] = ()):
@@ -168,8 +170,9 @@ class Trackers:
         try:
             for n in names:
                 if n == "tensorboard":
-                    kw = {"purge_step": resume_step + 1} if resume_step > 0 else {}
-                    tracker = TensorBoardTracker("tensorboard", root, **kw)
+                    # an earlier attempt's steps after `resume_step` (a resume, or a retrain from step 0 in the
+                    # same run) are hidden, as its train_log.jsonl lines are dropped
+                    tracker = TensorBoardTracker("tensorboard", root, purge_step=resume_step + 1)
                 else:
                     mode = wandb_mode()
                     if mode == "disabled":

@@ -676,7 +676,8 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                     if main:
                         log({"step": step, "val_loss": val})
                 if cfg.select_best != "none":
-                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes)
+                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes,
+                               log=log)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
                 path = run.dir / "samples" / f"step-{step:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -753,7 +754,8 @@ def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable, step: int,
-               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict) -> None:
+               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict,
+               log: Callable[[dict], None] | None = None) -> None:
     """After a validation: compute the selection metric; when it improves, export the weights into run/best/
     (atomically, with provenance.json naming metric, value and step). Lower is better for both metrics."""
     if cfg.select_best == "val_loss":
@@ -781,7 +783,7 @@ def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_tr
         return
     best.update(value=float(value), step=step)
     if acc.is_main_process:
-        _append_log(run, {"step": step, f"best_{cfg.select_best}": float(value)})
+        (log or (lambda r: _append_log(run, r)))({"step": step, f"best_{cfg.select_best}": float(value)})
         with _unwrapped(task, prepared):
             _export_into(run, BEST_DIR, task, {"step": step, "seed": cfg.seed, "metric": cfg.select_best,
                                               "value": float(value), "loop": loop_description(cfg, plan),

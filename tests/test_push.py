@@ -128,6 +128,8 @@ def _online(monkeypatch, hub):
     monkeypatch.setattr(hc, "ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)  # the stand-in is on localhost
     # huggingface_hub fetches an "agent harnesses" registry for its user agent: keep it from the stand-in and the
     # machine's HF cache
     import huggingface_hub.utils._detect_agent as agent
@@ -176,6 +178,8 @@ def test_unreachable_hub_is_the_offline_line(vae_run, run_cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
     code, out, err = run_cli("push", vae_run.dir, "--repo", "me/msdm-vae")
     assert code == 2 and "unreachable: nothing uploaded" in err and "vae/config.json (" in err
 

@@ -44,7 +44,8 @@ def _events(folder: Path):
 
 
 def test_tensorboard_logs_the_run_and_the_run_folder_stays_the_record(split8, run_cli):
-    code, out, err = run_cli(*_vae_args(split8, "--report-to", "tensorboard", "--run-id", "tb"))
+    code, out, err = run_cli(*_vae_args(split8, "--report-to", "tensorboard", "--select-best", "val_loss",
+                                        "--run-id", "tb"))
     assert code == 0, err
     runs = Path(__import__("os").environ["HARNESS_RUNS_DIR"])
     run = runs / "tb"
@@ -52,7 +53,8 @@ def test_tensorboard_logs_the_run_and_the_run_folder_stays_the_record(split8, ru
     ea = _events(run / "tracking" / "tensorboard")
     scalars = set(ea.Tags()["scalars"])
     # loss, lr, grad norm, throughput, validation loss and the VAE's loss terms (mse, ssim, kl, ...)
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "val/loss"} <= scalars
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "val/loss",
+            "val/best_val_loss"} <= scalars
     log = [json.loads(ln) for ln in (run / "train_log.jsonl").read_text().splitlines()]
     terms = {k for r in log if "loss" in r for k in r} - {"step", "loss", "lr", "grad_norm", "samples_per_s",
                                                            "epoch", "micro_batches"}
@@ -130,6 +132,8 @@ def test_wandb_unreachable_host_falls_back_to_offline(monkeypatch):
     import harness.tracking as tracking
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: connection refused at once
     assert tracking.wandb_mode() == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -150,6 +154,10 @@ def test_resume_purges_the_killed_attempts_steps(tmp_path):
     ea = _events(tmp_path / "tracking" / "tensorboard")
     assert {e.step: e.value for e in ea.Scalars("train/loss")} == {1: 1.0, 2: 2.0, 3: 3.0, 4: 14.0, 5: 15.0,
                                                                    6: 16.0}
+    with Trackers.start("tensorboard", tmp_path, "r") as t:  # retrained from step 0 in the same run
+        t.log_record({"step": 1, "loss": 7.0})
+    ea = _events(tmp_path / "tracking" / "tensorboard")
+    assert {e.step: e.value for e in ea.Scalars("train/loss")} == {1: 7.0}
 
 
 def test_sweep_table_has_each_cells_final_metrics(tmp_path):
