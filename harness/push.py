@@ -236,6 +236,7 @@ def render_card(run: Run, repo: str, has_grid: bool = False) -> str:
                          f"mixed precision {loop.get('mixed_precision')}"),
             ("final loss", _num(stats.get("final_loss")) + (f" (validation {_num(stats.get('val_loss'))})"
                                                            if stats.get("val_loss") is not None else "")),
+            *([("weights", _selected(meta_sel))] if (meta_sel := _meta(_final(run)).get("selected")) else []),
             ("training data", f"prompt-gt.csv sha256 `{data.get('csv_sha256', '?')}`, split sha256 "
                               f"`{data.get('split_sha256', '?')}`"
                               + (f", {data['n_images']} training images" if data.get("n_images") else ""))]
@@ -261,6 +262,12 @@ def render_card(run: Run, repo: str, has_grid: bool = False) -> str:
               "<details><summary>config.json</summary>", "", "```json", json.dumps(cfg, indent=2, default=str),
               "```", "", "</details>", ""]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _selected(sel: dict[str, Any]) -> str:
+    """Kandinsky --eval-every-epochs: final/ holds the best epoch's adapter, not the last one."""
+    return (f"the best by {sel.get('metric')} ({_num(sel.get('value'))}) at epoch {sel.get('epoch')}, step "
+            f"{sel.get('step')}; training ran to epoch {sel.get('last_epoch')}")
 
 
 def _intro(d: Described) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.io import read_json, write_json
+from test_kandinsky_fixtures import mini_data, tiny_config, tiny_kandinsky  # noqa: F401 (fixtures)
 from test_sd_fixtures import sd_config, sd_data, tiny_sd  # noqa: F401 (fixtures)
 
 TOKEN = "hf_fake_token"
@@ -57,7 +58,9 @@ def _lora_run(tmp_path) -> "Run":  # noqa: F821
     save_file({"prior.lora_A.weight": torch.zeros(32, 8)}, str(final / "pytorch_lora_weights.safetensors"))
     write_json(final / "adapter_meta.json", {"format": "harness-kandinsky-lora/1", "component": "prior",
                                              "base_model": "kandinsky-community/kandinsky-2-2-prior",
-                                             "base_revision": "main", "base_commit": "a" * 40})
+                                             "base_revision": "main", "base_commit": "a" * 40,
+                                             "selected": {"metric": "fid", "value": 41.2, "step": 300, "epoch": 60.0,
+                                                          "last_step": 500, "last_epoch": 100.0}})
     write_json(run.dir / "train_stats.json", {"steps": 500, "final_loss": 0.0123, "val_loss": 0.0145})
     write_json(run.metrics_path, {
         "format": "harness-metrics/2", "scored": "2026-12-02T07:00:00",
@@ -88,6 +91,7 @@ def test_card_has_licence_metrics_and_loading_snippet(tmp_path):
            'weight_name="pytorch_lora_weights.safetensors")' in card
     assert "LoRA (rank 32) adapter for `kandinsky-community/kandinsky-2-2-prior`" in card
     assert "`main` / `" + "a" * 40 + "`" in card and "c" * 64 in card and "s" * 64 in card
+    assert "the best by fid (41.2000) at epoch 60.0, step 300; training ran to epoch 100.0" in card
     assert "![samples](images/samples.png)" in card and '"report_to": "none"' in card
     # the card parses back with huggingface_hub
     from huggingface_hub import ModelCard
@@ -233,3 +237,22 @@ def test_sd_lora_push_folder_loads_in_plain_diffusers(tiny_sd, sd_data, tmp_path
     assert pipe.get_list_adapters() == {"unet": ["pushed"]}
     lora_b = [v for k, v in pipe.unet.state_dict().items() if "lora_B" in k]
     assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # the trained step, not a fresh init
+
+
+def test_kandinsky_decoder_push_folder_loads_in_plain_diffusers(tiny_kandinsky, mini_data, tmp_path, run_cli):
+    """A tiny Kandinsky 2.2 decoder LoRA run: the staged folder is what the card's `load_lora_adapter` reads."""
+    from diffusers import KandinskyV22Pipeline
+
+    from harness.families.kandinsky22.train import train
+
+    run = train(tiny_config("decoder", tiny_kandinsky, mini_data, tmp_path, loop={"max_steps": 1}), run_id="k-dec")
+    code, out, err = run_cli("push", run.dir, "--repo", "me/k-dec", "--dry-run", "--out", tmp_path / "st")
+    assert code == 0, err
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert 'decoder.unet.load_lora_adapter("me/k-dec", prefix=None, ' \
+           'weight_name="pytorch_lora_weights.safetensors")' in card
+    assert f'KandinskyV22PriorPipeline.from_pretrained("{tiny_kandinsky[0]}"' in card
+    decoder = KandinskyV22Pipeline.from_pretrained(tiny_kandinsky[1])
+    decoder.unet.load_lora_adapter(str(tmp_path / "st"), prefix=None, weight_name="pytorch_lora_weights.safetensors",
+                                   adapter_name="pushed")
+    assert "pushed" in decoder.unet.peft_config
