@@ -229,3 +229,34 @@ def test_sweep_cells_log_and_the_sweep_logs_its_table(tmp_path, monkeypatch, run
     assert read_json(sweep_dir / "sweep.json")["base_config"]["loop"]["report_to"] == "none"
     code, out, err = run_cli(*args, "--grid", "report_to=wandb")  # a view, not a training option
     assert code == 2 and "'report_to' is not a training option" in err
+
+
+@pytest.mark.slow
+def test_two_processes_log_once_from_rank_zero(tmp_path):
+    """`accelerate launch` with 2 CPU processes and --report-to tensorboard: one event folder, written by rank 0,
+    each step once, the values of the reduced loss train_log.jsonl records; nothing hangs."""
+    import os
+    import subprocess
+
+    from harness.sample import sample_dir
+    from harness.split import make_split
+
+    split = make_split(sample_dir(), val_images=4, seed=0)
+    split["train"] = split["train"][:8]
+    write_json(tmp_path / "split.json", split)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "HARNESS_RUNS_DIR": str(runs), "HARNESS_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness",
+           *map(str, _vae_args((sample_dir(), tmp_path / "split.json"), "--batch-size", "2", "--report-to",
+                               "tensorboard", "--run-id", "ddp"))]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = runs / "ddp"
+    assert "x2" in (run / "log.txt").read_text()
+    ea = _events(run / "tracking" / "tensorboard")
+    log = [json.loads(ln) for ln in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2]
+    assert {e.step: e.value for e in ea.Scalars("train/loss")} == pytest.approx(
+        {r["step"]: r["loss"] for r in log if "loss" in r}, rel=1e-6)
+    assert len(list((run / "tracking" / "tensorboard").glob("events.out.tfevents.*"))) == 1
