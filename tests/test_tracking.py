@@ -108,6 +108,8 @@ def test_every_train_and_sweep_command_has_report_to():
             opt = [p for p in cmd.params if p.name == "report_to"]
             assert opt, f"harness {group} {name} lacks --report-to"
             assert "default none" in opt[0].help.lower() and "tensorboard" in opt[0].help
+            # --push-to-hub: on every train command, on no sweep (`harness push` takes a cell's run)
+            assert any(p.name == "push_to_hub" for p in cmd.params) == (group == "train"), (group, name)
 
 
 def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch):

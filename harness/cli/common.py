@@ -258,6 +258,8 @@ def sweep_options(f):
         click.option("--score/--no-score", default=True, help="Score each cell (harness score)."),
         *launcher_options(),
     ]
+    if hasattr(f, "__click_params__"):  # a sweep pushes nothing (`harness push` takes a cell's run)
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in PUSH_KEYS]
     for opt in reversed(opts):
         f = opt(f)
     return f
