@@ -66,13 +66,37 @@ def _lora_run(tmp_path) -> "Run":  # noqa: F821
         "format": "harness-metrics/2", "scored": "2026-12-02T07:00:00",
         "real": {"label": "val", "n": 200, "sha256": "r", "preprocess": {"mode": "match", "label": "match",
                                                                           "id": "m"}},
-        "generated": {"n": 2000, "sha256": "g", "sample": []},
+        "generated": {"n": 2000, "sha256": "g", "sample": [{"filename": "00001.png", "prompt": "a polyp"},
+                                                           {"filename": "00002.png", "prompt": "no polyps"}]},
         "metrics": {"fid": {"status": "ok", "extractor": "inception-v3-compat", "value": 41.2345,
                             "interval": {"low": 38.5, "high": 44.75}},
                     "prc": {"status": "ok", "extractor": "vgg16", "precision": 0.61, "recall": 0.42, "f1": 0.4975,
                             "intervals": {"f1": {"low": 0.45, "high": 0.55}}},
                     "kid": {"status": "not computed", "reason": "weights missing"}}})
+    import numpy as np
+    from PIL import Image
+
+    run.images_dir.mkdir()
+    for i in (1, 2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(run.images_dir / f"{i:05d}.png")
     return run
+
+
+def test_stage_has_the_adapter_metrics_and_a_grid_of_the_scored_images(tmp_path):
+    from PIL import Image
+
+    from harness.push import stage
+
+    run = _lora_run(tmp_path)
+    files = dict(stage(run, "me/kvasir-prior-r32", tmp_path / "st"))
+    assert set(files) == {"README.md", "adapter_meta.json", "harness_run.json", "images/samples.png",
+                          "metrics.json", "pytorch_lora_weights.safetensors"}
+    assert files["pytorch_lora_weights.safetensors"] == (run.dir / "final" / "pytorch_lora_weights.safetensors"
+                                                         ).stat().st_size
+    with Image.open(tmp_path / "st" / "images" / "samples.png") as im:
+        assert im.width > 64  # a grid figure, not one 32 px image
+    assert "![samples](images/samples.png)" in (tmp_path / "st" / "README.md").read_text()
+    assert read_json(tmp_path / "st" / "metrics.json") == read_json(run.metrics_path)
 
 
 def test_card_has_licence_metrics_and_loading_snippet(tmp_path):
