@@ -116,10 +116,11 @@ def test_toml_refuses_what_it_cannot_hold_faithfully():
 def _commands() -> list[tuple[str, str]]:
     from harness.cli import cli
 
-    train = [("train", n) for n in sorted(cli.commands["train"].commands)]
-    sweep = [("sweep", n) for n, c in sorted(cli.commands["sweep"].commands.items())
-             if {"config_file", "print_config"} <= {p.name for p in c.params}]
-    return train + sweep
+    def takes_config(c) -> bool:  # the reference families (retrieval, test-pattern) train nothing: no config
+        return {"config_file", "print_config"} <= {p.name for p in c.params}
+
+    return [(g, n) for g in ("train", "sweep") for n, c in sorted(cli.commands[g].commands.items())
+            if takes_config(c)]
 
 
 COMMANDS = _commands()
