@@ -70,22 +70,41 @@ class FloatItems:
         return item
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; 0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: float = 0.0,
                 cpu: list | None = None) -> float:
     """Items/s of the training loader over `items` items, timed after a warm-up of 1 + 2 x workers batches (worker
     start-up, and the batches the workers had prefetched - `prefetch_factor` 2 each - which would otherwise count as
-    delivered for free). `wait_per_item` > 0
-    stands for a GPU step: the training process waits (sleeps, using no CPU) that long per item after each batch,
-    as it would wait for the GPU; the workers keep decoding meanwhile. Batches are pinned as the trainer pins them
-    when a GPU is present."""
+    delivered for free). `wait_per_item` > 0 stands for a GPU step: the training process waits (sleeps, using no
+    CPU) that long per item after each batch, as it would wait for the GPU; the workers keep decoding meanwhile.
+    Batches are pinned as the trainer pins them when a GPU is present. `cpu` receives CPU seconds per item of
+    (the training process over the timed window, the worker processes over their whole life divided by every item
+    they made - the ones still waiting in the prefetch queue included): CPU time, unlike wall time, hardly depends
+    on what else the machine is running."""
     import torch
 
     from harness.trainer import ShardedBatches, _micro_batch_loader
 
-    plan = ShardedBatches(len(dataset), batch, seed=0)
+    class CountingPlan(ShardedBatches):  # counts the batches handed to the workers
+        sent = 0
+
+        def indices(self, k):
+            self.sent += 1
+            return super().indices(k)
+
+    plan = CountingPlan(len(dataset), batch, seed=0)
     it = iter(_micro_batch_loader(_Collate(), dataset, plan, 0, workers, pin=torch.cuda.is_available()))
     for _ in range(1 + 2 * workers):  # start-up and the prefetched batches are not throughput
         next(it)
+    pids = [w.pid for w in getattr(it, "_workers", [])]
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while n < items:
         b = len(next(it)["pixels"])
@@ -93,8 +112,16 @@ def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: fl
         if wait_per_item:
             time.sleep(wait_per_item * b)
     rate = n / (time.perf_counter() - t0)
-    if cpu is not None:  # CPU time of the training process itself per item (workers not counted)
-        cpu.append((time.process_time() - c0) / n)
+    if cpu is not None:
+        main_cpu = (time.process_time() - c0) / n
+        last, t_end = -1.0, time.perf_counter() + 10
+        while pids and time.perf_counter() < t_end:  # let the workers finish what they were sent, then read
+            time.sleep(0.2)
+            now = sum(map(_cpu_seconds, pids))
+            if now - last < 0.005:
+                break
+            last = now
+        cpu.append((main_cpu, last / (plan.sent * batch) if pids else 0.0))
     del it
     return rate
 
@@ -223,46 +250,74 @@ def main() -> None:
     print("\n## P5 MSDM data pipeline vs the paper-preset step\n")
     print(f"machine: {platform.machine()}, {cores} cores, torch {torch.__version__}; data: {data} "
           f"({len(dev.images())} images, {len(ds)} caption rows); loader batch {args.batch_size}, "
-          f"{args.items} items timed per row (after the first batch), pin_memory={device.type == 'cuda'}; "
+          f"{args.items} items timed per row (after 1 + 2 x workers warm-up batches), "
+          f"pin_memory={device.type == 'cuda'}; "
           f"load average at start: {_load()}\n")
     _, flops = paper_step(device, 1, 0)
     gpu_wait = {gpu: 1 / (ASSUMED_MFU * tflops * 1e12 / flops) for gpu, tflops in GPU_PEAK_TFLOPS.items()}
 
-    rows = []  # (contract, workers, alone, {gpu: with step}, training-process CPU s/item)
+    rows = []  # (contract, workers, alone, {gpu: with step}, (training-process, workers) CPU s/item)
     for contract in (["float32", "uint8"] if not args.no_float else ["uint8"]):
         source = FloatItems(ds) if contract == "float32" else ds
         for w in [0, *args.workers]:
-            cpu: list[float] = []
+            cpu: list[tuple[float, float]] = []
             alone = loader_rate(source, w, args.items, args.batch_size, cpu=cpu)
             stepped = {gpu: loader_rate(source, w, args.items, args.batch_size, wait_per_item=t)
                        for gpu, t in gpu_wait.items()}
             rows.append((contract, w, alone, stepped, cpu[0]))
+    load_after = _load()
     base = {c: r for c, w, *r in rows if w == 0}
-    print("### 1. Training loader at 256 px (paper data config), dev images\n")
     gpus = list(gpu_wait)
+    short = {g: g.split(" ")[0] for g in gpus}
+    print("### 1. Training loader at 256 px (paper data config), dev images\n")
+    print("Measured (wall clock; on a busy machine these move with the load):\n")
     print("| items | loader | items/s, loader alone | vs main | "
           + " | ".join(f"items/s with a simulated {g} step ({1000 * gpu_wait[g]:.2f} ms/item, ESTIMATE) | vs main"
-                       for g in gpus) + " | training-process CPU ms per item |")
-    print("|---|---|---:|---:|" + "---:|---:|" * len(gpus) + "---:|")
-    for contract, w, alone, stepped, c in rows:
+                       for g in gpus) + " |")
+    print("|---|---|---:|---:|" + "---:|---:|" * len(gpus))
+    for contract, w, alone, stepped, _ in rows:
         b_alone, b_step, _ = base[contract]
         name = "main process (num_workers=0)" if w == 0 else f"{w} worker process(es)"
         cells = " | ".join(f"{stepped[g]:.1f} | {stepped[g] / b_step[g]:.2f}x" for g in gpus)
-        print(f"| {contract} | {name} | {alone:.1f} | {alone / b_alone:.2f}x | {cells} | {1000 * c:.2f} |")
+        print(f"| {contract} | {name} | {alone:.1f} | {alone / b_alone:.2f}x | {cells} |")
+    print(f"\nload average after the loader rows: {load_after}")
+
+    # The same rows from CPU time, which hardly depends on the load: on `cores` idle cores a loader with w workers
+    # delivers at most cores / (m + k) items/s (all its CPU work spread over the cores), w / k (one core per
+    # worker) and 1 / (s + m) (the training process: its own CPU m per item plus the step s it waits for).
+    def model(w, m, k, s):
+        return 1 / (s + m) if w == 0 else min(cores / (m + k), w / k if k else float("inf"), 1 / (s + m))
+
+    print(f"\nPredicted for {cores} idle cores from the CPU time each process spent per item (measured above):\n")
+    print("| items | loader | training-process CPU ms/item | worker processes' CPU ms/item | items/s, loader alone "
+          "| vs main | " + " | ".join(f"items/s with the {short[g]} step | vs main" for g in gpus) + " |")
+    print("|---|---|---:|---:|---:|---:|" + "---:|---:|" * len(gpus))
+    pred = {}
+    for contract, w, _, _, (m, k) in rows:
+        d = base[contract][2][0]
+        p = [model(w, m, k, 0.0)] + [model(w, m, k, gpu_wait[g]) for g in gpus]
+        p0 = [model(0, d, 0.0, 0.0)] + [model(0, d, 0.0, gpu_wait[g]) for g in gpus]
+        pred[(contract, w)] = [a / b for a, b in zip(p, p0)]
+        name = "main process (num_workers=0)" if w == 0 else f"{w} worker process(es)"
+        cells = " | ".join(f"{a:.0f} | {a / b:.2f}x" for a, b in zip(p, p0))
+        print(f"| {contract} | {name} | {1000 * m:.2f} | {1000 * k:.2f} | {cells} |")
+
     u = [r for r in rows if r[0] == "uint8"]
     best_alone = max(r[2] for r in u[1:]) / u[0][2]
     best_step = {g: max(r[3][g] for r in u[1:]) / u[0][3][g] for g in gpus}
-    t_data = u[0][4]  # the main process's CPU time per item when it loads
-    print(f"\nload average after the loader rows: {_load()}")
-    print(f"\nuint8 items, best with workers / main process: loader alone **{best_alone:.2f}x**, "
-          + ", ".join(f"with the {g} step **{best_step[g]:.2f}x**" for g in gpus)
-          + f" (goal >= 2x on 2 cores: {'met' if best_alone >= 2 else 'not met'} for the loader alone).")
-    print("\nCeilings on an idle machine. Loader alone: 2 workers on 2 cores at best double the main process, "
-          "less the main process's own CPU per item with workers (receiving batches; last column). With a GPU step "
-          f"of s ms/item: the main process needs s + d ms per item (d = its CPU time per item, here "
-          f"{1000 * t_data:.2f} ms), workers at best s, so workers / main <= 1 + d/s: "
-          + ", ".join(f"{g} {1 + t_data / gpu_wait[g]:.2f}x" for g in gpus)
-          + ". A slower step hides the data time; the loader-alone ratio is the pipeline's own speed-up.")
+    best_pred = [max(pred[("uint8", w)][j] for w in args.workers) for j in range(1 + len(gpus))]
+    print(f"\nuint8 items, best with workers / main process, measured: loader alone **{best_alone:.2f}x**, "
+          + ", ".join(f"with the {short[g]} step **{best_step[g]:.2f}x**" for g in gpus)
+          + f"; predicted for {cores} idle cores: loader alone **{best_pred[0]:.2f}x**, "
+          + ", ".join(f"with the {short[g]} step **{best_pred[1 + j]:.2f}x**" for j, g in enumerate(gpus))
+          + ". Goal >= 2x on 2 cores.")
+    d = u[0][4][0]
+    print(f"\nWhy these ceilings: loader alone, {cores} workers on {cores} cores can at best multiply the main "
+          "process by the core count, less what the training process itself spends per item with workers "
+          "(receiving batches) and any per-item cost a worker adds. With a GPU step of s ms/item the main process "
+          f"needs s + d per item (d = its CPU per item, here {1000 * d:.2f} ms) and workers at best s, so the ratio "
+          "is at most 1 + d/s: " + ", ".join(f"{short[g]} {1 + d / gpu_wait[g]:.2f}x" for g in gpus)
+          + ". A slow step hides the data time; a fast one (or an expensive item) exposes it.")
     if not args.no_float:
         f0, fw = [r for r in rows if r[0] == "float32"][0], [r for r in rows if r[0] == "float32"][-1]
         print(f"\nuint8 vs float32 items with {u[-1][1]} workers, loader alone: **{u[-1][2] / fw[2]:.2f}x**; "
@@ -286,7 +341,7 @@ def main() -> None:
               f"{1000 / new:.1f} |")
         print(f"\nspeed-up: **{new / old:.2f}x**")
 
-    per_worker = 1 / u[0][4]  # a worker spends what the main process spends per item: its CPU time, on one core
+    per_worker = 1 / u[0][4][0]  # a worker spends what the main process spends per item: its CPU time, on one core
     print("\n### 3. Paper-preset training step (UNet 256/512/1024 + VAE encode, 256 px) vs the loader\n")
     print(f"FLOPs per item (fwd + bwd, VAE encode, self-conditioning p = 0.5; counted by torch.utils.flop_counter on "
           f"the meta device): {flops / 1e9:.0f} GFLOP\n")
