@@ -8,7 +8,8 @@ Three measurements, printed as markdown tables:
      converted to [-1, 1] in the loader, 768 KiB each at 256 px) and "uint8" (now: 196 KiB items, converted on the
      training device by `harness.dataset.to_model_pixels`). Goal: workers >= 2x the main process on 2 cores.
      Each row is timed alone and with a simulated GPU step in the loop (the training process sleeps as long as the
-     ESTIMATED step of a GPU would take, see 3.). The load average is printed: on a shared machine, rows move.
+     ESTIMATED step of a GPU would take, see 3.). The load average is printed: on a shared machine, rows move;
+     a second table predicts the rows for idle cores from the CPU time each process spent per item.
   2. The same loader on full-resolution JPEGs (../shared/data/imageclef2024/full-res-sample, if present): decoding
      at the training resolution (PIL draft, jitter after the resize) vs the previous path (full-size decode, jitter
      at full size, then resize).
