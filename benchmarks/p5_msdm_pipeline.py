@@ -88,8 +88,8 @@ def loader_rate(dataset, workers: int, items: int, batch: int, wait_per_item: fl
     CPU) that long per item after each batch, as it would wait for the GPU; the workers keep decoding meanwhile.
     Batches are pinned as the trainer pins them when a GPU is present. `cpu` receives CPU seconds per item of
     (the training process over the timed window, the worker processes over their whole life divided by every item
-    they made - the ones still waiting in the prefetch queue included): CPU time, unlike wall time, hardly depends
-    on what else the machine is running."""
+    they made - the ones still waiting in the prefetch queue included): CPU time depends much less than wall time
+    on what else the machine is running (not at all only on an idle machine: caches are shared)."""
     import torch
 
     from harness.trainer import ShardedBatches, _micro_batch_loader
