@@ -1,13 +1,19 @@
-"""P7: wall time of a 4-cell tiny Kandinsky prior sweep, cells one after another (the default inline launcher) vs
-two cell processes at once (`--launcher local --devices cpu:2`, one torch thread each), plus the planning table
-for the paper's prior sweep at real sizes (analytic GPU-hours from the FLOP count of benchmarks/p1).
+"""P7: wall time of a 4-cell tiny Kandinsky prior sweep, cells one after another (the default inline launcher, one
+process using every core) vs two cells at once (`--launcher local --devices cpu:2`: one worker process per CPU slot,
+one torch thread each, running its cells one after another), plus the planning table for the paper's prior sweep at
+real sizes (analytic GPU-hours from the FLOP count of benchmarks/p1).
 
 Both runs are the same `harness sweep kandinsky-prior --grid rank=2,3 --grid lr=1e-3,2e-3` command on the tiny
 models (`harness models make-tiny kandinsky22`) and the shipped sample, each in fresh sweep and runs folders (the
-encoder cache is filled once beforehand, so neither run pays it). Prints markdown tables.
+encoder cache is filled once beforehand, so neither run pays it). The inline run gets all the cores
+(OMP_NUM_THREADS = cores), the launched cells one thread each (what the launcher sets): the comparison a user makes.
+Reported per run: wall time, the time until the first cell starts (process start-up, imports, planning), and the
+start-up share = the part of the slots' time (wall x cells at once) spent outside the cells' own work (process
+start-up, imports, scheduling, a slot idle at the end). Prints markdown tables and the load average.
 
-    python benchmarks/p7_sweep_parallel.py                # 4 cells x 1,000 steps (~4 min on 2 cores)
-    python benchmarks/p7_sweep_parallel.py --steps 60     # process start-up dominates: parallel loses
+    python benchmarks/p7_sweep_parallel.py                # 4 cells x 1,000 steps (~3 min on 2 idle cores)
+    python benchmarks/p7_sweep_parallel.py --steps 60     # start-up dominates
+    python benchmarks/p7_sweep_parallel.py --repo /path/to/older/checkout   # measure another checkout's launcher
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ def sweep_args(work: Path, name: str, steps: int, extra: list[str]) -> list[str]
             "--sweep-dir", str(work / name), *extra]
 
 
-def timed(work: Path, name: str, steps: int, extra: list[str]) -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1", HARNESS_RUNS_DIR=str(work / f"runs-{name}"))
+def timed(work: Path, name: str, steps: int, extra: list[str], repo: Path, threads: int) -> dict:
+    """Run the sweep; its wall time, when its first cell started, and the cells' own time (sweep.json)."""
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1",
+               HARNESS_RUNS_DIR=str(work / f"runs-{name}"))
+    t0_wall = time.time()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "harness", *sweep_args(work, name, steps, extra)], env=env,
                          cwd=work, capture_output=True, text=True)
@@ -47,7 +56,9 @@ def timed(work: Path, name: str, steps: int, extra: list[str]) -> float:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     cells = json.loads((work / name / "sweep.json").read_text())["cells"]
     assert all(c["status"] == "done" for c in cells.values()), cells
-    return secs
+    return {"wall": secs, "first_cell": min(c["started"] for c in cells.values()) - t0_wall,
+            "in_cells": sum(c["ended"] - c["started"] for c in cells.values()),
+            "processes": len({c.get("pid") for c in cells.values()})}
 
 
 def planning_rows(gpu_tflops: float, util: float) -> list[tuple[int, float, float]]:
@@ -66,7 +77,10 @@ def planning_rows(gpu_tflops: float, util: float) -> list[tuple[int, float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000, help="training steps per cell")
+    ap.add_argument("--repo", type=Path, default=ROOT, help="the harness checkout whose sweep and launcher run")
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    load0 = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="p7-") as tmp:
         work = Path(tmp)
@@ -80,18 +94,23 @@ def main() -> None:
         split["train"] = split["train"][:6]
         write_json(work / "split.json", split)
         assert load_devset(work / "data")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+        env = dict(os.environ, PYTHONPATH=str(args.repo), HF_HUB_OFFLINE="1")
         subprocess.run([sys.executable, "-m", "harness", "models", "make-tiny", "kandinsky22", str(work / "tiny")],
                        env=env, check=True, capture_output=True)
-        timed(work, "warm", 1, [])  # fills the encoder cache both timed runs then share
-        seq = timed(work, "sequential", args.steps, [])
-        par = timed(work, "parallel", args.steps, ["--launcher", "local", "--devices", "cpu:2"])
+        timed(work, "warm", 1, [], args.repo, cores)  # fills the encoder cache both timed runs then share
+        seq = timed(work, "sequential", args.steps, [], args.repo, cores)
+        par = timed(work, "parallel", args.steps, ["--launcher", "local", "--devices", "cpu:2"], args.repo, 1)
+    load1 = os.getloadavg()
 
-    print(f"### P7: 4-cell tiny sweep ({args.steps} steps per cell), {os.cpu_count()} cores\n")
-    print("| launcher | wall time | speed-up |")
-    print("|---|---:|---:|")
-    print(f"| inline (one cell after another, 1 process) | {seq:.1f} s | 1.00x |")
-    print(f"| local --devices cpu:2 (2 cell processes, 1 thread each) | {par:.1f} s | {seq / par:.2f}x |")
+    print(f"### P7: 4-cell tiny sweep ({args.steps} steps per cell), {cores} cores, load average "
+          f"{load0[0]:.2f} before, {load1[0]:.2f} after (1 min)\n")
+    print("| launcher | wall time | speed-up | first cell starts after | start-up share | processes |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for what, r, slots in ((f"inline (one cell after another, 1 process, {cores} threads)", seq, 1),
+                           ("local --devices cpu:2 (2 slots, 1 thread each)", par, 2)):
+        share = 1 - r["in_cells"] / (r["wall"] * slots)
+        print(f"| {what} | {r['wall']:.1f} s | {seq['wall'] / r['wall']:.2f}x | {r['first_cell']:.1f} s | "
+              f"{share:.0%} | {r['processes']} |")
     rows, step_flops, cell_h = planning_rows(312.0, 0.35)
     print("\n### Planning the paper's prior sweep (10 ranks x 100 epochs, A100 bf16 at an assumed 35 % of peak)\n")
     print(f"One prior LoRA step: {step_flops / 1e9:.1f} GFLOP per sample (p1, encoders cached); "

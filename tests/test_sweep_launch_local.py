@@ -5,6 +5,7 @@ reports each state."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -120,33 +121,70 @@ def test_local_launcher_two_at_once_kill_rerun_and_status(tiny_kandinsky, mini_d
 
 
 def test_scheduler_runs_floor_devices_over_k_at_once_and_records_a_silent_death(tmp_path, monkeypatch):
-    """The scheduler alone, with stand-in cell processes: at most two at once on cpu:2, each with its devices and
-    one thread; a process that exits without recording its end is failed with its log's last line."""
+    """The scheduler and its worker processes (harness/launchers/worker.py) with a stand-in cell: at most two at once
+    on cpu:2, each with its devices and one thread, one worker process per device group running its cells one after
+    another, each cell's output in its own log; a worker that dies mid-cell leaves the cell failed with its log's
+    last line, and a new worker takes the next cell."""
     import harness.launchers.local as local
     from harness.launchers.state import SweepStore
 
-    script = tmp_path / "cell.py"
+    script = tmp_path / "worker.py"
     script.write_text(
-        "import json, os, sys, time\n"
+        "import os, sys, time\n"
         "from harness.launchers.state import SweepStore\n"
-        "store = SweepStore(sys.argv[1]); label = sys.argv[2]\n"
-        "store.patch_cell('cells', label, status='running', threads=os.environ['OMP_NUM_THREADS'],\n"
-        "                 cuda=os.environ['CUDA_VISIBLE_DEVICES'], t0=time.time())\n"
-        "time.sleep(0.6)\n"
-        "if label == 'c': print('MemoryError: simulated'); sys.exit(3)\n"
-        "store.patch_cell('cells', label, status='done', t1=time.time())\n")
+        "from harness.launchers.worker import serve\n"
+        "def cell(sweep_dir, label, launcher, devices):\n"
+        "    store = SweepStore(sweep_dir / 'sweep.json')\n"
+        "    store.patch_cell('cells', label, status='running', threads=os.environ['OMP_NUM_THREADS'],\n"
+        "                     cuda=os.environ['CUDA_VISIBLE_DEVICES'], t0=time.time(), pid=os.getpid())\n"
+        "    print('cell', label, 'says hello')\n"
+        "    time.sleep(0.6)\n"
+        "    if label == 'c': print('MemoryError: simulated', flush=True); os._exit(3)\n"
+        "    return store.patch_cell('cells', label, status='done', t1=time.time())\n"
+        "reply = os.dup(1); os.dup2(2, 1)\n"
+        "serve(sys.argv[1], sys.stdin, reply, run=cell)\n")
     store = SweepStore(tmp_path / "sw" / "sweep.json")
-    store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abcd"}))
-    monkeypatch.setattr(local, "cell_command", lambda sweep_dir, label, group, launcher="local": [
-        sys.executable, str(script), str(sweep_dir / "sweep.json"), label])
-    local.LocalLauncher(devices="cpu:2", poll_s=0.05).launch(store, list("abcd"))
+    store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abcde"}))
+    monkeypatch.setattr(local, "worker_command", lambda sweep_dir, group, launcher="local": [
+        sys.executable, str(script), str(sweep_dir)])
+    local.LocalLauncher(devices="cpu:2", poll_s=0.05).launch(store, list("abcde"))
     cells = store.read()["cells"]
-    assert [cells[k]["status"] for k in "abcd"] == ["done", "done", "failed", "done"]
+    assert [cells[k]["status"] for k in "abcde"] == ["done", "done", "failed", "done", "done"]
     assert "exited with code 3" in cells["c"]["error"] and "MemoryError: simulated" in cells["c"]["error"]
-    assert all(cells[k]["threads"] == "1" and cells[k]["cuda"] == "" and cells[k]["devices"] == "cpu" for k in "abcd")
-    spans = sorted((cells[k]["t0"], cells[k].get("t1", cells[k]["t0"] + 0.6)) for k in "abcd")
+    assert all(cells[k]["threads"] == "1" and cells[k]["cuda"] == "" and cells[k]["devices"] == "cpu"
+               for k in "abcde")
+    spans = sorted((cells[k]["t0"], cells[k].get("t1", cells[k]["t0"] + 0.6)) for k in "abcde")
     most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert most == 2  # two at once, never more
+    # two workers for five cells, plus the one that replaced the worker that died with c
+    assert len({cells[k]["pid"] for k in "abcde"}) == 3
+    for k in "abde":
+        log = (tmp_path / "sw" / "logs" / f"{k}.log").read_text()
+        assert f"cell {k} says hello" in log and "simulated" not in log
+
+
+def test_worker_answers_each_cell_and_records_a_user_error(tmp_path):
+    """The worker loop in-process: a cell's UserError goes to that cell's log (one line, no traceback) and the
+    worker goes on with the next cell."""
+    from harness.errors import UserError
+    from harness.launchers.worker import serve
+
+    def cell(sweep_dir, label, launcher, devices):
+        print(f"running {label} on {devices}")
+        if label == "bad":
+            raise UserError("no such base model", "/x")
+        return {"status": "done"}
+
+    r, w = os.pipe()
+    reqs = io.StringIO("ok\nbad\n\nok2\n")
+    assert serve(tmp_path, reqs, w, devices="cpu", run=cell) == 3
+    os.close(w)
+    with os.fdopen(r) as f:
+        assert f.read().splitlines() == ["ok\tdone", "bad\tfailed", "ok2\tdone"]
+    logs = tmp_path / "logs"
+    assert (logs / "ok.log").read_text() == "running ok on cpu\n"
+    bad = (logs / "bad.log").read_text()
+    assert "running bad on cpu" in bad and "no such base model" in bad and "Traceback" not in bad
 
 
 def test_gpu_cells_are_pinned_and_multi_gpu_cells_run_under_accelerate():
