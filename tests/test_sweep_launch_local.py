@@ -1,7 +1,7 @@
-"""`harness sweep ... --launcher local --devices cpu:2`: a 4-cell tiny Kandinsky sweep, two cell processes at once
-(each `harness sweep-cell`, one torch thread); killing the whole sweep (parent and cells) mid-training and
-rerunning continues the unfinished cells in their own run dirs and skips the finished ones; `harness sweep status`
-reports each state."""
+"""`harness sweep ... --launcher local --devices cpu:2`: a 4-cell tiny Kandinsky sweep, two cells at once (one
+worker process per CPU slot, harness/launchers/worker.py, one torch thread each); killing the whole sweep (parent
+and workers) mid-training and rerunning continues the unfinished cells in their own run dirs and skips the finished
+ones; `harness sweep status` reports each state."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _env(tmp_path) -> dict[str, str]:
                 TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1", HARNESS_RUNS_DIR=str(tmp_path / "runs"))
 
 
-@pytest.mark.slow  # about 100 s on 2 shared cores: each cell process imports torch + diffusers
+@pytest.mark.slow  # 100-160 s on 2 shared cores: each worker process imports torch + diffusers
 def test_local_launcher_two_at_once_kill_rerun_and_status(tiny_kandinsky, mini_data, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
     args = _args(tiny_kandinsky, mini_data, tmp_path, "--max-steps", "30", "--checkpoint-every", "2",
@@ -161,6 +161,31 @@ def test_scheduler_runs_floor_devices_over_k_at_once_and_records_a_silent_death(
     for k in "abde":
         log = (tmp_path / "sw" / "logs" / f"{k}.log").read_text()
         assert f"cell {k} says hello" in log and "simulated" not in log
+
+
+def test_multi_gpu_groups_run_one_process_per_cell(tmp_path, monkeypatch):
+    """K-GPU groups (K > 1) keep one process per cell (`accelerate launch` of `harness sweep-cell`), pinned to the
+    group's GPUs; a process that exits without recording its end is failed with its log's last line."""
+    import harness.launchers.local as local
+    from harness.launchers.state import SweepStore
+
+    script = tmp_path / "cell.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from harness.launchers.state import SweepStore\n"
+        "store = SweepStore(sys.argv[1]); label = sys.argv[2]\n"
+        "store.patch_cell('cells', label, status='running', cuda=os.environ['CUDA_VISIBLE_DEVICES'], pid=os.getpid())\n"
+        "if label == 'b': print('CUDA out of memory (simulated)'); sys.exit(1)\n"
+        "store.patch_cell('cells', label, status='done')\n")
+    store = SweepStore(tmp_path / "sw" / "sweep.json")
+    store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abc"}))
+    monkeypatch.setattr(local, "cell_command", lambda sweep_dir, label, group, launcher="local": [
+        sys.executable, str(script), str(sweep_dir / "sweep.json"), label])
+    local.LocalLauncher(devices="0,1,2,3", gpus_per_cell=2, poll_s=0.05).launch(store, list("abc"))
+    cells = store.read()["cells"]
+    assert [cells[k]["status"] for k in "abc"] == ["done", "failed", "done"]
+    assert "exited with code 1" in cells["b"]["error"] and "out of memory (simulated)" in cells["b"]["error"]
+    assert {cells[k]["cuda"] for k in "abc"} <= {"0,1", "2,3"} and len({cells[k]["pid"] for k in "abc"}) == 3
 
 
 def test_worker_answers_each_cell_and_records_a_user_error(tmp_path):

@@ -167,7 +167,9 @@ class LocalLauncher:
         logs = sweep_dir / "logs"
         group = slot.group
         if workers:
-            if slot.proc is None or slot.proc.poll() is not None:
+            if slot.proc is not None and slot.proc.poll() is not None:  # died between cells
+                self._close(slot)
+            if slot.proc is None:
                 slot.log = open(logs / f"worker-{n}.log", "ab")
                 slot.proc = subprocess.Popen(worker_command(sweep_dir, group), env=cell_env(group),
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slot.log)
