@@ -66,7 +66,8 @@ def timed(work: Path, name: str, steps: int, extra: list[str], repo: Path, threa
         first_of.setdefault(c.get("pid"), c["started"])
     return {"wall": secs, "first_cell": min(c["started"] for c in cells.values()) - t0_wall,
             "later_cells": [c["ended"] - c["started"] for c in cells.values() if first_of[c.get("pid")] != c["started"]],
-            "n_cells": len(cells), "processes": len(first_of)}
+            "n_cells": len(cells), "processes": len(first_of),
+            "cells": [round(c["ended"] - c["started"], 1) for c in sorted(cells.values(), key=lambda c: c["started"])]}
 
 
 def planning_rows(gpu_tflops: float, util: float) -> list[tuple[int, float, float]]:
@@ -118,15 +119,15 @@ def main() -> None:
 
     print(f"### P7: 4-cell tiny sweep ({args.steps} steps per cell), {cores} cores, load average "
           f"{load0[0]:.2f} before, {load1[0]:.2f} after (1 min)\n")
-    print("| launcher | wall time | speed-up | first cell starts after | start-up share | processes |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| launcher | wall time | speed-up | first cell starts after | start-up share | processes | cells (s, by start) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     rows = [(f"inline (one cell after another, 1 process, {t} thread{'s' if t > 1 else ''})", r, 1, t)
             for t, r in inline.items()] + [("local --devices cpu:2 (2 slots, 1 thread each)", par, 2, 1)]
     for what, r, slots, threads in rows:
         # the steady work is a 1-thread figure: no start-up share for a run with more threads per cell
         share = f"{1 - r['n_cells'] * steady / (r['wall'] * slots):.0%}" if threads == 1 else "-"
         print(f"| {what} | {r['wall']:.1f} s | {best['wall'] / r['wall']:.2f}x | {r['first_cell']:.1f} s | "
-              f"{share} | {r['processes']} |")
+              f"{share} | {r['processes']} | {', '.join(map(str, r['cells']))} |")
     print(f"\nSpeed-up: against the faster inline run. Steady work of one cell: {steady:.1f} s (median of "
           f"{len(later)} warm cells, inline 1 thread).")
     rows, step_flops, cell_h = planning_rows(312.0, 0.35)

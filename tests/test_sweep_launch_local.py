@@ -147,7 +147,7 @@ def test_scheduler_runs_floor_devices_over_k_at_once_and_records_a_silent_death(
     store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abcde"}))
     monkeypatch.setattr(local, "worker_command", lambda sweep_dir, group, launcher="local": [
         sys.executable, str(script), str(sweep_dir)])
-    local.LocalLauncher(devices="cpu:2", poll_s=0.05).launch(store, list("abcde"))
+    local.LocalLauncher(devices="cpu:2", poll_s=0.05, fork=False).launch(store, list("abcde"))
     cells = store.read()["cells"]
     assert [cells[k]["status"] for k in "abcde"] == ["done", "done", "failed", "done", "done"]
     assert "exited with code 3" in cells["c"]["error"] and "MemoryError: simulated" in cells["c"]["error"]
@@ -159,6 +159,45 @@ def test_scheduler_runs_floor_devices_over_k_at_once_and_records_a_silent_death(
     # two workers for five cells, plus the one that replaced the worker that died with c
     assert len({cells[k]["pid"] for k in "abcde"}) == 3
     for k in "abde":
+        log = (tmp_path / "sw" / "logs" / f"{k}.log").read_text()
+        assert f"cell {k} says hello" in log and "simulated" not in log
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked CPU workers need os.fork")
+def test_cpu_slots_fork_workers_from_the_scheduler(tmp_path):
+    """On a machine without CUDA the CPU slots are workers forked from the scheduler (its imports already done):
+    two cells at once, one thread each, no CUDA device, each cell's output in its own log; a worker that dies
+    mid-cell leaves its cell failed with the log's last line and a new worker takes the next cell."""
+    import harness.launchers.local as local
+    from harness.launchers.state import SweepStore
+
+    if not local.can_fork([["cpu"]]):
+        pytest.skip("CUDA present: CPU slots start fresh workers")
+
+    def cell(sweep_dir, label, launcher, devices):
+        import torch
+
+        st = SweepStore(sweep_dir / "sweep.json")
+        st.patch_cell("cells", label, status="running", threads=torch.get_num_threads(), pid=os.getpid(),
+                      cuda=os.environ["CUDA_VISIBLE_DEVICES"], t0=time.time(), dev=devices)
+        print(f"cell {label} says hello")
+        time.sleep(0.5)
+        if label == "b":
+            print("MemoryError: simulated", flush=True)
+            os._exit(3)
+        return st.patch_cell("cells", label, status="done", t1=time.time())
+
+    store = SweepStore(tmp_path / "sw" / "sweep.json")
+    store.update(lambda rec: rec.update(family="x", cells={k: {"status": "pending"} for k in "abcd"}))
+    local.LocalLauncher(devices="cpu:2", poll_s=0.05, cell_runner=cell).launch(store, list("abcd"))
+    cells = store.read()["cells"]
+    assert [cells[k]["status"] for k in "abcd"] == ["done", "failed", "done", "done"]
+    assert "exited with code 3" in cells["b"]["error"] and "MemoryError: simulated" in cells["b"]["error"]
+    assert all(cells[k]["threads"] == 1 and cells[k]["cuda"] == "" and cells[k]["dev"] == "cpu" for k in "abcd")
+    assert os.getpid() not in {cells[k]["pid"] for k in "abcd"} and len({cells[k]["pid"] for k in "abcd"}) == 3
+    spans = sorted((cells[k]["t0"], cells[k].get("t1", cells[k]["t0"] + 0.5)) for k in "abcd")
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) == 2
+    for k in "acd":
         log = (tmp_path / "sw" / "logs" / f"{k}.log").read_text()
         assert f"cell {k} says hello" in log and "simulated" not in log
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,94 @@ def worker_command(sweep_dir: Path, group: list[str], launcher: str = "local") -
             "--devices", ",".join(group)]
 
 
+class _Forked:
+    """A worker forked from the scheduler (CPU slots on a machine without CUDA): it starts with every module the
+    scheduler has imported (torch, the family's modules warmed by `LocalLauncher._warm`), so a CPU slot's start-up
+    costs nothing, as DataLoader workers do. Runs harness/launchers/worker.py's `serve` with one torch thread (a
+    forked process must not use an OpenMP pool of its parent: with one thread it has none). The subset of Popen the
+    scheduler uses."""
+
+    def __init__(self, sweep_dir: Path, group: list[str], log, inherited: list[int], run: Any = None):
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for fd in (req_w, rep_r, *inherited):  # other workers' pipes: their EOF must not wait for us
+                    os.close(fd)
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                code = _forked_worker(sweep_dir, group, os.fdopen(req_r, "r", encoding="utf-8"), rep_w, run)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported in the worker's log, then the worker ends
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(req_r)
+        os.close(rep_w)
+        self.pid = pid
+        self.stdin = os.fdopen(req_w, "wb")
+        self.stdout = os.fdopen(rep_r, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _forked_worker(sweep_dir: Path, group: list[str], requests, reply_fd: int, run: Any) -> int:
+    os.environ.update({k: v for k, v in cell_env(group).items() if k in (
+        "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HARNESS_NO_PROGRESS")})
+    import torch
+
+    torch.set_num_threads(1)
+    from harness.launchers.worker import _run_cell, serve
+
+    serve(sweep_dir, requests, reply_fd, devices=",".join(group), run=run or _run_cell)
+    return 0
+
+
+def can_fork(groups: list[list[str]]) -> bool:
+    """Whether CPU slots may be forked workers: Linux/macOS fork, every group a CPU slot, and no CUDA device (a forked
+    child cannot use a CUDA driver its parent initialised; with GPUs present the workers are started fresh)."""
+    if not hasattr(os, "fork") or not all(g == ["cpu"] for g in groups):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 @dataclass
 class _Slot:
     group: list[str]
@@ -100,6 +189,8 @@ class LocalLauncher:
     devices: str = "cpu:1"
     gpus_per_cell: int = 1
     poll_s: float = 0.5
+    fork: bool | None = None  # CPU slots as workers forked from here; None: when `can_fork`
+    cell_runner: Any = None  # what a forked worker runs per cell (tests); None: harness/launchers/worker.py's
 
     name = "local"
 
@@ -126,11 +217,14 @@ class LocalLauncher:
         queue = list(labels)
         slots = [_Slot(g) for g in self.groups]
         workers = all(len(g) == 1 for g in self.groups)
+        forked = workers and (can_fork(self.groups) if self.fork is None else self.fork)
+        if forked and queue:
+            self._warm(store, queue[0])
         try:
             while queue or any(s.label for s in slots):
                 for n, slot in enumerate(slots):
                     while slot.label is None and queue:
-                        self._start(store, key, sweep_dir, n, slot, queue.pop(0), workers)
+                        self._start(store, key, sweep_dir, n, slot, queue.pop(0), workers, forked, slots)
                 if workers:
                     self._read_replies(store, key, slots)
                 for slot in slots:  # a process gone while a cell was assigned: died, or (per-cell) finished
@@ -156,8 +250,21 @@ class LocalLauncher:
                 self._close(slot)
             raise
 
+    @staticmethod
+    def _warm(store: SweepStore, label: str) -> None:
+        """Before forking the CPU workers: import here, once, what every cell imports first (the family's modules,
+        diffusers, transformers, peft: several seconds), by counting the first cell's trainable parameters as each
+        cell does; each forked worker then starts with them."""
+        from harness.launchers.cell import cell_config
+
+        try:
+            target, _key, cfg = cell_config(store.read(), label)
+            target.trainable(cfg)
+        except Exception:  # noqa: BLE001 - a warm-up only: the cell itself reports any real error
+            pass
+
     def _start(self, store: SweepStore, key: str, sweep_dir: Path, n: int, slot: _Slot, label: str,
-               workers: bool) -> None:
+               workers: bool, forked: bool = False, slots: list[_Slot] = ()) -> None:
         from harness.progress import console
 
         entry = cells_of(store.read())[1].get(label, {})
@@ -171,8 +278,13 @@ class LocalLauncher:
                 self._close(slot)
             if slot.proc is None:
                 slot.log = open(logs / f"worker-{n}.log", "ab")
-                slot.proc = subprocess.Popen(worker_command(sweep_dir, group), env=cell_env(group),
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slot.log)
+                if forked:
+                    inherited = [f.fileno() for s in slots if s.proc is not None
+                                 for f in (s.proc.stdin, s.proc.stdout) if f is not None and not f.closed]
+                    slot.proc = _Forked(sweep_dir, group, slot.log, inherited, self.cell_runner)
+                else:
+                    slot.proc = subprocess.Popen(worker_command(sweep_dir, group), env=cell_env(group),
+                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slot.log)
                 slot.buf = b""
             try:
                 slot.proc.stdin.write(f"{label}\n".encode())
