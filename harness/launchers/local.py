@@ -5,8 +5,11 @@ times slower).
 
 A single-device group (one GPU, or one CPU slot) keeps one long-lived worker process (harness/launchers/worker.py)
 that runs the cells handed to it one after another, so the process start-up (Python, torch, diffusers, the models'
-modules: seconds, more than a short cell's work) is paid once per device group, not once per cell. A K-GPU group
-(K > 1) runs each cell as its own `accelerate launch` of `harness sweep-cell` with K processes.
+modules: seconds, more than a short cell's work) is paid once per device group, not once per cell. On a machine
+without CUDA the CPU slots' workers are forked from the scheduler after it has imported, once, what every cell
+imports first, so they start at once (`_Forked`); GPU workers start fresh (`python -m harness.launchers.worker`),
+as a CUDA driver does not survive a fork. A K-GPU group (K > 1) runs each cell as its own `accelerate launch` of
+`harness sweep-cell` with K processes.
 The parent only schedules: it hands a free device group the next queued cell, waits, and records a cell whose
 process died without recording its end as failed (with its log's last line); a dead worker is replaced for the
 next cell. Each cell's stdout/stderr go to <sweep dir>/logs/<cell>.log (a worker's own, between cells, to

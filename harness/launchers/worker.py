@@ -4,7 +4,10 @@ per cell, then runs the cells the scheduler hands it one after another, exactly 
 (harness/launchers/cell.py: rebuilt from sweep.json alone, recorded there under its lock, a killed training
 continued from its checkpoint on the next run).
 
-    python -m harness.launchers.worker SWEEP_DIR --launcher local --devices cpu
+    python -m harness.launchers.worker SWEEP_DIR --launcher local --devices 0
+
+(On a machine without CUDA the CPU slots' workers are forked from the scheduler instead and run the same `serve`:
+harness/launchers/local.py `_Forked`.)
 
 Protocol: the scheduler writes one cell label per line on the worker's stdin; the worker runs it with its stdout
 and stderr (file descriptors 1 and 2, so C-level messages too) sent to <sweep dir>/logs/<cell>.log, then answers
