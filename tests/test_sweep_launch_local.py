@@ -36,7 +36,7 @@ def _env(tmp_path) -> dict[str, str]:
                 TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1", HARNESS_RUNS_DIR=str(tmp_path / "runs"))
 
 
-@pytest.mark.slow  # 100-160 s on 2 shared cores: each worker process imports torch + diffusers
+@pytest.mark.slow  # 30-160 s on 2 shared cores (two sweep commands, each importing torch + diffusers)
 def test_local_launcher_two_at_once_kill_rerun_and_status(tiny_kandinsky, mini_data, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
     args = _args(tiny_kandinsky, mini_data, tmp_path, "--max-steps", "30", "--checkpoint-every", "2",
