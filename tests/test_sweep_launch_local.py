@@ -260,3 +260,17 @@ def test_gpu_cells_are_pinned_and_multi_gpu_cells_run_under_accelerate():
     assert cmd[cmd.index("harness"):] == ["harness", "sweep-cell", "/s", "rank=4", "--launcher", "local",
                                           "--devices", "2,3"]
     assert cell_command(Path("/s"), "4", ["1"])[1:4] == ["-m", "harness", "sweep-cell"]
+
+
+def test_fresh_worker_process_protocol(tmp_path):
+    """`python -m harness.launchers.worker` (the GPU slots' worker): labels on stdin, `label<TAB>status` on stdout
+    and nothing else there; a cell it cannot run is answered failed, its error in the cell's log."""
+    (tmp_path / "sw").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("OMP_NUM_THREADS", None)  # no torch needed to answer
+    out = subprocess.run([sys.executable, "-m", "harness.launchers.worker", str(tmp_path / "sw"), "--devices", "0"],
+                         input="rank=4\n", capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "rank=4\tfailed\n"
+    assert "no sweep here" in (tmp_path / "sw" / "logs" / "rank=4.log").read_text()
+
