@@ -10,11 +10,15 @@ encoder cache is filled once beforehand, so neither run pays it). The launched c
 what a user gets by default): on these tiny models a second intra-op thread gains little, and on a loaded machine
 OpenMP threads waiting for each other can make it much slower, so the speed-up is taken against the faster inline
 run (`--inline-threads` picks the ones to measure; an inline run past 1.5x the first one's time is stopped, as it
-cannot be the faster: this keeps the default run to ~3 minutes even on a busy machine). Reported per run: wall time, the time until the first cell starts (process start-up, imports, planning), and the
-start-up share = the part of the slots' time (wall x cells at once) beyond 4 x the steady work of one cell (the
-median time of the cells that were not their process's first, in the 1-thread inline run): process start-up, the
-imports the first cell of each process pays (diffusers, transformers, peft, the real-size model counted on the meta
-device: most of a short cell), scheduling, a slot idle at the end. Prints markdown tables and the load average.
+cannot be the faster: this keeps the default run to ~3 minutes even on a busy machine).
+
+Reported per run: wall time; CPU time (user + system of the sweep and all its processes: equal for both launchers
+when no start-up is paid twice, whatever else loads the machine); the time until the first cell starts (process
+start-up, imports, planning); the start-up share = the part of the slots' time (wall x cells at once) beyond 4 x the
+steady work of one cell (the median time of the cells that were not their process's first, in the 1-thread inline
+run): process start-up, the imports the first cell of each process pays (diffusers, transformers, peft, the
+real-size model counted on the meta device: most of a short cell), scheduling, a slot idle at the end. Prints
+markdown tables and the load average.
 
     python benchmarks/p7_sweep_parallel.py                # 4 cells x 1,000 steps (~3 min on 2 idle cores)
     python benchmarks/p7_sweep_parallel.py --steps 60     # start-up dominates
@@ -27,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,7 @@ def timed(work: Path, name: str, steps: int, extra: list[str], repo: Path, threa
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HARNESS_NO_PROGRESS="1",
                HARNESS_RUNS_DIR=str(work / f"runs-{name}"))
     t0_wall = time.time()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-m", "harness", *sweep_args(work, name, steps, extra)], env=env,
@@ -63,6 +69,8 @@ def timed(work: Path, name: str, steps: int, extra: list[str], repo: Path, threa
     except subprocess.TimeoutExpired:
         return None
     secs = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the sweep and every process it reaped (workers, loaders)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     cells = json.loads((work / name / "sweep.json").read_text())["cells"]
@@ -70,8 +78,9 @@ def timed(work: Path, name: str, steps: int, extra: list[str], repo: Path, threa
     first_of: dict = {}
     for c in sorted(cells.values(), key=lambda c: c["started"]):
         first_of.setdefault(c.get("pid"), c["started"])
-    return {"wall": secs, "first_cell": min(c["started"] for c in cells.values()) - t0_wall,
-            "later_cells": [c["ended"] - c["started"] for c in cells.values() if first_of[c.get("pid")] != c["started"]],
+    return {"wall": secs, "cpu": cpu, "first_cell": min(c["started"] for c in cells.values()) - t0_wall,
+            "later_cells": [c["ended"] - c["started"] for c in cells.values()
+                            if first_of[c.get("pid")] != c["started"]],
             "n_cells": len(cells), "processes": len(first_of),
             "cells": [round(c["ended"] - c["started"], 1) for c in sorted(cells.values(), key=lambda c: c["started"])]}
 
@@ -129,21 +138,25 @@ def main() -> None:
 
     print(f"### P7: 4-cell tiny sweep ({args.steps} steps per cell), {cores} cores, load average "
           f"{load0[0]:.2f} before, {load1[0]:.2f} after (1 min)\n")
-    print("| launcher | wall time | speed-up | first cell starts after | start-up share | processes | cells (s, by start) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| launcher | wall time | speed-up | CPU time | first cell starts after | start-up share | processes "
+          "| cells (s, by start) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     rows = [(f"inline (one cell after another, 1 process, {t} thread{'s' if t > 1 else ''})", r, 1, t)
             for t, r in inline.items()] + [("local --devices cpu:2 (2 slots, 1 thread each)", par, 2, 1)]
     for what, r, slots, threads in rows:
         if r is None:
             print(f"| {what} | stopped after {1.5 * inline[inline_threads[0]]['wall']:.0f} s (1.5x the "
-                  f"{inline_threads[0]}-thread run) | - | - | - | 1 | - |")
+                  f"{inline_threads[0]}-thread run) | - | - | - | - | 1 | - |")
             continue
         # the steady work is a 1-thread figure: no start-up share for a run with more threads per cell
         share = f"{1 - r['n_cells'] * steady / (r['wall'] * slots):.0%}" if threads == 1 else "-"
-        print(f"| {what} | {r['wall']:.1f} s | {best['wall'] / r['wall']:.2f}x | {r['first_cell']:.1f} s | "
+        print(f"| {what} | {r['wall']:.1f} s | {best['wall'] / r['wall']:.2f}x | {r['cpu']:.1f} s | "
+              f"{r['first_cell']:.1f} s | "
               f"{share} | {r['processes']} | {', '.join(map(str, r['cells']))} |")
     print(f"\nSpeed-up: against the faster inline run. Steady work of one cell: {steady:.1f} s (median of "
-          f"{len(later)} warm cells, inline 1 thread).")
+          f"{len(later)} warm cells, inline 1 thread). CPU time: user + system of the sweep and every process it "
+          f"started; equal CPU times mean no start-up is paid twice, and the wall-time speed-up then depends only on "
+          f"how much of the second core the machine's other load leaves.")
     rows, step_flops, cell_h = planning_rows(312.0, 0.35)
     print("\n### Planning the paper's prior sweep (10 ranks x 100 epochs, A100 bf16 at an assumed 35 % of peak)\n")
     print(f"One prior LoRA step: {step_flops / 1e9:.1f} GFLOP per sample (p1, encoders cached); "
