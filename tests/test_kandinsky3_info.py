@@ -13,6 +13,24 @@ def test_real_unet_is_3b_and_lora_is_linear_in_rank():
     assert c8["lora"] == 2 * c4["lora"] == 2 * 1_671_168
 
 
+def test_text_encoder_is_the_hub_flan_ul2_encoder():
+    """configs/text_encoder_config.json = kandinsky-community/kandinsky-3 text_encoder/config.json (= google/flan-ul2):
+    8,721,797,632 parameters, x 4 B = the hub's 34.9 GB fp32 pytorch_model.bin (configs/SOURCES.md)."""
+    from models.kandinsky3.lora import count_text_encoder, real_text_encoder_config
+
+    cfg = real_text_encoder_config()
+    assert (cfg["d_model"], cfg["d_ff"], cfg["num_layers"], cfg["num_heads"], cfg["d_kv"], cfg["vocab_size"]) == (
+        4096, 16384, 32, 16, 256, 32128)
+    assert cfg["feed_forward_proj"] == "gated-silu"  # UL2's SwiGLU, not T5 v1.1's gated-GELU
+    assert (cfg["relative_attention_num_buckets"], cfg["relative_attention_max_distance"]) == (32, 128)
+    n = count_text_encoder()
+    assert n == 8_721_797_632
+    assert round(n * 4 / 1e9, 1) == 34.9
+    from models.kandinsky3.lora import real_unet_config
+
+    assert real_unet_config()["encoder_hid_dim"] == cfg["d_model"]
+
+
 def test_dry_run_prints_counts_and_memory_without_data(run_cli, tmp_path):
     split = tmp_path / "split.json"
     split.write_text("{}")

@@ -1,7 +1,7 @@
 """Load Kandinsky 3.0 the way `Kandinsky3Pipeline` does, and reproduce its text encoding for a cache.
 
 Components (subfolders of `kandinsky-community/kandinsky-3`): tokenizer (T5), text_encoder (`T5EncoderModel`, the
-encoder of FLAN-UL2, ~8.6 B parameters), unet (`Kandinsky3UNet`, ~3.06 B), scheduler (DDPM), movq (`VQModel`).
+encoder of FLAN-UL2, 8.72 B parameters), unet (`Kandinsky3UNet`, 3.06 B), scheduler (DDPM), movq (`VQModel`).
 
 Text encoding = `Kandinsky3Pipeline.encode_prompt`: tokens padded to max_length 128 (truncated), encoder last hidden
 state multiplied by the attention mask. The pipeline then cuts the batch to (longest mask + 1) positions

@@ -116,14 +116,18 @@ def count_parameters(rank: int, spec: LoraSpec | None = None, config: dict | Non
     return {"unet": base, "lora": lora}
 
 
-# FLAN-UL2's encoder (google/flan-ul2 config: d_model 4096, 32 layers, d_ff 16384, 16 heads x d_kv 256, vocab 32128).
-FLAN_UL2_ENCODER = {"vocab_size": 32128, "d_model": 4096, "d_kv": 256, "d_ff": 16384, "num_layers": 32,
-                    "num_heads": 16, "feed_forward_proj": "gated-silu", "is_encoder_decoder": False}
+TEXT_ENCODER_JSON = Path(__file__).parent / "configs" / "text_encoder_config.json"
+
+
+def real_text_encoder_config() -> dict[str, Any]:
+    """FLAN-UL2's encoder as the pipeline ships it (kandinsky-community/kandinsky-3 text_encoder/config.json: d_model
+    4096, 32 layers, d_ff 16384 gated-SiLU, 16 heads x d_kv 256, vocab 32128; sources in configs/SOURCES.md)."""
+    return {k: v for k, v in json.loads(TEXT_ENCODER_JSON.read_text()).items() if not k.startswith("_")}
 
 
 def count_text_encoder(config: dict | None = None) -> int:
     from transformers import T5Config, T5EncoderModel
 
     with torch.device("meta"):
-        enc = T5EncoderModel(T5Config(**(config or FLAN_UL2_ENCODER)))
+        enc = T5EncoderModel(T5Config(**(config or real_text_encoder_config())))
     return sum(p.numel() for p in enc.parameters())

@@ -47,14 +47,17 @@ def build_t5_tokenizer(corpus: Iterable[str] | None = None, model_max_length: in
                            extra_ids=0, model_max_length=model_max_length)
 
 
-def tiny_pipeline(corpus: Iterable[str] | None = None, seed: int = 0):
+def tiny_pipeline(corpus: Iterable[str] | None = None, seed: int = 0, encoder_width: int = 32):
+    """diffusers' fast-test Kandinsky 3.0 pipeline. `encoder_width` > 32 widens the 2-layer T5 encoder (d_model =
+    width, d_ff = 4 x width) and the U-Net's `encoder_hid_dim` with it, for benchmarks that must see the encoder's
+    weight in memory (P6)."""
     from diffusers import DDPMScheduler, Kandinsky3Pipeline, Kandinsky3UNet, VQModel
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_t5_tokenizer(corpus)
     torch.manual_seed(seed)
     unet = Kandinsky3UNet(in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=3,
-                          block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32)
+                          block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=encoder_width)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True, thresholding=False)
     torch.manual_seed(seed)
@@ -63,13 +66,15 @@ def tiny_pipeline(corpus: Iterable[str] | None = None, seed: int = 0):
                    num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
                    vq_embed_dim=4)
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=encoder_width, d_kv=encoder_width // 4,
+                                           d_ff=37 if encoder_width == 32 else 4 * encoder_width, num_layers=2,
                                            num_heads=4, is_encoder_decoder=False))
     return Kandinsky3Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
                               movq=movq)
 
 
-def save_tiny_pipeline(out_dir: str | Path, corpus: Iterable[str] | None = None, seed: int = 0) -> Path:
+def save_tiny_pipeline(out_dir: str | Path, corpus: Iterable[str] | None = None, seed: int = 0,
+                       encoder_width: int = 32) -> Path:
     out_dir = Path(out_dir)
-    tiny_pipeline(corpus, seed).save_pretrained(out_dir)
+    tiny_pipeline(corpus, seed, encoder_width).save_pretrained(out_dir)
     return out_dir
