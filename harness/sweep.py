@@ -27,7 +27,7 @@ State lives in `<sweep dir>/sweep.json`, the one truth of the sweep: every proce
 under a lock file, atomically (harness/launchers/state.py): per cell the run directory (recorded as soon as the run
 exists, before its first step), status, launcher, job id, devices, start/end times, a heartbeat, the stage reached,
 the metrics, or the error of a crash. Where the cells run is the launcher (--launcher): inline, one after another
-in this process (the default); local, each cell its own `harness sweep-cell` process pinned to its devices
+in this process (the default); local, one worker process per device group pinned to its devices, running its cells in turn
 (--devices 0,1,2,3 [--gpus-per-cell K], cpu:N on CPU); slurm, one submitit job array (harness/launchers/).
 `harness sweep status SWEEP_DIR` shows every cell. A crash in one cell is recorded and the sweep goes on (a user
 error - bad data, a missing base model - stops an inline sweep, once). Running the same command again skips
@@ -390,7 +390,7 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
     them is refused in an explicit --sweep-dir and gets its own directory by default.
 
     `launcher` None runs the cells here, one after another; a launcher (harness/launchers: LocalLauncher,
-    SlurmLauncher) runs each cell in its own process or job (`harness sweep-cell`), all of them writing sweep.json
+    SlurmLauncher) runs the cells in worker processes or jobs (harness/launchers/worker.py, `harness sweep-cell`), all of them writing sweep.json
     under its lock."""
     if device is not None:  # an unavailable --device is one line now, not a cell's crash after its training
         from harness.distributed import pick_device

@@ -310,7 +310,8 @@ def launcher_options() -> list:
     return [
         click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline",
                      help="inline: the cells one after another in this process (the sweep before launchers); local: "
-                          "each cell its own process pinned to --devices, floor(devices / --gpus-per-cell) at once; "
+                          "floor(devices / --gpus-per-cell) cells at once, one worker process per device group (pinned to "
+                          "--devices) running its cells in turn; "
                           "slurm: one submitit job array, logs under the sweep dir, requeued jobs resume from their "
                           "last checkpoint."),
         click.option("--devices", type=str, default=None, metavar="IDS|cpu:N",

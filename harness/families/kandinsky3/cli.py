@@ -123,7 +123,7 @@ def train_kandinsky3(**kwargs):
     """Train a LoRA adapter on the Kandinsky 3.0 U-Net (only the LoRA weights train).
 
     Epsilon MSE on MoVQ latents of the padded training images, conditioned on FLAN-UL2 (T5) embeddings that are
-    encoded once into the encoder cache (the 8.6 B encoder is then freed: training holds the U-Net alone).
+    encoded once into the encoder cache (the 8.7 B encoder is then freed: training holds the U-Net alone).
     The adapter is written to RUN/final/ (peft state dict + adapter_config.json; loading recipe in
     models/kandinsky3/lora.py).
 

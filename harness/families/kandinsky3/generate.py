@@ -1,7 +1,7 @@
 """`harness generate` on a kandinsky3 run: diffusers' Kandinsky3Pipeline (its U-Net with the run's LoRA, its MoVQ
 and scheduler) fed prompt embeddings from the text-encoder cache.
 
-Each unique prompt is encoded once (fp16, into the same on-disk cache training uses); the 8.6 B T5 encoder is
+Each unique prompt is encoded once (fp16, into the same on-disk cache training uses); the 8.7 B T5 encoder is
 loaded lazily, on the CPU, only when a prompt is missing from the cache, so the accelerator holds the U-Net and
 MoVQ only. The negative prompt defaults to "" - the caption the training dropped captions to (diffusers' default,
 no negative prompt, feeds zero embeddings, a condition the fine-tune never saw). Image k draws all its noise from a
