@@ -564,3 +564,39 @@ def resume(run_dir: str | Path, loop_overrides: dict | None = None) -> Run:
 def read_metrics(run: Run) -> dict[str, Any] | None:
     p = run.dir / METRICS_FILE
     return read_json(p) if p.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------------ bootstrap
+
+
+def label_aurocs(probs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """AUROC of each label column (torchmetrics' binary_auroc); nan where the column lacks a class."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    out = np.full(probs.shape[1], np.nan)
+    for j in range(probs.shape[1]):
+        t = targets[:, j].long()
+        pos = int(t.sum())
+        if 0 < pos < len(t):
+            out[j] = float(binary_auroc(probs[:, j], t))
+    return out
+
+
+def macro_auroc(probs: torch.Tensor, targets: torch.Tensor, columns: Sequence[int] | None = None) -> float:
+    """Mean AUROC over the label columns (or `columns`) that have both classes; nan when none has."""
+    a = label_aurocs(probs, targets)
+    if columns is not None:
+        a = a[list(columns)]
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def bootstrap(statistic, n: int, point: float, n_boot: int, seed: int, level: float = 0.95) -> dict[str, Any]:
+    """Bootstrap interval of `statistic(indices)` over n images resampled with replacement (seeded), in the form
+    `harness.stats` writes (percentile interval, bias-corrected, so it is centred on the point value)."""
+    from harness.stats import Interval, _interval
+
+    rng = np.random.default_rng(seed)
+    reps = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=np.float64)
+    low, high = _interval(point, reps, level)
+    return Interval(point, low, high, level, n_boot, seed).to_dict()

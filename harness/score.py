@@ -54,7 +54,7 @@ from harness.io import read_json, write_json
 from harness.runs import Run
 
 METRICS_FORMAT = "harness-metrics/2"
-ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip")
+ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip", "adherence")
 DEFAULT_METRICS = ("fid", "is", "prc", "kid", "imageclef2024")
 MIN_N = 2048  # below this FID is biased and the 2048-d covariance is rank-deficient
 NOT_COMPUTED = "not computed"
@@ -99,6 +99,7 @@ class ScoreConfig:
     # Test-only: accept weights whose sha256 is not the published one (randomly initialised extractors). Results are
     # labelled "unverified weights" and the leaderboard leaves them out unless asked.
     allow_unverified_weights: bool = False
+    classifier: Path | None = None  # attribute classifier run for "adherence" (harness/adherence.py)
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
@@ -113,6 +114,8 @@ class ScoreConfig:
             raise UserError("isc_splits, prc_neighborhood and kid_subsets must be >= 1, kid_subset_size >= 2")
         if self.bootstrap < 0:
             raise UserError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if "adherence" in self.metrics and self.classifier is None:
+            raise UserError("--metrics adherence needs --classifier CLF_RUN (a run of `harness train attributes`)")
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -384,6 +387,8 @@ class ScoreResult:
             parts.append(f"KID {m['kid']['mean']:.4f}")
         if m.get("imageclef2024", {}).get("status") == "ok":
             parts.append(f"2024-FD {m['imageclef2024']['fd']:.4f}")
+        if m.get("adherence", {}).get("status") == "ok":
+            parts.append(f"adherence {m['adherence']['value']:.3f}")
         skipped = [k for k, v in m.items() if v.get("status") != "ok"]
         if skipped:
             parts.append(f"not computed: {', '.join(skipped)}")
@@ -446,6 +451,10 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
     prep = real_preprocess(cfg, gen)
     device = pick_device(cfg.device)
     want = list(cfg.metrics)
+    if "adherence" in want:  # a bad --classifier fails before any feature is extracted
+        from harness.attributes import load_classifier
+
+        load_classifier(cfg.classifier)
     n_gen, n_real = len(gen.images), len(real.images)
 
     # Which extractor serves which metric; every extractor sees both sides except Inception for IS alone.
@@ -453,6 +462,8 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
     explicit = {INCEPTION: cfg.inception_weights, "vgg16": cfg.vgg_weights, "imageclef2024": cfg.imageclef_weights,
                 FD_EXTRACTORS["fd-clip"]: cfg.clip_weights}
     for m in want:
+        if m == "adherence":  # its own classifier, not a torch-fidelity extractor (harness/adherence.py)
+            continue
         name = metric_extractor(m, cfg)
         if name == INCEPTION:
             layers: tuple[str, ...] = INCEPTION_LAYERS
@@ -531,7 +542,7 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
              for (n, s), f in feats.items()}
 
     ctx = _Context(cfg, feats, weights, missing, n_gen, n_real, gen, real)
-    metrics: dict[str, Any] = {m: _compute_memo(m, ctx) for m in want}
+    metrics: dict[str, Any] = {m: _adherence(gen, cfg) if m == "adherence" else _compute_memo(m, ctx) for m in want}
 
     warnings: list[str] = []
     computed = {k for k, v in metrics.items() if v.get("status") == "ok"}
@@ -584,6 +595,12 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         gen.run.log(f"score: {', '.join(f'{k}={_short(v)}' for k, v in metrics.items())} (N_gen={n_gen}, "
                     f"N_real={n_real}, real={real.label}, preprocess={prep.label})")
     return ScoreResult(out, {k: v for k, v in merged.items() if k != "results"})
+
+
+def _adherence(gen: GeneratedSet, cfg: ScoreConfig) -> dict[str, Any]:
+    from harness.adherence import adherence_metric
+
+    return adherence_metric(gen, cfg)
 
 
 def _sample(gen: GeneratedSet) -> list[dict[str, str]]:

@@ -32,8 +32,11 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev-set dir for --real val/all (default: the one named in the run's config).")
 @click.option("--metrics", "metrics_text", default="fid,is,prc,kid,imageclef2024", show_default=True,
-              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip (fd-*: Frechet distance on "
-                   "DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors).")
+              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip,adherence (fd-*: Frechet distance "
+                   "on DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors; adherence: does each "
+                   "image show what its prompt asks, by the --classifier's attribute predictions).")
+@click.option("--classifier", "classifier_run", type=existing_dir, default=None,
+              help="--metrics adherence: the attribute classifier, a run of `harness train attributes`.")
 @click.option("--prc-features", type=click.Choice(["vgg16", "inception"]), default="vgg16", show_default=True,
               help="Features for precision/recall: VGG16 fc2_relu (torch-fidelity's) or Inception pool3 (labelled).")
 @click.option("--inception-weights", type=existing_file, default=None,
@@ -82,7 +85,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
           inception_weights, vgg_weights, imageclef_weights, clip_weights, bootstrap: int, batch_size: int,
           device: str, kid_subset_size: int, no_strata: bool, out_path, no_cache: bool, no_download: bool,
           leaderboard_path, no_leaderboard: bool, allow_unverified_weights: bool, challenge, prompts_path,
-          organiser_quirks: bool, biomedclip: str, real_mapping) -> None:
+          organiser_quirks: bool, biomedclip: str, real_mapping, classifier_run) -> None:
     """Score RUN/images or any folder of images: FID, IS, precision/recall/F1 (torch-fidelity), KID (also per
     stratum), FD on DINOv2/CLIP, and the organisers' 2024 metric, with bootstrap 95 % intervals.
 
@@ -124,7 +127,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
         "vgg_weights": vgg_weights, "imageclef_weights": imageclef_weights, "clip_weights": clip_weights,
         "batch_size": batch_size, "device": device, "kid_subset_size": kid_subset_size, "bootstrap": bootstrap,
         "strata": not no_strata, "out": out_path, "use_cache": not no_cache, "allow_download": not no_download,
-        "allow_unverified_weights": allow_unverified_weights,
+        "allow_unverified_weights": allow_unverified_weights, "classifier": classifier_run,
     })
     is_run = (Path(target) / "config.json").is_file()
     run = open_run(target) if is_run else None
@@ -183,6 +186,11 @@ def print_result(result) -> None:
             ivs = m.get("intervals") or {}
             value = (f"P {m['precision']:.4f}{_iv(ivs.get('precision'), 3)}  R {m['recall']:.4f}"
                      f"{_iv(ivs.get('recall'), 3)}  F1 {m['f1']:.4f}{_iv(ivs.get('f1'), 3)}")
+        elif name == "adherence":
+            value = (f"macro AUROC {m['value']:.4f}{_iv(m.get('interval'), 3)}  macro F1 "
+                     f"{m['macro_f1'] if m['macro_f1'] is None else round(m['macro_f1'], 4)}  all asked shown "
+                     f"{'—' if m['all_asked'] is None else round(m['all_asked'], 4)}"
+                     f"{_iv(m.get('all_asked_interval'), 3)}")
         else:
             value = f"FD {m['fd']:.5f}  IS {m['is_mean']:.4f} ± {m['is_std']:.4f} (median {m['is_median']:.4f})"
         if m.get("kept_from"):
