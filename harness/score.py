@@ -66,6 +66,7 @@ INCEPTION_LAYERS = ("2048", "logits_unbiased")
 FD_EXTRACTORS = {"fd-dinov2": "dinov2-vit-l-14", "fd-clip": "clip-vit-l-14"}
 REAL_PREPROCESS = ("match", "native", "center-crop")
 SAMPLE_GRID = 16  # images recorded for the leaderboard's sample grid
+KEPT_KEYS = ("fter",)  # top-level metrics.json entries written by other commands (harness/fter.py)
 
 
 @dataclass
@@ -679,7 +680,9 @@ def merge_results(previous: dict[str, Any] | None, new: dict[str, Any], key: str
         doc["unverified_weights"] = any(not v.get("weights_verified", True) for v in metrics.values()
                                         if v.get("status") == "ok")
     results[key] = doc
-    return {**doc, "results": results}
+    # Entries other commands keep in metrics.json beside the scores (harness fter) survive a re-score.
+    carried = {k: previous[k] for k in KEPT_KEYS if isinstance(previous, dict) and k in previous}
+    return {**carried, **doc, "results": results}
 
 
 def _metric_memo_key(metric: str, ctx: "_Context", extractor: str) -> str | None:
