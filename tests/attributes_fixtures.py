@@ -9,7 +9,7 @@ from pathlib import Path
 from harness.runs import Run, create_run
 
 
-def test_pattern_run(data_dir: Path, split_path: Path, side: str, run_id: str, size: int = 32,
+def pattern_run(data_dir: Path, split_path: Path, side: str, run_id: str, size: int = 32,
                      images_per_prompt: int = 1) -> Run:
     """A test-pattern run generated from `--prompts split:<side>`."""
     from harness.generate import generate_images, load_generator
