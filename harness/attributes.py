@@ -487,8 +487,9 @@ class AttributeClassifierRun:
     def identity(self) -> dict[str, Any]:
         """What a score computed with this classifier records: run, weights hash, labels."""
         from harness.io import sha256_file
+        from models.attributes import WEIGHTS_NAME
 
-        weights = self.run.dir / "final" / FINAL_SUBDIR / "diffusion_pytorch_model.safetensors"
+        weights = self.run.dir / "final" / FINAL_SUBDIR / WEIGHTS_NAME
         return {"run": str(self.run.dir.resolve()), "run_id": self.run.id,
                 "weights_sha256": sha256_file(weights) if weights.is_file() else None,
                 "labels": self.labels, "image_size": self.image_size,
@@ -511,7 +512,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     if family != FAMILY:
         raise UserError(f"--classifier: a {family!r} run, not a run of `harness train attributes`", path)
     final = run.dir / "final" / FINAL_SUBDIR
-    if not (final / "config.json").is_file():
+    if not (final / "config.json").is_file() or not (final / "model.safetensors").is_file():
         raise UserError("--classifier: the run has no trained classifier (final/classifier missing: training did "
                         "not finish)", path)
     try:
