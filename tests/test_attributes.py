@@ -122,3 +122,15 @@ def test_print_config_lists_the_label_set_without_training(tmp_path, sample_dir,
     d = json.loads(out)
     assert d["labels"]["finding=text"] >= 3 and d["loop"]["max_steps"] == 600
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_extends_a_finished_run_to_more_steps(tmp_path, sample_dir, split8, run_cli):
+    args = ["train", "attributes", "--split", split8, "--data", sample_dir]
+    tiny = [a if a != "4" else "2" for a in TINY]  # 2 steps
+    assert run_cli(*args, *tiny, "--run-id", "r")[0] == 0
+    run_dir = tmp_path / "runs" / "r"
+    code, out, err = run_cli(*args, "--resume", run_dir, "--max-steps", "4")
+    assert code == 0, err
+    assert json.loads((run_dir / "train_stats.json").read_text())["steps"] == 4
+    assert json.loads((run_dir / "config.json").read_text())["loop"]["max_steps"] == 4
+    assert load_classifier(run_dir).labels == json.loads((run_dir / "config.json").read_text())["labels"]
