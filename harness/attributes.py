@@ -196,6 +196,8 @@ class AttributeConfig:
             raise UserError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.weights not in ("auto", "imagenet", "none"):
             raise UserError(f"weights must be auto, imagenet or none, got {self.weights!r}")
+        if self.weights == "none" and self.weights_file:
+            raise UserError("--weights-file with --weights none: the file would not be used; drop one of them")
         if not 16 <= self.image_size <= 1024:
             raise UserError(f"image_size must be in [16, 1024], got {self.image_size}")
         if self.fit not in ("pad", "crop"):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from harness.cli.common import FiniteFloatRange, existing_dir, existing_file, pop_loop_overrides, training_options
+from harness.cli.common import (FiniteFloatRange, existing_dir, existing_file, pop_loop_overrides, stored_file,
+                                 training_options)
 from harness.errors import UserError
 
 
@@ -48,7 +49,7 @@ def classifier_overrides(config_file, loop: dict, backbone, weights, weights_fil
               help="Backbone start: imagenet = torchvision's ImageNet file from the torch hub cache "
                    "($TORCH_HOME/hub/checkpoints, never downloaded; an error when absent); none = from scratch; "
                    "auto (default) = imagenet when that file is present, else from scratch. The run records which.")
-@click.option("--weights-file", type=existing_file, default=None,
+@click.option("--weights-file", type=stored_file, default=None,
               help="A torchvision ImageNet weights file for the backbone (instead of the hub cache).")
 @click.option("--image-size", type=click.IntRange(16, 1024), default=None,
               help="Square input size: images are resized and padded as training does (default 128: the "
