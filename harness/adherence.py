@@ -10,7 +10,9 @@ images:
 - macro AUROC (the headline `value`) and macro F1 over the labels with both classes among the prompts;
 - `all_asked`: the fraction of images (among those whose prompt asks for at least one classifier label) for which
   every asked label is predicted (p >= 0.5) - the strict, per-image reading;
-- a bootstrap 95 % interval (images resampled, seed 2020 as `harness score`) for both.
+- a bootstrap 95 % interval for both (seed 2020 as `harness score`), resampling PROMPTS with all their images:
+  images made from one prompt are not independent (K images per caption, captions repeated across images; the
+  test pattern's images of a prompt even share their colour), and an image-level bootstrap was 3x too narrow.
 
 A prompt is one caption, which commits to one aspect ("containing a polyp"), so an image whose prompt does not
 mention an attribute is a negative even if the image may show it: AUROC here is lower than the classifier's
@@ -81,9 +83,9 @@ def adherence(paths: list[Path], prompts: list[str], classifier_dir: str | Path,
         return {"status": "not computed", "reason": "no classifier label has both asked and not-asked images among "
                                                     "the prompts", "n_gen": len(paths)}
     if n_boot:
-        out["interval"] = bootstrap(macro_auc, len(paths), value, n_boot, seed)
+        out["interval"] = bootstrap(macro_auc, len(paths), value, n_boot, seed, groups=prompts)
         if frac is not None:
-            out["all_asked_interval"] = bootstrap(all_asked, len(paths), frac, n_boot, seed)
+            out["all_asked_interval"] = bootstrap(all_asked, len(paths), frac, n_boot, seed, groups=prompts)
     return out
 
 

@@ -594,12 +594,29 @@ def macro_auroc(probs: torch.Tensor, targets: torch.Tensor, columns: Sequence[in
     return float(a.mean()) if len(a) else float("nan")
 
 
-def bootstrap(statistic, n: int, point: float, n_boot: int, seed: int, level: float = 0.95) -> dict[str, Any]:
-    """Bootstrap interval of `statistic(indices)` over n images resampled with replacement (seeded), in the form
-    `harness.stats` writes (percentile interval, bias-corrected, so it is centred on the point value)."""
+def resampler(n: int, groups: Sequence[Any] | None, rng: np.random.Generator):
+    """A function drawing one bootstrap resample of indices 0..n-1: images with replacement, or with `groups`
+    (one key per image, e.g. its prompt) whole groups with replacement (a cluster bootstrap: images generated from
+    the same prompt are not independent - the test pattern's are identical in colour - so resampling them one by
+    one gives intervals that are far too narrow)."""
+    if groups is None:
+        return lambda: rng.integers(0, n, n)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = [np.asarray(v) for v in members.values()]
+    return lambda: np.concatenate([blocks[k] for k in rng.integers(0, len(blocks), len(blocks))])
+
+
+def bootstrap(statistic, n: int, point: float, n_boot: int, seed: int, level: float = 0.95,
+              groups: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Bootstrap interval of `statistic(indices)` over n images resampled with replacement (by `groups` when
+    given, see `resampler`; seeded), in the form `harness.stats` writes (percentile interval, bias-corrected, so it
+    is centred on the point value)."""
     from harness.stats import Interval, _interval
 
-    rng = np.random.default_rng(seed)
-    reps = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=np.float64)
+    draw = resampler(n, groups, np.random.default_rng(seed))
+    reps = np.array([statistic(draw()) for _ in range(n_boot)], dtype=np.float64)
     low, high = _interval(point, reps, level)
-    return Interval(point, low, high, level, n_boot, seed).to_dict()
+    return {**Interval(point, low, high, level, n_boot, seed).to_dict(),
+            "resampled": "images" if groups is None else "prompts (all images of a drawn prompt)"}
