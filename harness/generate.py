@@ -28,6 +28,7 @@ from harness.runs import Run
 MANIFEST = "manifest.csv"
 GENERATION_JSON = "generation.json"
 MANIFEST_FIELDS = ["index", "prompt", "filename", "seed", "model"]
+RECORDS = "records.csv"  # Generator.image_records, when a family gives them
 
 
 def image_name(index: int) -> str:
@@ -56,6 +57,12 @@ class Generator(ABC):
     @abstractmethod
     def info(self) -> dict[str, Any]:
         """Model identity for the manifest: family, base model ids, adapters, sampler settings."""
+
+    def image_records(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]] | None:
+        """Optional: one dict per image saying how it was made beyond (prompt, seed, model) - e.g. which training
+        image the retrieval baseline returned. A pure function of (prompts[k], seeds[k]) like the images, so
+        `generate_images` writes them all up front to images/records.csv (None: no such file)."""
+        return None
 
     def identity(self) -> dict[str, Any]:
         """`info()` without where things happen to live (run folder names and paths): what decides the pixels.
@@ -234,6 +241,24 @@ def write_manifest(images_dir: Path, prompts: Sequence[str], base_seed: int, mod
     return write_text(images_dir / MANIFEST, buf.getvalue())
 
 
+def write_records(generator: Generator, images_dir: Path, prompts: Sequence[str], base_seed: int,
+                  name: Callable[[int], str] = image_name) -> Path | None:
+    """images/records.csv: index, filename and the generator's `image_records` columns (none: no file; a stale one
+    from another generator is removed)."""
+    path = images_dir / RECORDS
+    records = generator.image_records(prompts, [image_seed(base_seed, i) for i in range(1, len(prompts) + 1)])
+    if records is None:
+        path.unlink(missing_ok=True)
+        return None
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "filename", *columns])
+    for i, r in enumerate(records, start=1):
+        w.writerow([i, name(i), *(r.get(c, "") for c in columns)])
+    return write_text(path, buf.getvalue())
+
+
 def read_manifest(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -365,6 +390,7 @@ def generate_images(
         write_text(gen_json, dumps_json(record))
         # The manifest is a pure function of (prompts, seed, model), so it is written first and in one piece.
         write_manifest(images_dir, prompts, base_seed, model_key, name)
+        write_records(generator, images_dir, prompts, base_seed, name)
     if barrier is not None:
         barrier()  # other ranks start writing only after rank 0 has cleaned stale temps and written the manifest
 

@@ -54,7 +54,9 @@ from harness.io import read_json, write_json
 from harness.runs import Run
 
 METRICS_FORMAT = "harness-metrics/2"
-ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip", "adherence")
+ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip", "memorisation", "adherence")
+# Metrics computed by their own module from the images (not from the extractor plan below).
+OWN_METRICS = ("memorisation", "adherence")
 DEFAULT_METRICS = ("fid", "is", "prc", "kid", "imageclef2024")
 MIN_N = 2048  # below this FID is biased and the 2048-d covariance is rank-deficient
 NOT_COMPUTED = "not computed"
@@ -100,7 +102,8 @@ class ScoreConfig:
     # Test-only: accept weights whose sha256 is not the published one (randomly initialised extractors). Results are
     # labelled "unverified weights" and the leaderboard leaves them out unless asked.
     allow_unverified_weights: bool = False
-    classifier: Path | None = None  # attribute classifier run for "adherence" (harness/adherence.py)
+    classifier: Path | None = None  # attribute classifier run (harness train attributes): adherence, memorisation
+    memorisation_space: Literal["auto", "classifier", "inception", "pixels"] = "auto"  # see harness/memorisation.py
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
@@ -115,6 +118,12 @@ class ScoreConfig:
             raise UserError("isc_splits, prc_neighborhood and kid_subsets must be >= 1, kid_subset_size >= 2")
         if self.bootstrap < 0:
             raise UserError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        from harness.memorisation import SPACES
+
+        if self.memorisation_space not in SPACES:
+            raise UserError(f"--memorisation-space must be one of {', '.join(SPACES)}")
+        if self.memorisation_space == "classifier" and self.classifier is None:
+            raise UserError("--memorisation-space classifier needs --classifier CLF_RUN")
         if "adherence" in self.metrics and self.classifier is None:
             raise UserError("--metrics adherence needs --classifier CLF_RUN (a run of `harness train attributes`)")
 
@@ -463,7 +472,7 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
     explicit = {INCEPTION: cfg.inception_weights, "vgg16": cfg.vgg_weights, "imageclef2024": cfg.imageclef_weights,
                 FD_EXTRACTORS["fd-clip"]: cfg.clip_weights}
     for m in want:
-        if m == "adherence":  # its own classifier, not a torch-fidelity extractor (harness/adherence.py)
+        if m in OWN_METRICS:
             continue
         name = metric_extractor(m, cfg)
         if name == INCEPTION:
@@ -543,7 +552,14 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
              for (n, s), f in feats.items()}
 
     ctx = _Context(cfg, feats, weights, missing, n_gen, n_real, gen, real)
-    metrics: dict[str, Any] = {m: _adherence(gen, cfg) if m == "adherence" else _compute_memo(m, ctx) for m in want}
+    out = Path(cfg.out) if cfg.out else (gen.run.metrics_path if gen.run else gen.dir / "metrics.json")
+    metrics: dict[str, Any] = {m: _compute_memo(m, ctx) for m in want if m not in OWN_METRICS}
+    if "memorisation" in want:
+        from harness.memorisation import compute_memorisation
+
+        metrics["memorisation"] = compute_memorisation(gen, prep, cfg, device, out.parent, log)
+    if "adherence" in want:
+        metrics["adherence"] = _adherence(gen, cfg)
 
     warnings: list[str] = []
     computed = {k for k, v in metrics.items() if v.get("status") == "ok"}
@@ -560,6 +576,8 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
     if prompts.get("matches") is False:
         warnings.append(prompts["warning"])
     unverified = sorted(n for n, w in weights.items() if not w.verified)
+    if metrics.get("memorisation", {}).get("weights_verified") is False:
+        unverified.append(f"{metrics['memorisation']['extractor']} (memorisation)")
     if unverified:
         warnings.append(f"UNVERIFIED weights for {', '.join(unverified)}: not a real score, kept off the leaderboard")
 
@@ -589,7 +607,6 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         "metrics": metrics,
         "warnings": warnings,
     }
-    out = Path(cfg.out) if cfg.out else (gen.run.metrics_path if gen.run else gen.dir / "metrics.json")
     merged = merge_results(read_json(out) if out.is_file() else None, data, result_key(real.label, prep.mode))
     write_json(out, merged)
     if gen.run:

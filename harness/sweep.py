@@ -167,7 +167,7 @@ def resolve_grid(target: SweepTarget, base: Any, grid: dict[str, list[str]]) -> 
     """{grid key: raw values} -> {dotted config path: typed values}. A key is a config field's dotted path
     (`loop.lr`), its leaf name when unique (`lr`, `rank`), or one of the target's aliases
     (CLI option names such as `lora_targets`). Unknown keys: one line naming the allowed ones."""
-    leaves = {p: v for p, v in _leaves(to_dict(base)).items() if p not in target.fixed}
+    leaves = {p: v for p, v in _leaves(to_dict(base)).items() if p not in target.fixed and p not in VIEW_FIELDS}
     by_leaf: dict[str, list[str]] = {}
     for path in leaves:
         by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
@@ -309,6 +309,25 @@ class SweepResult:
         return t
 
 
+# Config fields that only choose views of a run (trackers), not what it trains: left out of a sweep's identity (its
+# default dir name and the continue check) and not sweepable; a rerun may add or drop a tracker.
+VIEW_FIELDS = ("loop.report_to",)
+
+
+def _identity(base_dict: dict) -> dict:
+    import copy
+
+    out = copy.deepcopy(base_dict)
+    for path in VIEW_FIELDS:
+        *parents, leaf = path.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(leaf, None)
+    return out
+
+
 def _config_hash(d: dict) -> str:
     return hashlib.sha256(dumps_json(d).encode()).hexdigest()[:10]
 
@@ -398,7 +417,7 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
         raise UserError(f"--images-per-prompt must be >= 1, got {k}")
     protocol = {"n_prompts": n_prompts, "gen_seed": gen_seed, "images_per_prompt": k}
     sweep_dir = Path(sweep_dir) if sweep_dir else \
-        runs_root() / "sweeps" / f"{family}-{_config_hash({'base': base_dict, 'protocol': protocol})}"
+        runs_root() / "sweeps" / f"{family}-{_config_hash({'base': _identity(base_dict), 'protocol': protocol})}"
     path = sweep_dir / "sweep.json"
     key = cells_key(axes)
     # One line per generated image: prompt i of the validation list K times (each with its own image seed).
@@ -409,15 +428,16 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
 
     def prepare(record: dict) -> dict:  # under the lock: other processes of this sweep may be writing it
         if record:
-            diff = _differences({"base_config": record.get("base_config"), "protocol": record.get("protocol")},
-                                {"base_config": base_dict, "protocol": protocol})
+            diff = _differences({"base_config": _identity(record.get("base_config") or {}),
+                                 "protocol": record.get("protocol")},
+                                {"base_config": _identity(base_dict), "protocol": protocol})
             if diff:
                 raise UserError(f"this sweep dir holds a sweep with another base config or protocol "
                                 f"({'; '.join(diff)}); rerun with the same options to continue it, or pass another "
                                 "--sweep-dir", path)
         else:
-            record.update({"format": SWEEP_FORMAT, "family": family, "base_config": base_dict,
-                           "protocol": protocol})
+            record.update({"format": SWEEP_FORMAT, "family": family, "protocol": protocol})
+        record["base_config"] = base_dict  # this run's trackers (VIEW_FIELDS); the rest is equal
         record.setdefault(key, {})
         if key == "cells":
             record["axes"] = list(axes)  # dotted config paths, in the order of the cell labels
@@ -469,7 +489,47 @@ def run_sweep(base, grid: list[int] | dict[str, Sequence[Any]], sweep_dir: Path 
 
         store.update(finish)
         record = store.read()
+    if launcher is None or launcher.name != "slurm":  # a slurm sweep returns once submitted: nothing final yet
+        log_sweep_table(record, sweep_dir, getattr(getattr(base, "loop", None), "report_to", "none"))
     return SweepResult(path, record)
+
+
+SWEEP_TABLE_COLUMNS = ["cell", "status", "run", "trainable", "train_loss", "val_loss", "n_gen", "fid", "fid_low",
+                       "fid_high", "precision", "recall", "f1", "indistinguishable_from_best"]
+
+
+def sweep_table_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """Each cell's final metrics as table rows (SWEEP_TABLE_COLUMNS): what sweep.json holds, for the trackers."""
+    key = "ranks" if "ranks" in record else "cells"
+    n_gen = (record.get("prompts") or {}).get("n")
+    rows = []
+    for label, v in record.get(key, {}).items():
+        iv = v.get("intervals") or {}
+        fid = iv.get("fid", {})
+        vs = v.get("vs_best") or {}
+        rows.append([label, v.get("status"), Path(v["run"]).name if v.get("run") else None, v.get("trainable"),
+                     v.get("train_loss"), v.get("val_loss"), n_gen if iv else None, fid.get("value"),
+                     fid.get("low"), fid.get("high"), *(iv.get(m, {}).get("value") for m in ("precision", "recall",
+                                                                                              "f1")),
+                     True if vs.get("best") else vs.get("indistinguishable")])
+    return rows
+
+
+def log_sweep_table(record: dict[str, Any], sweep_dir: Path, report_to: str | None) -> None:
+    """The cell table to the sweep's trackers (SWEEP_DIR/tracking/), at step = the cells done so far; a rerun
+    that finishes more cells logs the grown table at a later step."""
+    from harness.tracking import Trackers, parse_report_to
+
+    if not parse_report_to(report_to):
+        return
+    key = "ranks" if "ranks" in record else "cells"
+    done = sum(1 for v in record.get(key, {}).values() if v.get("status") == "done")
+    name = f"sweep-{Path(sweep_dir).name}"
+    with Trackers.start(report_to, sweep_dir, name, config={"family": record.get("family"),
+                                                            "base_config": record.get("base_config"),
+                                                            "protocol": record.get("protocol")},
+                        group=record.get("family"), resume_step=0) as t:
+        t.log_table("sweep/cells", SWEEP_TABLE_COLUMNS, sweep_table_rows(record), step=done)
 
 
 @dataclass

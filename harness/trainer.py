@@ -59,6 +59,8 @@ FINAL_DIR = "final"
 BEST_DIR = "best"  # with select_best: the weights that scored best (export + provenance.json with the metric)
 TRAIN_LOG = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
+# Runs this process finished training (rank 0), in order: how `--push-to-hub` finds the run its command trained.
+FINISHED_RUNS: list[Run] = []
 
 
 @dataclass
@@ -89,6 +91,9 @@ class LoopConfig:
     tf32: bool = True  # CUDA: TF32 matmuls and cuDNN convolutions (diffusers' and PyTorch's recommendation)
     channels_last: bool = False  # CUDA: trained modules and 4-D inputs in channels_last memory format
     select_best: Literal["none", "val_loss", "fid"] = "none"  # keep the best weights by this metric in run/best
+    # Trackers that view the run (harness/tracking.py): "none", "tensorboard", "wandb" or a comma list. Default none,
+    # not diffusers' tensorboard: the run folder is the record and trackers are an optional extra.
+    report_to: str = "none"
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -119,6 +124,9 @@ class LoopConfig:
             raise UserError(f"LoopConfig.select_best must be none, val_loss or fid, got {self.select_best!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"LoopConfig.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        from harness.tracking import normalize_report_to
+
+        self.report_to = normalize_report_to(self.report_to)  # names checked; their packages when training starts
 
     def __post_init__(self) -> None:
         self.validate()
@@ -496,6 +504,9 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
     from harness.progress import progress
     from rich.progress import TextColumn
 
+    from harness.tracking import Trackers, check_available
+
+    check_available(cfg.report_to)  # a missing tracker package: one line on every rank, before any work
     acc = _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     cfg, loop_plan = resolve_loop(cfg, task.epoch_items(), world)
@@ -580,8 +591,17 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
             raise UserError(f"non-finite training loss at step {min(bad) + 1}; stopped ({where}). Lower --lr, "
                             "raise --warmup-steps or use bf16 instead of fp16, then resume or start again", run.dir)
 
+    # Trackers (--report-to) view what the loop writes into the run folder; rank 0 only.
+    recorded = run.config(resolve=False) if run.config_path.is_file() else {}
+    trackers = Trackers.start(cfg.report_to, run.dir, run.id, config={**recorded, "data": data_hashes},
+                              group=recorded.get("family"), resume_step=start_step) if main else Trackers()
+
+    def log(record: dict[str, Any]) -> None:
+        _append_log(run, record)
+        trackers.log_record(record)
+
     bar = progress(TextColumn("loss {task.fields[loss]}"))
-    with bar if main else contextlib.nullcontext():
+    with bar if main else contextlib.nullcontext(), trackers:
         bar_task = bar.add_task("train", total=cfg.max_steps, completed=start_step, loss="-") if main else None
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -646,7 +666,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                     value = float(acc.reduce(v, reduction="mean")) / window_n
                     record[name] = value
                 if main:
-                    _append_log(run, record)
+                    log(record)
                 window_sum, window_n, term_sums = torch.zeros((), device=dev), 0, {}
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
                 check_finite()
@@ -654,16 +674,18 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
                 if val is not None:
                     last["val_loss"] = val
                     if main:
-                        _append_log(run, {"step": step, "val_loss": val})
+                        log({"step": step, "val_loss": val})
                 if cfg.select_best != "none":
-                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes)
+                    _keep_best(run, task, cfg, acc, prepared, has_trainable, step, val, best, loop_plan, data_hashes,
+                               log=log)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
                 path = run.dir / "samples" / f"step-{step:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 for m in prepared.values():
                     m.eval()
                 with torch.no_grad(), _unwrapped(task, prepared):
-                    task.sample_grid(step, path)
+                    if task.sample_grid(step, path):
+                        trackers.log_image("samples", path, step)
                 for k2, m in prepared.items():
                     m.train(has_trainable[k2])
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
@@ -686,6 +708,7 @@ def _run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool) -> d
         _export_into(run, FINAL_DIR, task, {"step": step, "seed": cfg.seed, "loop": loop_description(cfg, loop_plan),
                                             "data": data_hashes, "run_id": run.id})
         write_json(run.dir / "train_stats.json", stats)
+        FINISHED_RUNS.append(run)
         run.log(f"finished at step {step} (loss {last['loss']}, val {last['val_loss']}) in {seconds:.1f}s")
     acc.wait_for_everyone()
     return stats
@@ -731,7 +754,8 @@ def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_trainable, step: int,
-               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict) -> None:
+               val: float | None, best: dict, plan: LoopPlan, data_hashes: dict,
+               log: Callable[[dict], None] | None = None) -> None:
     """After a validation: compute the selection metric; when it improves, export the weights into run/best/
     (atomically, with provenance.json naming metric, value and step). Lower is better for both metrics."""
     if cfg.select_best == "val_loss":
@@ -759,7 +783,7 @@ def _keep_best(run: Run, task: TrainTask, cfg: LoopConfig, acc, prepared, has_tr
         return
     best.update(value=float(value), step=step)
     if acc.is_main_process:
-        _append_log(run, {"step": step, f"best_{cfg.select_best}": float(value)})
+        (log or (lambda r: _append_log(run, r)))({"step": step, f"best_{cfg.select_best}": float(value)})
         with _unwrapped(task, prepared):
             _export_into(run, BEST_DIR, task, {"step": step, "seed": cfg.seed, "metric": cfg.select_best,
                                               "value": float(value), "loop": loop_description(cfg, plan),

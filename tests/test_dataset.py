@@ -1,7 +1,9 @@
-"""CaptionedImages: preprocessing geometry, exact per-(seed, epoch, index) randomness, caption modes, paraphrases."""
+"""CaptionedImages: preprocessing geometry, exact per-(seed, epoch, index) randomness, caption modes, paraphrases;
+uint8 items and `to_model_pixels` (same model inputs as the float32 items before, at the MSDM consumers too)."""
 
 from __future__ import annotations
 
+import types
 from collections import Counter
 
 import numpy as np
@@ -19,6 +21,7 @@ from harness.dataset import (
     item_rng,
     load_training_data,
     preprocess_image,
+    to_model_pixels,
 )
 from harness.errors import UserError
 from harness.split import write_split
@@ -151,7 +154,7 @@ def test_jitter_changes_content_but_not_the_padding(devset):
         pad = torch.ones(32, 32, dtype=torch.bool)
         pad[top:top + nh, left:left + nw] = False
         padded += int(pad.any())
-        assert torch.all(b[:, pad] == -1)  # jitter happens before padding: the padding stays exactly black
+        assert torch.all(b[:, pad] == 0)  # jitter happens before padding: the padding stays exactly black
     assert differs >= 5 and padded >= 3
 
 
@@ -176,7 +179,7 @@ def test_load_training_data_and_loader(sample_dir, tmp_path):
     assert hashes["csv_sha256"] == load_devset(sample_dir).csv_sha256 and len(hashes["split_sha256"]) == 64
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_items)))
     assert batch["pixels"].shape == (4, 3, 32, 32) and len(batch["caption"]) == 4
-    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+    assert batch["pixels"].dtype == torch.uint8  # converted to [-1, 1] on the training device (to_model_pixels)
     tr, h = load_training_data(sample_dir, split, "train")
     assert len(tr) == 40 and not set(tr.image_ids) & set(ds.image_ids)
     with pytest.raises(UserError, match="'train' or 'val'"):
@@ -240,3 +243,120 @@ def test_jpeg_decoded_at_training_resolution_matches_full_decode(fullres_dir):
     # same image up to the decoder's scaling filter: mean abs difference under 1.5 grey levels of 255
     assert float((a - b).abs().mean()) * 127.5 < 1.5
     assert isinstance(small, Image.Image) and np.asarray(small).dtype == np.uint8
+
+
+def _old_float_item(ds, index):
+    """The item path before uint8 items, written out: decode at the training scale, resize, PIL jitter, pad, flip,
+    then float32 in [-1, 1] in the loader (`x / 127.5 - 1`)."""
+    from PIL import ImageEnhance
+
+    from harness.dataset import _place, _resize, open_for_training
+
+    rng = item_rng(ds.cfg.seed, ds.epoch, index)
+    i, caption = ds.caption_for(index, rng)
+    r, fit = ds.cfg.resolution, ds.cfg.fit
+    img = _resize(open_for_training(ds.devset.image_path(ds.image_ids[i]), r, fit), r, fit)
+    if ds.cfg.jitter > 0:
+        b, c = rng.uniform(1 - ds.cfg.jitter, 1 + ds.cfg.jitter, size=2)
+        img = ImageEnhance.Contrast(ImageEnhance.Brightness(img).enhance(float(b))).enhance(float(c))
+    flip = rng.random() < 0.5 and (ds.cfg.hflip or (ds.cfg.hflip_uncond and caption == ""))
+    img = _place(img, r, fit)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop"])
+def test_uint8_items_give_the_float_path_batch(devset, fit):
+    """Items are uint8 and `to_model_pixels` makes the model input on the device. Every augmentation (resize,
+    brightness/contrast jitter, padding, flip) already ran on 8-bit PIL images, so the new path is not just within
+    the 1/127.5 quantisation step of the old float path: it is the same float32 batch, bit for bit."""
+    ds = _ds(devset, n=8, fit=fit, jitter=0.4, caption_dropout=0.5, hflip_uncond=True)
+    ds.set_epoch(2)
+    batch = collate_items([ds[i] for i in range(len(ds))])
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (8, 3, 32, 32)
+    old = torch.stack([_old_float_item(ds, i) for i in range(len(ds))])
+    new = to_model_pixels(batch["pixels"], "cpu")
+    assert new.dtype == torch.float32 and new.is_contiguous()
+    assert float((new - old).abs().max()) <= 1 / 127.5  # the contract: at most one uint8 step
+    assert torch.equal(new, old)  # and in fact identical
+    # clean_pixels (what the encoder caches and the MSDM latents encode) follows the same contract
+    clean = _ds(devset, n=2, fit=fit)
+    assert clean.clean_pixels(0).dtype == torch.uint8
+    assert torch.equal(to_model_pixels(clean.clean_pixels(0)), _old_float_item(clean, 0))
+
+
+def test_to_model_pixels_range_dtype_and_refusal():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    y = to_model_pixels(x)
+    assert y.dtype == torch.float32 and float(y.min()) == -1.0 and float(y.max()) == 1.0
+    assert torch.equal(y.flatten()[:256], torch.arange(256).float() / 127.5 - 1)
+    # bf16: the float32 value rounded once, as a float32 item cast by the model used to be
+    assert torch.equal(to_model_pixels(x, dtype=torch.bfloat16), y.to(torch.bfloat16))
+    cl = to_model_pixels(x.contiguous(memory_format=torch.channels_last))  # the trainer's --channels-last survives
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, y)
+    with pytest.raises(TypeError, match="uint8"):
+        to_model_pixels(y)  # converting twice would squash the range
+
+
+# -- the uint8 contract at its consumers: the MSDM stages see the same model inputs as with the float32 items
+# (the Kandinsky 2.2, Kandinsky 3.0 and SD tasks are checked by their own cache-vs-pixels tests).
+def _tiny_vae():
+    from models.msdm.presets import get_preset
+    from models.msdm.vae import MSDMAutoencoder
+
+    torch.manual_seed(0)
+    return MSDMAutoencoder(**get_preset("tiny").vae).eval()
+
+
+def test_msdm_unet_latents_from_pixels_match_the_cache_and_the_float_path(sample_dir):
+    """UNetTask.latents on a pixel batch (--no-cache-latents / augmentation), on the cached posteriors
+    (`encode_images` over `clean_pixels`) and the VAE on the old float32 items: the same latents."""
+    from harness.families.msdm.data import CachedLatents, encode_images
+    from harness.families.msdm.unet_task import UNetTask
+
+    dev = load_devset(sample_dir)
+    ds = CaptionedImages(dev, dev.images()[:4], DatasetConfig(resolution=32))
+    vae = _tiny_vae()
+    means, logvars = encode_images(vae, ds, "cpu", batch_size=3)
+    cached = CachedLatents(ds, means, logvars)
+    task = types.SimpleNamespace(vae=vae, latent_scale=0.7)  # the two attributes UNetTask.latents reads
+    pixel_batch = collate_items([ds[i] for i in range(4)])
+    assert pixel_batch["pixels"].dtype == torch.uint8
+    cache_batch = {k: torch.stack([cached[i][k] for i in range(4)]) for k in ("mean", "logvar")}
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    z_pixels = UNetTask.latents(task, pixel_batch, gen())
+    z_cache = UNetTask.latents(task, cache_batch, gen())
+    assert torch.allclose(z_pixels, z_cache, atol=1e-6)  # batch 4 vs 3: conv kernels may sum in another order
+    with torch.no_grad():
+        old_mean, _ = vae.encode(torch.stack([_old_float_item(ds, i) for i in range(4)]))
+        new_mean, _ = vae.encode(to_model_pixels(pixel_batch["pixels"]))
+    assert torch.equal(old_mean, new_mean)
+
+
+def test_msdm_vae_loss_on_uint8_batch_equals_the_float_path(sample_dir, tmp_path):
+    from harness.families.msdm.config import vae_config
+    from harness.families.msdm.data import load_sides
+    from harness.families.msdm.vae_task import VAETask, vae_loss
+    from harness.split import write_split
+
+    split = tmp_path / "split.json"
+    write_split(sample_dir, split, val_images=4)
+    cfg = vae_config("tiny", sample_dir, split, {"data": {"resolution": 32, "jitter": 0.3},
+                                                 "loss": {"perceptual_weight": 0.0}})
+    train_ds, val_ds, _ = load_sides(cfg.data_dir, cfg.split_path, cfg.data)
+    torch.manual_seed(0)
+    task = VAETask(cfg, train_ds, val_ds)
+    assert task.grid_pixels.dtype == torch.uint8
+    batch = collate_items([train_ds[i] for i in range(3)])
+    loss, _ = task.loss(batch, torch.Generator().manual_seed(1))
+    # by hand, from the old float32 items, with the noise the task draws
+    x = torch.stack([_old_float_item(train_ds, i) for i in range(3)])
+    v = task.vae
+    f = v.downsample_factor
+    noise = torch.randn((3, v.config.latent_channels, 32 // f, 32 // f), generator=torch.Generator().manual_seed(1))
+    recon, mean, logvar, aux = v(x, noise)
+    ref, _ = vae_loss(x, recon, mean, logvar, aux, cfg.loss, None)
+    assert torch.equal(loss, ref)
+    assert task.sample_grid(0, tmp_path / "grid.png") and (tmp_path / "grid.png").is_file()

@@ -85,11 +85,24 @@ def training_options(f):
         click.option("--tf32/--no-tf32", default=None,
                      help="CUDA: allow TF32 matmuls and cuDNN convolutions (default on, as diffusers' trainers "
                           "recommend for Ampere and newer)."),
+        click.option("--report-to", type=str, default=None, metavar="none|tensorboard|wandb[,...]",
+                     help="Trackers that view the run (harness/tracking.py): loss and its terms, lr, grad norm, "
+                          "throughput, validation loss, sample grids, under RUN/tracking/ (a sweep also logs its "
+                          "cell table under SWEEP_DIR/tracking/). A comma list for several. Default none: diffusers' "
+                          "scripts default to tensorboard, but here the run folder (train_log.jsonl, samples/) is "
+                          "the record and trackers are an optional extra (pip install -e \".[tracking]\"). "
+                          "wandb honours WANDB_MODE=offline and logs offline when its host is unreachable."),
+        click.option("--push-to-hub", "push_to_hub", type=str, default=None, metavar="USER/NAME",
+                     help="When training ends, upload RUN/final with a model card to this hub model repo (as "
+                          "`harness push RUN --repo USER/NAME`; default: no upload, as diffusers' scripts)."),
+        click.option("--hub-private", is_flag=True, default=False,
+                     help="--push-to-hub: create the repo private."),
         click.option("--print-config", is_flag=True, default=False,
                      help="Print the fully resolved config (model, loop, data, preset values, derived steps per "
-                          "epoch) as JSON and exit, without loading weights or images."),
+                          "epoch) and exit, without loading weights or images; --config reads it back."),
+        config_format_option,
         click.option("--config", "config_file", type=existing_file, default=None,
-                     help="JSON config file (unknown keys are an error); CLI options override it."),
+                     help=CONFIG_FILE_HELP),
         click.option("--run-id", type=str, default=None, help="Name of the new run (default: readable + timestamp)."),
         click.option("--resume", "resume_run", type=existing_dir, default=None,
                      help="Continue RUN exactly from its last checkpoint."),
@@ -98,14 +111,93 @@ def training_options(f):
         click.option("--paraphrase-strategy", type=str, default=None,
                      help="add | replace:P | replace-all (needs --paraphrases)."),
     ]
+    f = _push_after_training(f)
     for opt in reversed(opts):
         f = opt(f)
-    return f
+    return _takes_config_format(f)
+
+
+CONFIG_FILE_HELP = ("Config file in JSON, TOML or YAML (by extension: .json, .toml, .yaml/.yml), e.g. one written by "
+                    "--print-config; unknown keys are an error; CLI options override it.")
+config_format_option = click.option(
+    "--format", "config_format", type=click.Choice(["json", "toml", "yaml"]), default="json",
+    help="Format of --print-config (json as before; TOML, having no null, lists the null keys under `null`).")
+
+
+def _takes_config_format(f):
+    """The command function without the `config_format` keyword: `--format` is checked (it applies to
+    --print-config and --dry-run, which print the config) and left in the click context for `print_config`."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        take_config_format(kwargs)
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def take_config_format(kwargs: dict, printing: tuple[str, ...] = ("print_config", "dry_run")) -> None:
+    """Pop `config_format` from a command's kwargs into the click context (read by `print_config`); refuse it
+    unless one of the `printing` options (those that print the config) is set, rather than ignore it."""
+    from harness.errors import UserError
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    fmt = kwargs.pop("config_format", "json")
+    given = ctx.get_parameter_source("config_format") not in (None, ParameterSource.DEFAULT)
+    if given and not any(kwargs.get(k) for k in printing):
+        raise UserError("--format applies to --print-config (the printed config's format)")
+    ctx.meta["harness.config_format"] = fmt
+
+
+PUSH_KEYS = ("push_to_hub", "hub_private")
+
+
+def _push_after_training(f):
+    """`--push-to-hub REPO`: run the train command, then push the run it finished (rank 0) with harness.push. The
+    repo name and the hub's reachability are checked before training, so a typo or an offline node is one line
+    up front, not after days of training."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from harness.errors import UserError
+
+        repo, private = kwargs.pop("push_to_hub", None), kwargs.pop("hub_private", False)
+        if repo is None:
+            if private:
+                raise UserError("--hub-private applies to --push-to-hub")
+            return f(*args, **kwargs)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.parent is not None and ctx.parent.command.name == "sweep":
+            raise UserError("--push-to-hub applies to harness train; push a sweep cell's run with "
+                            "`harness push RUN --repo USER/NAME`")
+        if kwargs.get("print_config"):
+            return f(*args, **kwargs)
+        from harness.distributed import state
+        from harness.features import offline
+        from harness.push import check_repo, hub_endpoint, hub_reachable, push
+        from harness.trainer import FINISHED_RUNS
+
+        check_repo(repo)
+        if offline() or not hub_reachable():
+            raise UserError(f"--push-to-hub: the hub ({hub_endpoint()}) is offline or unreachable; train without "
+                            f"it and run `harness push RUN --repo {repo}` when it is reachable")
+        before = len(FINISHED_RUNS)
+        out = f(*args, **kwargs)
+        if len(FINISHED_RUNS) > before and state().is_main_process:
+            res = push(FINISHED_RUNS[-1], repo, private=private)
+            click.echo(f"pushed {len(res.files)} files to {repo}: {res.url}")
+        return out
+
+    return wrapper
 
 
 LOOP_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "max_grad_norm", "mixed_precision",
              "checkpoint_every", "keep_last", "val_every", "sample_every", "log_every", "num_workers",
-             "select_best", "channels_last", "tf32")
+             "select_best", "channels_last", "tf32", "report_to")
 
 
 def pop_loop_overrides(kwargs: dict) -> dict:
@@ -121,15 +213,22 @@ def pop_loop_overrides(kwargs: dict) -> dict:
         raise UserError("give the training length once: --epochs N or --max-steps N, not both")
     if "max_steps" in loop:
         loop["epochs"] = None
+    if "report_to" in loop:  # a missing tracker package is one line before any model or data is loaded
+        from harness.tracking import check_available
+
+        check_available(loop["report_to"])
     return loop
 
 
 def print_config(resolved: dict) -> None:
-    """`--print-config`: the resolved config as indented JSON on stdout (nothing else there), for any family.
-    Non-JSON values (paths) are written as strings."""
-    import json
+    """`--print-config`: the resolved config on stdout (nothing else there), for any family, in the --format of the
+    command (JSON by default, or TOML / YAML: harness.config.dump_config). Non-JSON values (paths) are written as
+    strings."""
+    from harness.config import dump_config
 
-    click.echo(json.dumps(resolved, indent=2, default=str))
+    ctx = click.get_current_context(silent=True)
+    fmt = ctx.meta.get("harness.config_format", "json") if ctx is not None else "json"
+    click.echo(dump_config(resolved, fmt).rstrip("\n"))
 
 
 def check_output_file(path: str | Path, option: str = "") -> Path:
@@ -198,6 +297,8 @@ def sweep_options(f):
         click.option("--score/--no-score", default=True, help="Score each cell (harness score)."),
         *launcher_options(),
     ]
+    if hasattr(f, "__click_params__"):  # a sweep pushes nothing (`harness push` takes a cell's run)
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in PUSH_KEYS]
     for opt in reversed(opts):
         f = opt(f)
     return f
@@ -311,6 +412,7 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
         from harness.families.registry import load_ref
         from harness.sweep import parse_grid
 
+        take_config_format(kwargs, ("print_config",))  # a sweep's --dry-run prints a plan, not a config
         dry_run = kwargs.pop("dry_run", False)
         if dry_run:
             _print_plan(load_ref(target_ref), load_ref(plan), build_config, kwargs)
@@ -335,7 +437,8 @@ def sweep_command(train_command: click.Command, target_ref: str, build_config, p
             raise UserError("give the grid to sweep: --grid KEY=V1,V2 (repeat for more axes)")
         run_sweep_command(load_ref(target_ref), build_config(kwargs), grid, **sweep_kw)
 
-    params = [copy.copy(p) for p in train_command.params]  # copies: --split/--data turn optional below
+    # copies (--split/--data turn optional below); a sweep pushes nothing (`harness push` takes a cell's run)
+    params = [copy.copy(p) for p in train_command.params if p.name not in PUSH_KEYS]
     cmd = sweep_options(click.Command(train_command.name, callback=callback, params=params,
                                       context_settings=train_command.context_settings))
     if plan is not None:

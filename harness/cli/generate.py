@@ -65,9 +65,9 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--negative-prompt", type=str, default=None,
               help="Negative prompt of classifier-free guidance (default: the run's, none; sd).")
 @click.option("--height", type=click.IntRange(min=8), default=None,
-              help="Image height in pixels (default: the run's, its training resolution; sd, kandinsky).")
+              help="Image height in pixels (default: the run's, its training resolution; sd, kandinsky, retrieval).")
 @click.option("--width", type=click.IntRange(min=8), default=None,
-              help="Image width in pixels (default: the run's, its training resolution; sd, kandinsky).")
+              help="Image width in pixels (default: the run's, its training resolution; sd, kandinsky, retrieval).")
 def generate(run_dir, prompts_path, images_per_prompt, challenge, batch_size, seed, out_dir, overwrite, steps,
              guidance, device, threads, dtype, num_processes, scheduler, negative_prompt, height, width):
     """Generate one image per prompt line into RUN/images/00001.png ... plus manifest.csv.

@@ -54,7 +54,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="Similarity (0-1, normalised text) from which a paraphrase is a near duplicate (default 0.9).")
 @click.option("--max-words", type=POSITIVE, default=None, help="Drop paraphrases longer than this (default 60).")
 @click.option("--config", "config_file", type=existing_file, default=None,
-              help="JSON ParaphraseConfig (unknown keys are an error); options override it.")
+              help="ParaphraseConfig file in JSON, TOML or YAML (by extension; unknown keys are an error); options "
+                   "override it.")
 @click.option("--retry-partial", is_flag=True, help="Also resend captions whose cached result is partial.")
 @click.option("--dry-run", is_flag=True, help="Print what would be sent, with token and cost estimates; send nothing.")
 def paraphrase(source, data_dir, out, template_path, base_url, config_file, retry_partial, dry_run, **overrides):
@@ -82,8 +83,7 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     from rich.console import Console
     from rich.progress import TextColumn
 
-    from harness.config import from_dict, replace
-    from harness.io import read_json
+    from harness.config import from_dict, read_config_file, replace
     from harness.paraphrase import (ParaphraseConfig, collect_captions, format_summary, load_template,
                                     run_paraphrase)
     from harness.paraphrase_client import safe_url
@@ -91,7 +91,8 @@ def paraphrase(source, data_dir, out, template_path, base_url, config_file, retr
     from harness.progress import progress
 
     out_console = Console(highlight=False, soft_wrap=True)
-    base = from_dict(ParaphraseConfig, read_json(config_file), str(config_file)) if config_file else ParaphraseConfig()
+    base = (from_dict(ParaphraseConfig, read_config_file(config_file), str(config_file)) if config_file
+            else ParaphraseConfig())
     cfg = replace(base, **overrides)
     cfg.validate()
     template = load_template(template_path)

@@ -32,11 +32,11 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev-set dir for --real val/all (default: the one named in the run's config).")
 @click.option("--metrics", "metrics_text", default="fid,is,prc,kid,imageclef2024", show_default=True,
-              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip,adherence (fd-*: Frechet distance "
-                   "on DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors; adherence: does each "
-                   "image show what its prompt asks, by the --classifier's attribute predictions).")
-@click.option("--classifier", "classifier_run", type=existing_dir, default=None,
-              help="--metrics adherence: the attribute classifier, a run of `harness train attributes`.")
+              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip,memorisation,adherence (fd-*: "
+                   "Frechet distance on DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors; "
+                   "memorisation: fraction of generated images closer to a training image than the 1st-percentile "
+                   "held-out validation image is, harness/memorisation.py; adherence: does each image show what its "
+                   "prompt asks, by the --classifier's attribute predictions, harness/adherence.py).")
 @click.option("--prc-features", type=click.Choice(["vgg16", "inception"]), default="vgg16", show_default=True,
               help="Features for precision/recall: VGG16 fc2_relu (torch-fidelity's) or Inception pool3 (labelled).")
 @click.option("--inception-weights", type=existing_file, default=None,
@@ -68,6 +68,16 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--allow-unverified-weights", is_flag=True,
               help="TESTS ONLY: accept weights whose sha256 is not the published one (randomly initialised "
                    "extractors); results are labelled and kept off the board unless --include-unverified.")
+@click.option("--classifier", "classifier", type=existing_dir, default=None, metavar="CLF_RUN",
+              help="Attribute classifier run (`harness train attributes`): adherence reads its attribute "
+                   "predictions (required for --metrics adherence); memorisation measures distances in its "
+                   "embedding.")
+@click.option("--memorisation-space", type=click.Choice(["auto", "classifier", "inception", "pixels"]), default="auto",
+              show_default=True,
+              help="Feature space of memorisation; auto = the classifier's embedding with --classifier, else Inception "
+                   "pool3 when its weights are found (as for FID), else 32x32 standardised pixels (the order issue "
+                   "#16 asks for). The space used is recorded; likely copy = closer than the 1st-percentile held-out "
+                   "validation image (the issue's definition).")
 @click.option("--challenge", default=None,
               help="A challenge's official metric: imageclef2025-task2 = fidelity, agreement, diversity, FBD on "
                    "BiomedCLIP (needs --prompts, and --data = the real set in prompt-gt.csv layout); the 2024 "
@@ -85,7 +95,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
           inception_weights, vgg_weights, imageclef_weights, clip_weights, bootstrap: int, batch_size: int,
           device: str, kid_subset_size: int, no_strata: bool, out_path, no_cache: bool, no_download: bool,
           leaderboard_path, no_leaderboard: bool, allow_unverified_weights: bool, challenge, prompts_path,
-          organiser_quirks: bool, biomedclip: str, real_mapping, classifier_run) -> None:
+          organiser_quirks: bool, biomedclip: str, real_mapping, classifier, memorisation_space: str) -> None:
     """Score RUN/images or any folder of images: FID, IS, precision/recall/F1 (torch-fidelity), KID (also per
     stratum), FD on DINOv2/CLIP, and the organisers' 2024 metric, with bootstrap 95 % intervals.
 
@@ -99,6 +109,7 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
     Examples:
       harness score runs/msdm-unet-20261122-1532
       harness score runs/<run> --real all --metrics fid,prc
+      harness score runs/<run> --metrics memorisation --classifier runs/<attributes-run>   # copies of training images?
       harness score path/to/other-model-images --real val --split SPLIT.json --data DATA --out other.json
       harness score runs/<run> --real path/to/folder --inception-weights weights/weights-inception-2015-12-05-6726825d.pth \\
           --vgg-weights weights/vgg16-397923af.pth --imageclef-weights weights/inception_v3_google-0cc3c7bd.pth
@@ -127,7 +138,8 @@ def score(target: Path, real: str, real_preprocess: str, split_path, data_dir, m
         "vgg_weights": vgg_weights, "imageclef_weights": imageclef_weights, "clip_weights": clip_weights,
         "batch_size": batch_size, "device": device, "kid_subset_size": kid_subset_size, "bootstrap": bootstrap,
         "strata": not no_strata, "out": out_path, "use_cache": not no_cache, "allow_download": not no_download,
-        "allow_unverified_weights": allow_unverified_weights, "classifier": classifier_run,
+        "allow_unverified_weights": allow_unverified_weights, "classifier": classifier,
+        "memorisation_space": memorisation_space,
     })
     is_run = (Path(target) / "config.json").is_file()
     run = open_run(target) if is_run else None
@@ -191,6 +203,12 @@ def print_result(result) -> None:
                      f"{m['macro_f1'] if m['macro_f1'] is None else round(m['macro_f1'], 4)}  all asked shown "
                      f"{'—' if m['all_asked'] is None else round(m['all_asked'], 4)}"
                      f"{_iv(m.get('all_asked_interval'), 3)}")
+        elif name == "memorisation":
+            ratio = f"; ratio median {m['ratio']['median']:.3g}" if m.get("ratio") else ""
+            value = (f"{m['value']:.1%} likely copies{_iv(m.get('interval'), 3)} ({m['likely_copies']}{ratio}; "
+                     f"train N {m['n_train']}; {m['space']} space)\ngrid: {m['grid']}")
+            for w in [m.get("space_note"), *m.get("warnings", [])]:
+                value += f"\n[yellow]{w}[/]" if w else ""
         else:
             value = f"FD {m['fd']:.5f}  IS {m['is_mean']:.4f} ± {m['is_std']:.4f} (median {m['is_median']:.4f})"
         if m.get("kept_from"):

@@ -38,6 +38,8 @@ class Family:
     description: str
     cli: str | None  # module with register(cli, train, sweep, models) adding the family's commands
     kinds: tuple[RunKind, ...]
+    # A reference baseline, not an entry (what it stands for): the leaderboard marks its rows and never ranks them.
+    reference: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -61,11 +63,23 @@ FAMILIES: tuple[Family, ...] = (
                 sweep="harness.families.kandinsky3.sweep:K3",
                 generate_options=("negative_prompt", "height", "width")),
     )),
-    # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`.
-    Family("test-pattern", "seeded test pattern (no model)", None, (
+    # Not a model: seeded colour fields, used by the tests and by `harness quickstart --model test-pattern`;
+    # `harness train test-pattern` makes a run that records a split (a reference row of the leaderboard).
+    Family("test-pattern", "seeded test pattern (no model)", "harness.families.retrieval.pattern", (
         RunKind("test-pattern", generator="harness.generate:load_test_pattern"),
-    )),
+    ), reference="nothing learned: seeded colour fields"),
+    # Not a model: each prompt gets a training image whose caption asks for the same attributes.
+    Family("retrieval", "retrieval baseline (a training image with the prompt's attributes)",
+           "harness.families.retrieval.cli", (
+               RunKind("retrieval", generator="harness.families.retrieval.generate:load_generator",
+                       generate_options=("height", "width")),
+           ), reference="copies of training images"),
 )
+
+
+def reference_families() -> dict[str, str]:
+    """Run kind (and earlier names) -> what the reference baseline stands for, for the leaderboard."""
+    return {name: f.reference for f in FAMILIES if f.reference for k in f.kinds for name in (k.name, *k.aliases)}
 
 
 def load_ref(ref: str) -> Any:

@@ -119,21 +119,22 @@ def eval_option(f):
                              "in RUN/last/); as the paper kept its best epoch. Default: the last weights.")(f)
 
 
+# What --print-config adds to a config (resolved_config, a sweep's plan), dropped when --config reads it back.
+PRINTED_KEYS = ("loop.derived", "note", "sweep")
+
+
 def build_config(component: str, kwargs: dict[str, Any], stage: str = "train"):
     """defaults(component) or --preset <- --config file <- CLI options, then the typed config (unknown keys are
     errors)."""
-    from harness.config import to_dict
+    from harness.config import read_config_file, to_dict
     from harness.errors import UserError
-    from harness.io import read_json
     from harness.families.kandinsky22.train import base_config, config_from_dict
 
     loop = pop_loop_overrides(kwargs)
     d = to_dict(base_config(component, kwargs.pop("preset", None), stage))  # type: ignore[arg-type]
     config_file = kwargs.pop("config_file", None)
     if config_file:
-        file_cfg = read_json(config_file)
-        if not isinstance(file_cfg, dict):
-            raise UserError("config file must hold a JSON object", config_file)
+        file_cfg = read_config_file(config_file, PRINTED_KEYS)
         if file_cfg.get("component", component) != component:
             raise UserError(f"config is for the {file_cfg['component']}, not the {component}", config_file)
         _merge(d, file_cfg)
@@ -289,6 +290,8 @@ def _sweep_command(component: str) -> click.Command:
         rank_list = parse_ranks(",".join(grid_dict["rank"])) if "rank" in grid_dict else None
         sweep_grid = rank_list if list(grid_dict) == ["rank"] else grid_dict
         if dry_run:
+            if click.get_current_context().get_parameter_source("config_format") != ParameterSource.DEFAULT:
+                raise UserError("--format applies to --print-config (--dry-run prints the plan table)")
             if rank_list is None:
                 raise UserError("--dry-run plans LoRA ranks: give --ranks or --grid rank=...")
             alpha = kwargs.get("alpha")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import from_dict, to_dict
-from harness.dataset import CaptionedImages, DatasetConfig, collate_items, item_rng
+from harness.dataset import CaptionedImages, DatasetConfig, collate_items, item_rng, to_model_pixels
 from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.generate import Generator
@@ -432,7 +432,7 @@ class KandinskyTask(TrainTask):
         from models.kandinsky import encoders as E
 
         out = dict(batch)
-        pixels = batch["pixels"]
+        pixels = to_model_pixels(batch["pixels"])
         enc = _unwrap(self.image_encoder)
         processor = self.prior_parts.image_processor
         out["image_embeds"] = E.clip_image_embeds(processor, enc, pixels)
@@ -722,7 +722,7 @@ def _cached_datasets(cfg: KandinskyConfig, train_ds: CaptionedImages, val_ds: Ca
                 decoder_parts.movq.to(device)
             for start in range(0, len(missing), bs):
                 ids = missing[start : start + bs]
-                pixels = torch.stack([where[i][0].clean_pixels(where[i][1]) for i in ids]).to(device)
+                pixels = to_model_pixels(torch.stack([where[i][0].clean_pixels(where[i][1]) for i in ids]), device)
                 embeds = E.clip_image_embeds(prior_parts.image_processor, prior_parts.image_encoder, pixels)
                 latents = E.movq_latents(decoder_parts.movq, pixels) if decoder_parts is not None else None
                 for j, i in enumerate(ids):

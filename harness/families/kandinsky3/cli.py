@@ -71,20 +71,20 @@ def lora_options(f):
     return f
 
 
+# What --print-config adds to a config (resolved_config, a sweep's plan), dropped when --config reads it back.
+PRINTED_KEYS = ("estimate", "sweep")
+
+
 def build_config(kwargs: dict[str, Any]):
     from harness.cli.common import pop_loop_overrides
-    from harness.config import to_dict
-    from harness.errors import UserError
+    from harness.config import read_config_file, to_dict
     from harness.families.kandinsky3.train import Kandinsky3Config, config_from_dict
-    from harness.io import read_json
 
     loop = pop_loop_overrides(kwargs)
     d = to_dict(Kandinsky3Config())
     config_file = kwargs.pop("config_file", None)
     if config_file:
-        file_cfg = read_json(config_file)
-        if not isinstance(file_cfg, dict):
-            raise UserError("config file must hold a JSON object", config_file)
+        file_cfg = read_config_file(config_file, PRINTED_KEYS)
         _merge(d, file_cfg)
     over: dict[str, Any] = {"loop": dict(loop), "lora": {}, "data": {}}
     if kwargs.get("warmup_steps") is not None:

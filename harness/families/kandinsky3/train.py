@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import from_dict, to_dict
-from harness.dataset import CaptionedImages, DatasetConfig, item_rng
+from harness.dataset import CaptionedImages, DatasetConfig, item_rng, to_model_pixels
 from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.io import sha256_file
@@ -205,7 +205,7 @@ class Kandinsky3Task(TrainTask):
         else:
             from models.kandinsky3.loading import movq_latents
 
-            latents = movq_latents(unwrap(self.movq), batch["pixels"])
+            latents = movq_latents(unwrap(self.movq), to_model_pixels(batch["pixels"]))
         dev = next(unwrap(self.unet).parameters()).device
         return epsilon_loss(self.unet, self.noise_scheduler, latents.to(dev), batch["text_embeds"].to(dev),
                             batch["text_mask"].to(dev), generator, self.cfg.snr_gamma)
@@ -294,7 +294,7 @@ def build_task(cfg: Kandinsky3Config, log: Callable[[str], None] = lambda s: Non
             movq = parts.movq.to(device)
             for s in range(0, len(missing), cfg.cache_batch_size):
                 chunk = missing[s : s + cfg.cache_batch_size]
-                px = torch.stack([where[i][0].clean_pixels(where[i][1]) for i in chunk]).to(device)
+                px = to_model_pixels(torch.stack([where[i][0].clean_pixels(where[i][1]) for i in chunk]), device)
                 lat = movq_latents(movq, px)
                 for j, i in enumerate(chunk):
                     store.put(latent_keys[i], {"latents": lat[j]}, {"kind": "movq", "image": i})

@@ -19,13 +19,18 @@ def register(cli: click.Group, train: click.Group, sweep: click.Group, models: c
     models.commands["info"].add_command(msdm_info)
 
 
-def _base_overrides(config_file, loop: dict, paraphrases_path, paraphrase_strategy) -> dict:
-    """Config file (if any), then the CLI options that were given, as a nested override dict."""
-    from harness.io import read_json
+# What --print-config adds to a config (resolved_config), dropped when a printed file is read back with --config.
+PRINTED_KEYS = ("model", "data_counts", "paper_sources", "loop.derived", "sweep")
 
-    over: dict = read_json(config_file) if config_file else {}
-    if not isinstance(over, dict):
-        raise UserError("config file must hold a JSON object", config_file)
+
+def _base_overrides(config_file, loop: dict, paraphrases_path, paraphrase_strategy, family: str) -> dict:
+    """Config file (if any), then the CLI options that were given, as a nested override dict."""
+    from harness.config import read_config_file
+
+    over: dict = read_config_file(config_file, PRINTED_KEYS) if config_file else {}
+    printed_family = over.pop("family", family)  # --print-config names the command it printed for
+    if printed_family != family:
+        raise UserError(f"config is for {printed_family}, not {family}", config_file)
     if loop:
         over["loop"] = {**over.get("loop", {}), **loop}
     if paraphrase_strategy is not None:
@@ -122,7 +127,7 @@ def msdm_vae(split_path, data_dir, config_file, run_id, resume_run, paraphrases_
         return _resume(resume_run, loop, print_config)
     if paraphrases_path or paraphrase_strategy:
         raise UserError("the VAE is trained on images only: --paraphrases/--paraphrase-strategy apply to msdm-unet")
-    over = _base_overrides(config_file, loop, None, None)
+    over = _base_overrides(config_file, loop, None, None, "msdm-vae")
     for path, v in (("data.resolution", resolution), ("data.jitter", jitter), ("loss.perceptual_weight", perceptual_weight),
                     ("loss.perceptual_weights", str(perceptual_weights) if perceptual_weights else None),
                     ("loss.ssim_weight", ssim_weight), ("loss.kl_weight", kl_weight)):
@@ -202,7 +207,7 @@ def unet_config_from_options(split_path, data_dir, config_file, paraphrases_path
     from harness.families.msdm.config import unet_config
 
     loop = pop_loop_overrides(kw)
-    over = _base_overrides(config_file, loop, paraphrases_path, paraphrase_strategy)
+    over = _base_overrides(config_file, loop, paraphrases_path, paraphrase_strategy, "msdm-unet")
     vae_run = vae_run or over.pop("vae_run", None)
     if not vae_run:
         raise UserError("--vae RUN is required (the msdm-vae run to train on)")

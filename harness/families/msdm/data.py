@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.dataset import CaptionedImages, DatasetConfig, item_rng, load_training_data
+from harness.dataset import CaptionedImages, DatasetConfig, item_rng, load_training_data, to_model_pixels
 from harness.errors import UserError
 from harness.io import atomic_path
 from harness.trainer import TrainTask
@@ -89,7 +89,7 @@ def encode_images(vae, dataset: CaptionedImages, device, batch_size: int = 16, l
         task = bar.add_task("encode latents", total=n)
         for s in range(0, n, batch_size):
             px = torch.stack([dataset.clean_pixels(i) for i in range(s, min(s + batch_size, n))])
-            m, lv = vae.encode(px.to(device))
+            m, lv = vae.encode(to_model_pixels(px, device))
             means.append(m.float().cpu())
             logvars.append(lv.float().cpu())
             bar.update(task, advance=len(px))

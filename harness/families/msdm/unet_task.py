@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from harness.config import to_dict
+from harness.dataset import to_model_pixels
 from harness.errors import UserError
 from harness.io import write_json
 from harness.families.msdm.config import UNetConfig
@@ -90,7 +91,7 @@ class UNetTask(MSDMDataTask):
             mean, logvar = batch["mean"], batch["logvar"]
         else:
             with torch.no_grad():
-                mean, logvar = self.vae.encode(batch["pixels"])
+                mean, logvar = self.vae.encode(to_model_pixels(batch["pixels"]))
         noise = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
         return (mean + torch.exp(0.5 * logvar) * noise) * self.latent_scale
 

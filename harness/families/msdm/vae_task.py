@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.dataset import to_model_pixels
 from harness.errors import UserError
 from harness.io import write_json
 from harness.families.msdm.config import VAEConfig
@@ -145,7 +146,7 @@ class VAETask(MSDMDataTask):
         return {"vae": self.vae, **({"perceptual": self.perceptual} if self.perceptual is not None else {})}
 
     def loss(self, batch, generator):
-        x = batch["pixels"]
+        x = to_model_pixels(batch["pixels"])
         v = unwrap(self.vae)
         f = v.downsample_factor
         shape = (x.shape[0], v.config.latent_channels, x.shape[2] // f, x.shape[3] // f)
@@ -155,7 +156,7 @@ class VAETask(MSDMDataTask):
 
     def sample_grid(self, step, path):
         v = unwrap(self.vae)
-        x = self.grid_pixels.to(next(v.parameters()).device)
+        x = to_model_pixels(self.grid_pixels, next(v.parameters()).device)
         recon = v.decode(v.encode(x)[0])
         save_grid(to_uint8(torch.cat([x, recon])), path, cols=len(x))  # top: originals, bottom: reconstructions
         return True

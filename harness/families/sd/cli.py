@@ -34,12 +34,14 @@ def _merge(base: dict, new: dict) -> None:
             base[k] = v
 
 
+# What --print-config adds to a config (resolved_config, a sweep's plan), dropped when --config reads it back.
+PRINTED_KEYS = ("loop.derived", "note", "sweep")
+
+
 def build_config(kwargs: dict[str, Any]):
     """defaults <- --preset <- --config file <- CLI options, then the typed config (unknown keys are errors)."""
-    from harness.config import to_dict
-    from harness.errors import UserError
+    from harness.config import read_config_file, to_dict
     from harness.families.sd.config import SDConfig, config_from_dict, preset
-    from harness.io import read_json
 
     from harness.cli.common import pop_loop_overrides
 
@@ -48,9 +50,7 @@ def build_config(kwargs: dict[str, Any]):
     config_file = kwargs.pop("config_file", None)
     file_cfg = {}
     if config_file:
-        file_cfg = read_json(config_file)
-        if not isinstance(file_cfg, dict):
-            raise UserError("config file must hold a JSON object", config_file)
+        file_cfg = read_config_file(config_file, PRINTED_KEYS)
     name = kwargs.get("preset") or file_cfg.get("preset")  # a preset named in the file is applied, not just recorded
     if name:
         _merge(d, preset(name).overrides())

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import to_dict
-from harness.dataset import CaptionedImages, item_rng
+from harness.dataset import CaptionedImages, item_rng, to_model_pixels
 from harness.encoder_cache import CachedItemsBase
 from harness.errors import UserError
 from harness.families.sd.config import FAMILY, SDConfig, config_from_dict
@@ -158,10 +158,10 @@ class SDTask(TrainTask):
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         vae_loss = None
+        pixels = to_model_pixels(batch["pixels"]) if "pixels" in batch else None
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         else:
-            pixels = batch["pixels"]
             base_vae = unwrap(self.vae)
             with torch.no_grad():
                 dist = base_vae.encode(pixels.to(base_vae.dtype)).latent_dist
@@ -169,7 +169,7 @@ class SDTask(TrainTask):
         # Drawn first and always: the stream of draws is the same with and without the cache.
         latents = (mean + std * _randn(mean.shape, generator, mean)) * self.scaling_factor
         if "vae" in self.trained:
-            vae_loss = self._vae_loss(batch["pixels"], generator)
+            vae_loss = self._vae_loss(pixels, generator)
         b = latents.shape[0]
         noise = _randn(latents.shape, generator, latents)
         if self.cfg.noise_offset > 0:
@@ -377,7 +377,7 @@ def _cached(cfg: SDConfig, parts: SDParts, train_ds, val_ds, cache_text: bool, c
             def encode_images(idx: list[int]) -> list[dict]:
                 # decoded exactly as the dataset's items are (CaptionedImages.clean_pixels), minus augmentation
                 px = torch.stack([where[ids[i]][0].clean_pixels(where[ids[i]][1]) for i in idx])
-                px = px.to(device, parts.vae.dtype)
+                px = to_model_pixels(px, device, parts.vae.dtype)
                 with torch.no_grad():
                     dist = parts.vae.encode(px).latent_dist
                 return [{"latent_mean": dist.mean[j].float(), "latent_std": dist.std[j].float()}

@@ -1,0 +1,1 @@
+"""The retrieval reference baseline: every prompt gets a training image whose caption asks for the same attributes."""
