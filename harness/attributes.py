@@ -510,7 +510,8 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         run = open_run(path)
         family = run.family
     except UserError:
-        raise UserError("--classifier: not a run of `harness train attributes` (no config.json)", path) from None
+        raise UserError("--classifier: not a run directory (no config.json); expected a run of `harness train "
+                        "attributes`", path) from None
     if family != FAMILY:
         raise UserError(f"--classifier: a {family!r} run, not a run of `harness train attributes`", path)
     final = run.dir / "final" / FINAL_SUBDIR

@@ -105,7 +105,7 @@ def test_load_classifier_refuses_what_is_not_a_trained_classifier(tmp_path):
         load_classifier(tmp_path / "missing")
     assert str(tmp_path / "missing") in str(e.value)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="not a run directory"):
         load_classifier(tmp_path / "plain")
     other = create_run("test-pattern", {"size": 8}, run_id="tp")
     with pytest.raises(UserError, match="'test-pattern' run"):
