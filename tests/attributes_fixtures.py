@@ -1,6 +1,6 @@
-"""Runs the attribute / adherence / FTER tests share: a test-pattern run and a "real copy" run (real images copied as
-a run's generated images with their own captions as prompts: the stand-in for the retrieval family until it is
-merged; the lead re-points these at `harness train retrieval` runs)."""
+"""Runs the attribute / adherence / FTER tests share: a test-pattern run, a retrieval run (the reference family that
+answers each prompt with a training image asking for the same attributes) and a "real copy" run (each real image of
+a split side copied as a run's image with one of its own captions as prompt: a perfect copy, for plumbing tests)."""
 
 from __future__ import annotations
 
@@ -40,4 +40,16 @@ def real_copy_run(data_dir: Path, split_path: Path, side: str, run_id: str, size
     for i, name in enumerate(ids, start=1):
         training_view(devset.image_path(name), size).save(run.images_dir / image_name(i))
     write_manifest(run.images_dir, prompts, 0, "real-copy")
+    return run
+
+
+def retrieval_run(data_dir: Path, split_path: Path, side: str, run_id: str, size: int = 64) -> Run:
+    """The retrieval reference family (`harness train retrieval`), generated from `--prompts split:<side>`."""
+    from harness.families.retrieval.index import RetrievalConfig, train
+    from harness.generate import generate_images, load_generator
+    from harness.prompts import resolve_prompt_source
+
+    run, _ = train(RetrievalConfig(data_dir=str(data_dir), split_path=str(split_path), size=size), run_id=run_id)
+    pf = resolve_prompt_source(f"split:{side}", run.dir, run.config(), 1)
+    generate_images(load_generator(run), pf.prompts, run.images_dir, base_seed=0, batch_size=16)
     return run

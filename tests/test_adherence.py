@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from attributes_fixtures import pattern_run, real_copy_run
+from attributes_fixtures import pattern_run, real_copy_run, retrieval_run
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,16 @@ def test_adherence_is_kept_beside_other_metrics_when_rescored(tiny, run_cli):
     (run.dir / "metrics.json").write_text(json.dumps(doc))
     assert run_cli("score", run.dir, "--metrics", "adherence", "--classifier", clf, "--bootstrap", "0")[0] == 0
     assert json.loads((run.dir / "metrics.json").read_text())["fter"] == {"value": 0.9}
+
+
+def test_retrieval_run_scores_adherence_and_memorisation_in_the_classifier_embedding(tiny, run_cli):
+    """The retrieval family's images with adherence, and memorisation measured in this classifier's embedding (the
+    API harness/memorisation.py calls: load_classifier(...).embed / .image_size)."""
+    data, split, clf = tiny
+    run = retrieval_run(data, split, "train", "ret", size=32)
+    code, out, err = run_cli("score", run.dir, "--metrics", "adherence,memorisation", "--classifier", clf,
+                             "--memorisation-space", "classifier", "--bootstrap", "20", "--device", "cpu")
+    assert code == 0, err
+    m = json.loads((run.dir / "metrics.json").read_text())["metrics"]
+    assert m["adherence"]["status"] == "ok" and m["adherence"]["n_gen"] == 40
+    assert m["memorisation"]["status"] == "ok" and m["memorisation"]["space"] == "classifier"

@@ -1,7 +1,6 @@
 """Slow acceptance on dev-256 (2,000 images, the 1,800 / 200 split): the classifier trained from scratch at 128 px
-on CPU separates the frequent labels, and prompt adherence puts real training images copied as a run (the
-retrieval family's stand-in; the lead re-points this at `harness train retrieval` runs) clearly above the test
-pattern. Budget: 150 steps of 32 (2.7 epochs), ~1.2 s a step on 2 idle CPU cores."""
+on CPU separates the frequent labels, and prompt adherence puts the retrieval baseline (training images whose
+captions ask for the prompt's attributes) clearly above the test pattern. Budget: 150 steps of 32 (2.7 epochs), ~1.2 s a step on 2 idle CPU cores."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from attributes_fixtures import pattern_run, real_copy_run
+from attributes_fixtures import pattern_run, retrieval_run
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +51,9 @@ def test_from_scratch_classifier_separates_the_frequent_labels(dev_classifier):
     assert m["prediction_spread"] > 0.01
 
 
-def test_adherence_of_real_copies_is_clearly_above_the_test_pattern(dev_classifier, tmp_path, run_cli):
+def test_adherence_of_the_retrieval_baseline_is_clearly_above_the_test_pattern(dev_classifier, tmp_path, run_cli):
     data, split, clf, _ = dev_classifier
-    copy = real_copy_run(data, split, "train", "copy", size=128)
+    copy = retrieval_run(data, split, "train", "copy", size=128)
     tp = pattern_run(data, split, "train", "tp", size=128)
     values = {}
     for run in (copy, tp):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from attributes_fixtures import pattern_run, real_copy_run
+from attributes_fixtures import pattern_run, real_copy_run, retrieval_run
 
 TINY = {"image_size": 32, "min_count": 3, "weights": "none",
         "loop": {"max_steps": 3, "batch_size": 8, "checkpoint_every": 0, "val_every": 0}}
@@ -72,9 +72,8 @@ def test_fter_on_tiny_sets_writes_both_directions_and_reuses_the_real_classifier
 
 
 @pytest.mark.slow
-def test_fter_orders_a_real_copy_above_the_test_pattern_on_dev256(tmp_path, dev_dir, run_cli):
-    """Acceptance on dev-256 (2,000 images, 1,800 / 200): real training images copied as a run (the retrieval
-    family's stand-in; the lead re-points this at `harness train retrieval` runs) vs the test pattern, both from
+def test_fter_orders_the_retrieval_baseline_above_the_test_pattern_on_dev256(tmp_path, dev_dir, run_cli):
+    """Acceptance on dev-256 (2,000 images, 1,800 / 200): the retrieval baseline vs the test pattern, both from
     `--prompts split:train`, with a small from-scratch classifier (64 px, 150 steps)."""
     from harness.split import write_split
 
@@ -84,7 +83,7 @@ def test_fter_orders_a_real_copy_above_the_test_pattern_on_dev256(tmp_path, dev_
     cfg.write_text(json.dumps({"image_size": 64, "weights": "none",
                                "loop": {"max_steps": 150, "batch_size": 32, "checkpoint_every": 0}}))
     t0 = time.perf_counter()
-    copy = real_copy_run(dev_dir, split, "train", "copy", size=64)
+    copy = retrieval_run(dev_dir, split, "train", "copy", size=64)
     tp = pattern_run(dev_dir, split, "train", "tp", size=64)
     results = {}
     for run in (copy, tp):
