@@ -1,6 +1,9 @@
 """Slow acceptance on dev-256 (2,000 images, the 1,800 / 200 split): the classifier trained from scratch at 128 px
 on CPU separates the frequent labels, and prompt adherence puts the retrieval baseline (training images whose
-captions ask for the prompt's attributes) clearly above the test pattern. Budget: 150 steps of 32 (2.7 epochs), ~1.2 s a step on 2 idle CPU cores."""
+captions ask for the prompt's attributes) clearly above the test pattern. Budget: 150 steps of 32 (2.7 epochs at
+128 px); measured 6 min for the file on this 2-core machine (classifier 4.4 min incl. decoding, 1 thread, load ~4):
+macro AUROC 0.887, frequent labels 0.928; adherence retrieval 0.760 [0.713, 0.799] vs test pattern 0.508
+[0.421, 0.583]."""
 
 from __future__ import annotations
 
