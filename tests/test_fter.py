@@ -74,7 +74,9 @@ def test_fter_on_tiny_sets_writes_both_directions_and_reuses_the_real_classifier
 @pytest.mark.slow
 def test_fter_orders_the_retrieval_baseline_above_the_test_pattern_on_dev256(tmp_path, dev_dir, run_cli):
     """Acceptance on dev-256 (2,000 images, 1,800 / 200): the retrieval baseline vs the test pattern, both from
-    `--prompts split:train`, with a small from-scratch classifier (64 px, 150 steps)."""
+    `--prompts split:train`, with a small from-scratch classifier (64 px, 150 steps). Measured: 4.4 min on this
+    2-core machine; retrieval syn->real 0.668 / real->syn 0.765 (real->real 0.756), FTER 0.872 [0.778, 0.967]; test
+    pattern 0.470 / 0.522 [0.418, 0.625]: not meaningful (ratio 0.900)."""
     from harness.split import write_split
 
     split = tmp_path / "split.json"
