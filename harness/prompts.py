@@ -174,10 +174,11 @@ def format_prompt_file(prompts: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------ prompt sources
 
 SPLIT_VAL = "split:val"
+SPLIT_TRAIN = "split:train"  # training captions: `harness fter` labels the images by their prompts
 
 
 def validation_prompts(data_dir: str | Path, split_path: str | Path, images_per_prompt: int = 1,
-                       seed: int = 0) -> list[str]:
+                       seed: int = 0, side: str = "val") -> list[str]:
     """Prompts made of the validation images' own captions: for each validation image (sorted, as `harness score
     --real val` lists them) `images_per_prompt` of its captions, drawn without repetition while they last from a
     per-image shuffle seeded by (seed, image). The generated set then has the real set's prompt mix, so `score
@@ -190,14 +191,16 @@ def validation_prompts(data_dir: str | Path, split_path: str | Path, images_per_
     devset = load_devset(Path(data_dir))
     split = load_split(Path(split_path))
     check_split_matches(split, devset)
-    if not split.val:
-        raise UserError("the split has no validation images", split.path)
+    ids = split.side(side)  # side="train": the same for the training images (`--prompts split:train`)
+    if not ids:
+        raise UserError(f"the split has no {'validation' if side == 'val' else 'training'} images", split.path)
     by_image = devset.captions_by_image()
     out: list[str] = []
-    for name in sorted(split.val):
+    for name in sorted(ids):
         caps = list(dict.fromkeys(by_image.get(name, [])))  # unique, in CSV order
         if not caps:
-            raise UserError(f"validation image {name} has no caption", devset.csv_path)
+            raise UserError(f"{'validation' if side == 'val' else 'training'} image {name} has no caption",
+                            devset.csv_path)
         random.Random(f"{seed}:{name}").shuffle(caps)
         out += [caps[j % len(caps)] for j in range(images_per_prompt)]
     return out
@@ -213,17 +216,19 @@ def resolve_prompt_source(source: str, run_dir: Path, run_config: dict, images_p
     from harness.io import write_text
 
     if source.startswith("split:"):
-        if source != SPLIT_VAL:
-            raise UserError(f"--prompts {source}: the only split source is {SPLIT_VAL} (validation captions, for "
-                            "scoring against --real val); test prompts come from a file")
+        if source not in (SPLIT_VAL, SPLIT_TRAIN):
+            raise UserError(f"--prompts {source}: the split sources are {SPLIT_VAL} (validation captions, for "
+                            f"scoring against --real val) and {SPLIT_TRAIN} (training captions, for `harness fter`); "
+                            "test prompts come from a file")
         from harness.runs import open_run
         from harness.score import recorded_data_paths
 
         data_dir, split_path = recorded_data_paths(open_run(run_dir), run_config)
         if not data_dir or not split_path:
-            raise UserError(f"--prompts {SPLIT_VAL}: the run's config names no split / dev-set directory", run_dir)
-        prompts = validation_prompts(data_dir, split_path, images_per_prompt)
-        derived = run_dir / "prompts" / f"split-val-x{images_per_prompt}.txt"
+            raise UserError(f"--prompts {source}: the run's config names no split / dev-set directory", run_dir)
+        side = source.split(":", 1)[1]
+        prompts = validation_prompts(data_dir, split_path, images_per_prompt, side=side)
+        derived = run_dir / "prompts" / f"split-{side}-x{images_per_prompt}.txt"
     else:
         pf = (reader or read_prompt_file)(source)
         if images_per_prompt == 1 and reader is None:

@@ -54,9 +54,9 @@ from harness.io import read_json, write_json
 from harness.runs import Run
 
 METRICS_FORMAT = "harness-metrics/2"
-ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip", "memorisation")
+ALL_METRICS = ("fid", "is", "prc", "kid", "imageclef2024", "fd-dinov2", "fd-clip", "memorisation", "adherence")
 # Metrics computed by their own module from the images (not from the extractor plan below).
-OWN_METRICS = ("memorisation",)
+OWN_METRICS = ("memorisation", "adherence")
 DEFAULT_METRICS = ("fid", "is", "prc", "kid", "imageclef2024")
 MIN_N = 2048  # below this FID is biased and the 2048-d covariance is rank-deficient
 NOT_COMPUTED = "not computed"
@@ -68,6 +68,7 @@ INCEPTION_LAYERS = ("2048", "logits_unbiased")
 FD_EXTRACTORS = {"fd-dinov2": "dinov2-vit-l-14", "fd-clip": "clip-vit-l-14"}
 REAL_PREPROCESS = ("match", "native", "center-crop")
 SAMPLE_GRID = 16  # images recorded for the leaderboard's sample grid
+KEPT_KEYS = ("fter",)  # top-level metrics.json entries written by other commands (harness/fter.py)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class ScoreConfig:
     # Test-only: accept weights whose sha256 is not the published one (randomly initialised extractors). Results are
     # labelled "unverified weights" and the leaderboard leaves them out unless asked.
     allow_unverified_weights: bool = False
-    classifier: Path | None = None  # attribute classifier run (harness train attributes)
+    classifier: Path | None = None  # attribute classifier run (harness train attributes): adherence, memorisation
     memorisation_space: Literal["auto", "classifier", "inception", "pixels"] = "auto"  # see harness/memorisation.py
 
     def validate(self) -> None:
@@ -123,6 +124,8 @@ class ScoreConfig:
             raise UserError(f"--memorisation-space must be one of {', '.join(SPACES)}")
         if self.memorisation_space == "classifier" and self.classifier is None:
             raise UserError("--memorisation-space classifier needs --classifier CLF_RUN")
+        if "adherence" in self.metrics and self.classifier is None:
+            raise UserError("--metrics adherence needs --classifier CLF_RUN (a run of `harness train attributes`)")
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -394,6 +397,8 @@ class ScoreResult:
             parts.append(f"KID {m['kid']['mean']:.4f}")
         if m.get("imageclef2024", {}).get("status") == "ok":
             parts.append(f"2024-FD {m['imageclef2024']['fd']:.4f}")
+        if m.get("adherence", {}).get("status") == "ok":
+            parts.append(f"adherence {m['adherence']['value']:.3f}")
         skipped = [k for k, v in m.items() if v.get("status") != "ok"]
         if skipped:
             parts.append(f"not computed: {', '.join(skipped)}")
@@ -456,6 +461,10 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
     prep = real_preprocess(cfg, gen)
     device = pick_device(cfg.device)
     want = list(cfg.metrics)
+    if "adherence" in want:  # a bad --classifier fails before any feature is extracted
+        from harness.attributes import load_classifier
+
+        load_classifier(cfg.classifier)
     n_gen, n_real = len(gen.images), len(real.images)
 
     # Which extractor serves which metric; every extractor sees both sides except Inception for IS alone.
@@ -549,6 +558,8 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         from harness.memorisation import compute_memorisation
 
         metrics["memorisation"] = compute_memorisation(gen, prep, cfg, device, out.parent, log)
+    if "adherence" in want:
+        metrics["adherence"] = _adherence(gen, cfg)
 
     warnings: list[str] = []
     computed = {k for k, v in metrics.items() if v.get("status") == "ok"}
@@ -602,6 +613,12 @@ def score_images(gen: GeneratedSet, cfg: ScoreConfig | None = None, *,
         gen.run.log(f"score: {', '.join(f'{k}={_short(v)}' for k, v in metrics.items())} (N_gen={n_gen}, "
                     f"N_real={n_real}, real={real.label}, preprocess={prep.label})")
     return ScoreResult(out, {k: v for k, v in merged.items() if k != "results"})
+
+
+def _adherence(gen: GeneratedSet, cfg: ScoreConfig) -> dict[str, Any]:
+    from harness.adherence import adherence_metric
+
+    return adherence_metric(gen, cfg)
 
 
 def _sample(gen: GeneratedSet) -> list[dict[str, str]]:
@@ -680,7 +697,9 @@ def merge_results(previous: dict[str, Any] | None, new: dict[str, Any], key: str
         doc["unverified_weights"] = any(not v.get("weights_verified", True) for v in metrics.values()
                                         if v.get("status") == "ok")
     results[key] = doc
-    return {**doc, "results": results}
+    # Entries other commands keep in metrics.json beside the scores (harness fter) survive a re-score.
+    carried = {k: previous[k] for k in KEPT_KEYS if isinstance(previous, dict) and k in previous}
+    return {**carried, **doc, "results": results}
 
 
 def _metric_memo_key(metric: str, ctx: "_Context", extractor: str) -> str | None:

@@ -86,7 +86,8 @@ def _register_all() -> None:
     from harness.families.registry import FAMILIES
 
     shared = [f"harness.cli.{name}"
-              for name in ("data", "generate", "score", "paraphrase", "rate", "challenges", "sweeps", "doctor", "push")]
+              for name in ("data", "generate", "score", "paraphrase", "rate", "challenges", "sweeps", "doctor", "push",
+                           "attributes")]
     for name in shared + [f.cli for f in FAMILIES if f.cli]:
         try:
             mod = importlib.import_module(name)

@@ -31,7 +31,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
 @click.option("--prompts", "prompts_path", type=str, required=True,
               help="Prompt file, one per line (the test prompts: for the submission), or split:val = the run's "
-                   "validation captions (for `harness score --real val`).")
+                   "validation captions (for `harness score --real val`), or split:train = its training captions "
+                   "(for `harness fter`).")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None,
               help="split:val: K captions per validation image; a prompt file: each line K times (default: the "
                    "challenge's images per prompt: 1 for 2024, 10 for 2025 task 2).")

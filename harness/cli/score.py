@@ -32,10 +32,11 @@ def register(cli: click.Group, **groups: click.Group) -> None:
 @click.option("--data", "data_dir", type=existing_dir, default=None,
               help="Dev-set dir for --real val/all (default: the one named in the run's config).")
 @click.option("--metrics", "metrics_text", default="fid,is,prc,kid,imageclef2024", show_default=True,
-              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip,memorisation (fd-*: Frechet "
-                   "distance on DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors; memorisation: "
-                   "fraction of generated images closer to a training image than the 1st-percentile held-out "
-                   "validation image is, harness/memorisation.py).")
+              help="Comma list from fid,is,prc,kid,imageclef2024,fd-dinov2,fd-clip,memorisation,adherence (fd-*: "
+                   "Frechet distance on DINOv2 ViT-L/14 / CLIP ViT-L/14 features, torch-fidelity's extractors; "
+                   "memorisation: fraction of generated images closer to a training image than the 1st-percentile "
+                   "held-out validation image is, harness/memorisation.py; adherence: does each image show what its "
+                   "prompt asks, by the --classifier's attribute predictions, harness/adherence.py).")
 @click.option("--prc-features", type=click.Choice(["vgg16", "inception"]), default="vgg16", show_default=True,
               help="Features for precision/recall: VGG16 fc2_relu (torch-fidelity's) or Inception pool3 (labelled).")
 @click.option("--inception-weights", type=existing_file, default=None,
@@ -68,7 +69,8 @@ def register(cli: click.Group, **groups: click.Group) -> None:
               help="TESTS ONLY: accept weights whose sha256 is not the published one (randomly initialised "
                    "extractors); results are labelled and kept off the board unless --include-unverified.")
 @click.option("--classifier", "classifier", type=existing_dir, default=None, metavar="CLF_RUN",
-              help="Attribute classifier run (`harness train attributes`): memorisation measures distances in its "
+              help="Attribute classifier run (`harness train attributes`): adherence reads its attribute "
+                   "predictions (required for --metrics adherence); memorisation measures distances in its "
                    "embedding.")
 @click.option("--memorisation-space", type=click.Choice(["auto", "classifier", "inception", "pixels"]), default="auto",
               show_default=True,
@@ -196,6 +198,11 @@ def print_result(result) -> None:
             ivs = m.get("intervals") or {}
             value = (f"P {m['precision']:.4f}{_iv(ivs.get('precision'), 3)}  R {m['recall']:.4f}"
                      f"{_iv(ivs.get('recall'), 3)}  F1 {m['f1']:.4f}{_iv(ivs.get('f1'), 3)}")
+        elif name == "adherence":
+            value = (f"macro AUROC {m['value']:.4f}{_iv(m.get('interval'), 3)}  macro F1 "
+                     f"{m['macro_f1'] if m['macro_f1'] is None else round(m['macro_f1'], 4)}  all asked shown "
+                     f"{'—' if m['all_asked'] is None else round(m['all_asked'], 4)}"
+                     f"{_iv(m.get('all_asked_interval'), 3)}")
         elif name == "memorisation":
             ratio = f"; ratio median {m['ratio']['median']:.3g}" if m.get("ratio") else ""
             value = (f"{m['value']:.1%} likely copies{_iv(m.get('interval'), 3)} ({m['likely_copies']}{ratio}; "
