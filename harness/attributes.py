@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from harness.config import from_dict, to_dict
+from harness.dataset import to_model_pixels
 from harness.errors import UserError
 from harness.io import read_json, write_json
 from harness.runs import Run, create_run, open_run
@@ -150,13 +151,9 @@ def load_images(paths: Sequence[Path], size: int, fit: str = "pad", what: str = 
     return out
 
 
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> float in [-1, 1] (the project's pixel convention)."""
-    return images.float().div(127.5).sub(1.0)
-
-
 class ImageLabels(torch.utils.data.Dataset):
-    """Items {"pixels": float [3,S,S] in [-1,1], "target": float [L]} from images already in memory."""
+    """Items {"pixels": uint8 [3,S,S], "target": float [L]} from images already in memory (uint8 like every
+    training dataset: a quarter of the bytes between loader workers; `to_model_pixels` on the device)."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor):
         if len(images) != len(targets):
@@ -167,7 +164,7 @@ class ImageLabels(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixels": to_pixels(self.images[i]), "target": self.targets[i]}
+        return {"pixels": self.images[i], "target": self.targets[i]}
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -287,7 +284,7 @@ class AttributeTask(TrainTask):
         return self._val
 
     def loss(self, batch, generator):
-        logits = self.model(batch["pixels"])
+        logits = self.model(to_model_pixels(batch["pixels"]))
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"])
 
     def export(self, out_dir: Path) -> None:
@@ -384,7 +381,7 @@ def predict(model, images: torch.Tensor, batch_size: int = 64, device: str | tor
     model = model.to(device).eval()
     out = []
     for s in range(0, len(images), batch_size):
-        x = to_pixels(images[s:s + batch_size]).to(device)
+        x = to_model_pixels(images[s:s + batch_size], device)
         out.append((model.features(x) if features else torch.sigmoid(model(x))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 

@@ -164,6 +164,14 @@ def describe(run: Run) -> Described:
                    "# (diffusers ModelMixin/ConfigMixin), and `harness generate` samples from a run folder.\n"
                    + "".join(f"from {classes[p][0]} import {classes[p][1]}\n" for p in parts) + "\n"
                    + "".join(f'{p} = {classes[p][1]}.from_pretrained("{{repo}}", subfolder="{p}")\n' for p in parts))
+    elif family == "attributes":  # the attribute classifier of adherence / FTER / memorisation (harness/attributes.py)
+        base = revision = commit = None
+        method = f"multi-label attribute classifier ({cfg.get('backbone', '?')}; {cfg.get('resolved_weights', '?')})"
+        snippet = ("# The attribute classifier behind `harness score --metrics adherence,memorisation --classifier`:\n"
+                   "# a torchvision backbone saved by medvqa-harness (labels in final/labels.json).\n"
+                   "from huggingface_hub import snapshot_download\n"
+                   "from models.attributes import AttributeClassifier\n\n"
+                   'clf = AttributeClassifier.from_pretrained(snapshot_download("{repo}") + "/classifier")\n')
     else:
         raise UserError(f"harness push does not know the run kind {family!r}", run.config_path)
     return Described(family=family, method=method, rank=rank, alpha=alpha, base=base, revision=revision,

@@ -73,6 +73,12 @@ def test_train_attributes_on_the_sample_records_everything_and_loads_back(tmp_pa
     # other sizes are resized to the classifier's
     big = torch.nn.functional.interpolate(images.float(), size=(48, 48)).to(torch.uint8)
     assert clf.predict_proba(big).shape == p.shape
+    # `harness push` knows this run kind (train attributes has --push-to-hub like every train command)
+    code, out, err = run_cli("push", run_dir, "--repo", "me/clf", "--dry-run", "--out", tmp_path / "st")
+    assert code == 0, err
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "attribute classifier (resnet18; none (from scratch" in card and "AttributeClassifier.from_pretrained" in card
+    assert (tmp_path / "st" / "classifier" / "model.safetensors").is_file()
 
 
 def test_weights_auto_takes_the_hub_cache_file_and_imagenet_without_it_is_an_error(tmp_path, sample_dir, split8,
