@@ -368,7 +368,7 @@ def resolved_config(cfg: AttributeConfig) -> dict[str, Any]:
     return {"family": FAMILY, **{k: v for k, v in to_dict(cfg).items() if k not in ("loop", "labels",
                                                                                    "resolved_weights")},
             "weights_resolved": note, "loop": loop_description(loop, plan),
-            "labels": {lab: freq[lab] for lab in labels}, "data": hashes}
+            "label_frequencies": {lab: freq[lab] for lab in labels}, "data": hashes}
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation

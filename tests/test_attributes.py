@@ -126,7 +126,7 @@ def test_print_config_lists_the_label_set_without_training(tmp_path, sample_dir,
                              "--print-config")
     assert code == 0, err
     d = json.loads(out)
-    assert d["labels"]["finding=text"] >= 3 and d["loop"]["max_steps"] == 600
+    assert d["label_frequencies"]["finding=text"] >= 3 and d["loop"]["max_steps"] == 600
     assert not (tmp_path / "runs").exists()
 
 

@@ -121,8 +121,8 @@ def test_split_val_prompts_strata_and_prompt_mismatch(tmp_path, sample_dir, spli
     for i, name in enumerate(val):  # image 2i, 2i+1 = two different captions of validation image i
         assert prompts[2 * i] in caps[name] and prompts[2 * i + 1] in caps[name]
         assert prompts[2 * i] != prompts[2 * i + 1] or len(set(caps[name])) == 1
-    code, _, err = run_cli("generate", run.dir, "--prompts", "split:train")
-    assert code == 2 and "split:val" in err
+    code, _, err = run_cli("generate", run.dir, "--prompts", "split:test")  # test prompts come from a file
+    assert code == 2 and "split:val" in err and "split:train" in err
 
     cfg = ScoreConfig(metrics=["kid"], inception_weights=inception, allow_unverified_weights=True, device="cpu",
                       bootstrap=0)

@@ -22,14 +22,17 @@ def _backbones() -> list[str]:
     return list(BACKBONES)
 
 
+# What `--print-config` adds beside the AttributeConfig fields (harness.attributes.resolved_config).
+PRINTED_KEYS = ("family", "weights_resolved", "label_frequencies", "data", "loop.derived")
+
+
 def classifier_overrides(config_file, loop: dict, backbone, weights, weights_file, image_size, min_count,
                          dropout) -> dict:
-    """--config file (a JSON object of AttributeConfig fields) <- the options given."""
-    from harness.io import read_json
+    """--config file (AttributeConfig fields in JSON/TOML/YAML; what --print-config adds is dropped) <- the options
+    given."""
+    from harness.config import read_config_file
 
-    over: dict = read_json(config_file) if config_file else {}
-    if not isinstance(over, dict):
-        raise UserError("config file must hold a JSON object", config_file)
+    over: dict = read_config_file(config_file, PRINTED_KEYS) if config_file else {}
     if loop:
         over["loop"] = {**(over.get("loop") or {}), **loop}
     for key, v in (("backbone", backbone), ("weights", weights),
@@ -131,7 +134,7 @@ def _report(run) -> None:
 @click.command("fter")
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
 @click.option("--classifier-config", type=existing_file, default=None,
-              help="JSON config of the classifier both directions train (the fields of `harness train attributes "
+              help="Config file (JSON, TOML or YAML; `--print-config` output reads back) of the classifier both directions train (the fields of `harness train attributes "
                    "--config`: backbone, weights, image_size, min_count, loop{...}); default: that command's "
                    "defaults. Both directions use it unchanged: same budget, same seed.")
 @click.option("--split", "split_path", type=existing_file, default=None,
@@ -162,12 +165,10 @@ def fter(run_dir: Path, classifier_config, split_path, data_dir, bootstrap: int,
     from rich.console import Console
 
     from harness.fter import fter_table, run_fter
-    from harness.io import read_json
+    from harness.config import read_config_file
     from harness.runs import open_run
 
-    over = read_json(classifier_config) if classifier_config else {}
-    if not isinstance(over, dict):
-        raise UserError("classifier config must hold a JSON object", classifier_config)
+    over = read_config_file(classifier_config, PRINTED_KEYS) if classifier_config else {}
     result = run_fter(open_run(run_dir), over, data_dir=data_dir, split_path=split_path, n_boot=bootstrap,
                       device=device)
     console = _console()
