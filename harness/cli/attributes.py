@@ -134,8 +134,9 @@ def _report(run) -> None:
 @click.command("fter")
 @click.argument("run_dir", metavar="RUN", type=existing_dir)
 @click.option("--classifier-config", type=existing_file, default=None,
-              help="Config file (JSON, TOML or YAML; `--print-config` output reads back) of the classifier both directions train (the fields of `harness train attributes "
-                   "--config`: backbone, weights, image_size, min_count, loop{...}); default: that command's "
+              help="Config file (JSON, TOML or YAML; `--print-config` output reads back) of the classifier both "
+                   "directions train (the fields of `harness train attributes --config`: backbone, weights, "
+                   "image_size, min_count, loop{...}); default: that command's "
                    "defaults. Both directions use it unchanged: same budget, same seed.")
 @click.option("--split", "split_path", type=existing_file, default=None,
               help="SPLIT.json (default: the split named in the run's config).")
