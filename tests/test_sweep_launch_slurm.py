@@ -156,3 +156,61 @@ def test_requeued_job_resumes_the_killed_training(tiny_kandinsky, mini_data, tmp
     assert resumed == [run_dir] and entry["status"] == "done" and entry["run"] == str(run_dir)
     stats = json.loads((run_dir / "train_stats.json").read_text())
     assert stats["start_step"] == 4 and stats["steps"] == 6
+
+
+# Put on the job's PYTHONPATH: in the job process only (submitit's local task sets SUBMITIT_LOCAL_GLOBALID; its
+# controller does not), SIGUSR2 - what SLURM sends before a preemption or the time limit - right after the second
+# checkpoint of the first attempt (a marker file keeps the requeued attempt from being preempted again).
+PREEMPT_HOOK = '''
+import os
+import signal
+
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") is not None and os.environ.get("PREEMPT_MARKER"):
+    from harness import trainer
+
+    _real_save, _saves = trainer._save_checkpoint, []
+
+    def _save_then_preempt(*args, **kwargs):
+        out = _real_save(*args, **kwargs)
+        _saves.append(1)
+        marker = os.environ["PREEMPT_MARKER"]
+        if len(_saves) == 2 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    trainer._save_checkpoint = _save_then_preempt
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_executor_preempted_job_is_requeued_and_resumes(tiny_kandinsky, mini_data, tmp_path, monkeypatch):
+    """submitit's local executor: the same submission code as on SLURM, the job a real process. It gets SIGUSR2
+    right after its step-4 checkpoint; submitit's handler calls CellJob.checkpoint, the job exits to be requeued,
+    the controller runs it again, and the new attempt continues the recorded run from step 4 (not a new run)."""
+    from harness.launchers.slurm import SlurmLauncher
+    from harness.launchers.state import SweepStore
+
+    labels = _prepare(tiny_kandinsky, mini_data, tmp_path, monkeypatch, ranks=(2,), max_steps=6, batch_size=2,
+                      checkpoint_every=2, keep_last=3)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PREEMPT_MARKER", str(tmp_path / "preempted"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launcher = SlurmLauncher.from_options(partition=None, time_limit="00:10:00", cluster="local")
+    store = SweepStore(tmp_path / "sw" / "sweep.json")
+    launcher.launch(store, labels)
+    job = launcher.jobs[0]
+    entry = job.result()  # waits for the requeued attempt; raises if the job failed
+    log = job.stdout() + (job.stderr() or "")
+    assert (tmp_path / "preempted").is_file(), log  # the first attempt was preempted ...
+    assert "this job is preempted" in log and "Requeued job" in log, log  # ... and requeued by submitit
+    rec = store.read()["ranks"]["2"]
+    assert entry["status"] == "done" and rec["status"] == "done" and "requeued" in rec, rec
+    run_dir = Path(rec["run"])
+    stats = json.loads((run_dir / "train_stats.json").read_text())
+    assert stats["start_step"] == 4 and stats["steps"] == 6  # resumed from the checkpoint, in the same run
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()] == [run_dir.name]  # no second run
