@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.errors import UserError
+from harness.io import read_text
 
 T = TypeVar("T")
 
@@ -120,13 +121,7 @@ def read_config_file(path: str | Path, printed: tuple[str, ...] = ()) -> dict[st
     dropped here, so a printed file reads back."""
     path = Path(path)
     fmt = config_format(path)
-    if not path.is_file():
-        raise UserError("config file not found", path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
-    data = _parse(text, fmt, path)
+    data = _parse(read_text(path, "config file"), fmt, path)
     if not isinstance(data, dict):
         raise UserError(f"config file must hold a mapping of option names to values, not a {type(data).__name__}",
                         path)

@@ -85,6 +85,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, dumps_json(obj))
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file a user gave; missing or not UTF-8 is one line naming it."""
+    from harness.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found", path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+
+
 def read_json(path: str | Path) -> Any:
     from harness.errors import UserError
 

@@ -150,14 +150,15 @@ def row_from_metrics(data: dict[str, Any], run_dir: Path | None = None, config: 
         unverified=bool(data.get("unverified_weights")),
         prompt_mismatch=(data.get("prompts") or {}).get("matches") is False,
     )
-    if fid := _ok(m, "fid"):
-        row.fid = fid["value"]
-        if iv := _iv(fid.get("interval")):
-            row.intervals["fid"] = iv
-    if kid := _ok(m, "kid"):
-        row.kid = kid["mean"]
-        if iv := _iv(kid.get("interval")):
-            row.intervals["kid"] = iv
+
+    def take(metric: str, field: str, key: str = "value") -> None:  # headline value + its interval, when computed
+        if got := _ok(m, metric):
+            setattr(row, field, got[key])
+            if iv := _iv(got.get("interval")):
+                row.intervals[field] = iv
+
+    take("fid", "fid")
+    take("kid", "kid", "mean")
     if isc := _ok(m, "is"):
         row.is_mean = isc["mean"]
     if prc:
@@ -167,14 +168,8 @@ def row_from_metrics(data: dict[str, Any], run_dir: Path | None = None, config: 
                 row.intervals[k] = iv
     if off := _ok(m, "imageclef2024"):
         row.fd2024, row.is2024 = off["fd"], off["is_mean"]
-    if adh := _ok(m, "adherence"):
-        row.adherence = adh["value"]
-        if iv := _iv(adh.get("interval")):
-            row.intervals["adherence"] = iv
-    if mem := _ok(m, "memorisation"):
-        row.copies = mem["value"]
-        if iv := _iv(mem.get("interval")):
-            row.intervals["copies"] = iv
+    take("adherence", "adherence")
+    take("memorisation", "copies")
     from harness.families.registry import reference_families
 
     row.reference = reference_families().get(row.family)

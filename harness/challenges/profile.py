@@ -216,14 +216,9 @@ def load_profile(name_or_path: str | Path | None = None) -> ChallengeProfile:
     """A shipped profile by name, or a TOML file; None = the 2024 default (today's behaviour)."""
     spec = str(name_or_path) if name_or_path else DEFAULT
     if spec.endswith(".toml") or "/" in spec:
-        path = Path(spec)
-        if not path.is_file():
-            raise UserError("challenge profile not found", path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"not UTF-8 ({e.reason} at byte {e.start})", path) from None
-        return parse_profile(text, str(path))
+        from harness.io import read_text
+
+        return parse_profile(read_text(spec, "challenge profile"), str(Path(spec)))
     if spec not in shipped_names():
         raise UserError(f"--challenge {spec!r}: no such challenge (shipped: {', '.join(shipped_names())}; or pass a "
                         "FILE.toml)")
