@@ -456,6 +456,36 @@ def extend_run(run: Run, cfg: LoopConfig, max_steps: int | None) -> None:
     write_json(run.config_path, full)
 
 
+def resume_run(run: Run, config_from_run: Callable[[Run], Any], build_task: Callable[..., tuple],
+               max_steps: int | None = None, train: Callable[[TrainTask, Any, Run, bool], Any] | None = None) -> Run:
+    """`--resume RUN [--max-steps N]` of a family: its typed config read back from the run (`config_from_run(run)`,
+    with the LoopConfig as `.loop`), the task rebuilt (`build_task(cfg, log=run.log) -> (task, ...)`), and training
+    continued exactly from the last checkpoint by `train(task, cfg, run, resume)` (default: `run_training`)."""
+    cfg = config_from_run(run)
+    extend_run(run, cfg.loop, max_steps)
+    task = build_task(cfg, log=run.log)[0]
+    (train or _train_loop)(task, cfg, run, True)
+    return run
+
+
+def continue_in_place(run: Run, config_from_run: Callable[[Run], Any], build_task: Callable[..., tuple],
+                      train: Callable[[TrainTask, Any, Run, bool], Any] | None = None) -> Run:
+    """Finish the training of `run` in its own directory (what a sweep rerun does after a kill): from its last
+    checkpoint, or from step 0 when it was stopped before its first one. Arguments as for `resume_run`."""
+    if latest_checkpoint(run) is not None:
+        return resume_run(run, config_from_run, build_task, train=train)
+    cfg = config_from_run(run)
+    task = build_task(cfg, log=run.log)[0]
+    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
+    run.log("no checkpoint yet: training again from step 0 in the same run")
+    (train or _train_loop)(task, cfg, run, False)
+    return run
+
+
+def _train_loop(task: TrainTask, cfg: Any, run: Run, resume: bool) -> None:
+    run_training(task, cfg.loop, run, resume=resume)
+
+
 def run_training(task: TrainTask, cfg: LoopConfig, run: Run, resume: bool = False) -> dict[str, Any]:
     """Train `task` for `cfg.max_steps` optimizer steps (or `cfg.epochs` epochs) into `run`; with `resume`, continue
     from the last checkpoint.

@@ -846,28 +846,16 @@ def export_best(run: Run) -> dict[str, Any] | None:
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
     """Continue `run` exactly from its last checkpoint (optionally to a new max_steps)."""
-    from harness.trainer import extend_run
+    from harness.trainer import resume_run
 
-    cfg = config_from_run(run)
-    extend_run(run, cfg.loop, max_steps)
-    task, _ = build_task(cfg, log=run.log)
-    _train(task, cfg, run, resume=True)
-    return run
+    return resume_run(run, config_from_run, build_task, max_steps, train=_train)
 
 
 def continue_run(run: Run) -> Run:
-    """Finish the training of `run` in its own directory: from its last checkpoint, or from step 0 when it was
-    stopped before its first checkpoint (what a sweep rerun does after a kill)."""
-    from harness.trainer import TRAIN_LOG, latest_checkpoint
+    """Finish `run` in its own directory: from its last checkpoint, or from step 0 (what a sweep rerun does)."""
+    from harness.trainer import continue_in_place
 
-    if latest_checkpoint(run) is not None:
-        return resume(run)
-    cfg = config_from_run(run)
-    task, _ = build_task(cfg, log=run.log)
-    (run.dir / TRAIN_LOG).unlink(missing_ok=True)  # lines of the killed attempt; this one logs the same steps again
-    run.log("no checkpoint yet: training again from step 0 in the same run")
-    _train(task, cfg, run)
-    return run
+    return continue_in_place(run, config_from_run, build_task, train=_train)
 
 
 # ---------------------------------------------------------------------------------------------------------------

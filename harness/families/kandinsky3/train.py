@@ -341,22 +341,14 @@ def train(cfg: Kandinsky3Config, run_id: str | None = None, tag: str | None = No
 
 
 def resume(run: Run, max_steps: int | None = None) -> Run:
-    from harness.trainer import extend_run
+    """Continue `run` exactly from its last checkpoint (optionally to a new max_steps)."""
+    from harness.trainer import resume_run
 
-    cfg = config_from_run(run)
-    extend_run(run, cfg.loop, max_steps)
-    task, _ = build_task(cfg, log=run.log)
-    run_training(task, cfg.loop, run, resume=True)
-    return run
+    return resume_run(run, config_from_run, build_task, max_steps)
 
 
 def continue_run(run: Run) -> Run:
-    from harness.trainer import TRAIN_LOG, latest_checkpoint
+    """Finish `run` in its own directory: from its last checkpoint, or from step 0 (what a sweep rerun does)."""
+    from harness.trainer import continue_in_place
 
-    if latest_checkpoint(run) is not None:
-        return resume(run)
-    cfg = config_from_run(run)
-    task, _ = build_task(cfg, log=run.log)
-    (run.dir / TRAIN_LOG).unlink(missing_ok=True)
-    run_training(task, cfg.loop, run)
-    return run
+    return continue_in_place(run, config_from_run, build_task)
