@@ -443,6 +443,20 @@ def create_run_on_main(create: Callable[[], Run]) -> Run:
     return Run(Path(holder[0]))
 
 
+def start_run(create: Callable[[], Run], logs: list[str] | tuple[str, ...] = (),
+              on_run: Callable[[Run], None] | None = None) -> Run:
+    """A family's new run: made on the main process (`create_run_on_main(create)`), then on rank 0 the lines its
+    task logged before the run existed are written into it and `on_run(run)` is called (a sweep records the run
+    dir there, before the first step)."""
+    run = create_run_on_main(create)
+    if dist_state().is_main_process:
+        for line in logs:
+            run.log(line)
+        if on_run is not None:
+            on_run(run)
+    return run
+
+
 def extend_run(run: Run, cfg: LoopConfig, max_steps: int | None) -> None:
     """`--resume RUN --max-steps N`: train `run` (whose loop config is `cfg`) to N steps instead, recorded in its
     config.json (an epoch count would take precedence over the new step count, so it is cleared)."""

@@ -776,8 +776,7 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
 
     `on_run(run)` is called once the run directory exists and before the first step (the sweep records the
     directory there, so a kill during training leaves a record that points at the run to continue)."""
-    from harness.distributed import state as dist_state
-    from harness.trainer import create_run_on_main
+    from harness.trainer import start_run
 
     cfg.validate()
     # Check the paired adapter before an hour of training, not at generation time.
@@ -789,13 +788,8 @@ def train(cfg: KandinskyConfig, run_id: str | None = None, tag: str | None = Non
     config = to_dict(cfg)
     config["summary"] = cfg.summary()
     config["sources"] = task.source_info
-    run = create_run_on_main(lambda: create_run(FAMILIES[cfg.component], config, hashes,
-                                                tag=tag if tag is not None else f"r{cfg.lora.rank}", run_id=run_id))
-    if dist_state().is_main_process:
-        for line in logs:
-            run.log(line)
-        if on_run is not None:
-            on_run(run)
+    run = start_run(lambda: create_run(FAMILIES[cfg.component], config, hashes,
+                                       tag=tag if tag is not None else f"r{cfg.lora.rank}", run_id=run_id), logs, on_run)
     _train(task, cfg, run)
     return run
 

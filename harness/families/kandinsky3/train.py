@@ -320,8 +320,7 @@ def resolved_config(cfg: Kandinsky3Config) -> dict[str, Any]:
 
 def train(cfg: Kandinsky3Config, run_id: str | None = None, tag: str | None = None,
           on_run: Callable[[Run], None] | None = None) -> Run:
-    from harness.distributed import state as dist_state
-    from harness.trainer import create_run_on_main
+    from harness.trainer import start_run
 
     cfg.validate()
     logs: list[str] = [f"warning: {w}" for w in cfg.lora.warnings()]
@@ -329,13 +328,8 @@ def train(cfg: Kandinsky3Config, run_id: str | None = None, tag: str | None = No
     config = to_dict(cfg)
     config["summary"] = cfg.summary()
     config["sources"] = task.source_info
-    run = create_run_on_main(lambda: create_run(KIND, config, hashes, tag=tag if tag is not None
-                                                else f"r{cfg.lora.rank}", run_id=run_id))
-    if dist_state().is_main_process:
-        for line in logs:
-            run.log(line)
-        if on_run is not None:
-            on_run(run)
+    run = start_run(lambda: create_run(KIND, config, hashes, tag=tag if tag is not None else f"r{cfg.lora.rank}",
+                                       run_id=run_id), logs, on_run)
     run_training(task, cfg.loop, run)
     return run
 

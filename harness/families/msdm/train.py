@@ -23,7 +23,7 @@ from harness.families.msdm.config import (PAPER_SOURCES, RUN_KEYS, UNET_FAMILY, 
                                  config_from_run, merge, unet_config, vae_config)
 from harness.families.msdm.data import CachedLatents, encode_images, load_sides
 from harness.runs import Run, create_run, open_run
-from harness.trainer import check_resumable, create_run_on_main, loop_description, resolve_loop, run_training
+from harness.trainer import check_resumable, loop_description, resolve_loop, run_training, start_run
 from models.msdm.presets import get_preset
 
 LATENT_SCALE_IMAGES = 256  # training images whose sampled latents set the scale (LDM: one batch; more is steadier)
@@ -133,16 +133,13 @@ def train(cfg: VAEConfig | UNetConfig, run_id: str | None = None, tag: str = "",
 
     `on_run(run)` is called once a new run's directory exists, before the first step (the sweep records it there,
     so a kill during training leaves a record pointing at the run to continue)."""
-    from harness.distributed import state as dist_state
-
     family = VAE_FAMILY if isinstance(cfg, VAEConfig) else UNET_FAMILY
     cfg.validate()
     task, hashes, cfg, extra = (_build_vae if family == VAE_FAMILY else _build_unet)(cfg)
     if run is None:
         config = {**to_dict(cfg), **extra, "summary": _summary(cfg)}
-        run = create_run_on_main(lambda: create_run(family, config, hashes, tag=tag or cfg.preset, run_id=run_id))
-        if on_run is not None and dist_state().is_main_process:
-            on_run(run)
+        run = start_run(lambda: create_run(family, config, hashes, tag=tag or cfg.preset, run_id=run_id),
+                        on_run=on_run)
         run_training(task, cfg.loop, run)
     else:
         run_training(task, cfg.loop, run, resume=resume)

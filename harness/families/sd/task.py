@@ -422,8 +422,7 @@ def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None,
 
     `on_run(run)` is called on the main process once the run directory exists and before the first step (the sweep
     records the directory there, so a kill during training leaves a record that points at the run to continue)."""
-    from harness.distributed import state as dist_state
-    from harness.trainer import create_run_on_main
+    from harness.trainer import start_run
 
     cfg.validate()
     logs: list[str] = []
@@ -433,13 +432,8 @@ def train(cfg: SDConfig, run_id: str | None = None, tag: str | None = None,
     config["sources"] = task.source_info
     default_tag = cfg.preset or (f"{cfg.method}-r{cfg.rank}" if cfg.adapter else f"{cfg.method}-"
                                  + "+".join(cfg.components))
-    run = create_run_on_main(lambda: create_run(FAMILY, config, hashes, tag=tag if tag is not None else default_tag,
-                                                run_id=run_id))
-    if dist_state().is_main_process:
-        for line in logs:
-            run.log(line)
-        if on_run is not None:
-            on_run(run)
+    run = start_run(lambda: create_run(FAMILY, config, hashes, tag=tag if tag is not None else default_tag,
+                                       run_id=run_id), logs, on_run)
     run_training(task, cfg.loop, run)
     return run
 
